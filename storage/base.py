@@ -1,0 +1,161 @@
+"""Interfaces of the embedding store.
+
+Two roles, one interface each:
+
+* ``RowTier``: a dumb key/value home for packed rows (memory, Redis, RocksDB).
+* ``EmbeddingStore``: what the trainer and the service talk to. It owns row
+  initialisation, the sparse optimizer and the tiering policy.
+
+Keys are 64-bit hashes of (table, raw value) (see ``storage.keys``); there is no
+vocabulary and no fixed table size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+Keys = npt.NDArray[np.uint64]
+Floats = npt.NDArray[np.float32]
+Mask = npt.NDArray[np.bool_]
+
+SparseOptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad"]
+
+
+class TableConfig(BaseModel):
+    """One embedding table: its dimension and the sparse optimizer of its rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    dim: int = Field(16, ge=1)
+    optimizer: SparseOptimizerName = "rowwise_adagrad"
+    learning_rate: float = Field(0.05, gt=0)
+    initial_accumulator: float = Field(0.0, ge=0, description="AdaGrad accumulator start value.")
+    eps: float = Field(1e-8, gt=0)
+    init_scale: float = Field(
+        0.01, ge=0, description="New rows start uniform in [-init_scale, init_scale]."
+    )
+
+
+class StoreError(Exception):
+    """Base class of the store's own errors."""
+
+
+class StoreUnavailable(StoreError):
+    """A tier's backend cannot be reached or opened; the message names its address or path."""
+
+
+class RowFormatError(StoreError, ValueError):
+    """A stored value does not have the size of its table's rows; names the table and key."""
+
+
+class ReadOnlyStore(StoreError):
+    """A write was attempted through a read-only store or tier."""
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """``rows[i]`` is the embedding of ``keys[i]``; ``found[i]`` is False where the key
+    has no row (its embedding reads as the zero vector)."""
+
+    rows: Floats
+    found: Mask
+
+
+class RowTier(ABC):
+    """A key/value home for packed rows. Values are opaque bytes of a fixed size per table.
+
+    Every batch call returns one result per key, in the order of ``keys``.
+    """
+
+    @abstractmethod
+    def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
+        """Return the stored value of each key, or None where it has none."""
+
+    @abstractmethod
+    def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
+        """Store ``values[i]`` under ``keys[i]``."""
+
+    @abstractmethod
+    def delete_many(self, table: str, keys: Keys) -> None:
+        """Remove the keys; missing keys are ignored."""
+
+    @abstractmethod
+    def count(self, table: str) -> int:
+        """Number of rows this tier holds for ``table``."""
+
+    @abstractmethod
+    def put_blob(self, name: str, data: bytes) -> None:
+        """Store a named blob (model versions, positions)."""
+
+    @abstractmethod
+    def get_blob(self, name: str) -> bytes | None:
+        """Read a named blob, or None."""
+
+    def commit(
+        self,
+        rows: Mapping[str, tuple[Keys, list[bytes]]],
+        blobs: Mapping[str, bytes],
+    ) -> None:
+        """Write rows of several tables and blobs together.
+
+        Durable tiers (RocksDB) make this atomic, so a recorded stream position
+        never runs ahead of the rows it covers. The default is not atomic.
+        """
+        for table, (keys, values) in rows.items():
+            self.put_many(table, keys, values)
+        for name, data in blobs.items():
+            self.put_blob(name, data)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files."""
+
+
+class EmbeddingStore(ABC):
+    """The sparse parameters of a model: rows, their optimizer state, stream position."""
+
+    @abstractmethod
+    def tables(self) -> Mapping[str, TableConfig]:
+        """The configured tables, by name."""
+
+    @abstractmethod
+    def lookup(self, table: str, keys: Keys, *, create: bool = False) -> LookupResult:
+        """One embedding per key, in order.
+
+        With ``create=True`` (training) a missing key gets a freshly initialised row;
+        with ``create=False`` (serving) it reads as zeros and ``found`` is False.
+        """
+
+    @abstractmethod
+    def update(self, table: str, keys: Keys, grads: Floats) -> None:
+        """Apply the table's sparse optimizer to ``keys`` (unique) with ``grads`` (n, dim)."""
+
+    @abstractmethod
+    def flush(self, position: Mapping[str, int] | None = None) -> None:
+        """Make every update so far durable, recording ``position`` atomically with it."""
+
+    @abstractmethod
+    def position(self) -> dict[str, int] | None:
+        """The stream position recorded by the last ``flush``, or None."""
+
+    @abstractmethod
+    def put_blob(self, name: str, data: bytes) -> None:
+        """Publish a named blob where every reader of the store sees it."""
+
+    @abstractmethod
+    def get_blob(self, name: str) -> bytes | None:
+        """Read a named blob, or None."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Row counts and counters, for logs and tests."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush nothing, just release resources."""

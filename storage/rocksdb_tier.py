@@ -1,0 +1,244 @@
+"""A durable cold tier in RocksDB (via rocksdict, raw bytes mode).
+
+Key layout, all tables in the default column family:
+
+* row: ``b"r" + table_id + key`` where ``table_id`` is the 8-byte blake2b of the table
+  name and ``key`` is 8 bytes big-endian (so a table's rows are one contiguous range).
+* row count of a table: ``b"n" + table_id`` -> uint64 little-endian, written in the same
+  WriteBatch as the rows it counts (put/delete first read which keys exist), so
+  ``count`` is one point read and always exact.
+* blob: ``b"b" + name`` (UTF-8).
+
+``put_many``, ``delete_many`` and ``commit`` each apply one WriteBatch, so a commit of
+rows and blobs (the trainer's stream position) is atomic, including across a crash.
+``commit`` writes with ``sync=True`` by default (survives power loss); other writes
+rely on the WAL (survive a process crash).
+
+Only one process may open a RocksDB path read-write. With ``read_only=True`` the tier
+opens the path as a *secondary* instance (its own info-log/MANIFEST copy under
+``secondary_path``, a fresh temporary directory by default, removed by ``close``), so
+the service can read while the trainer holds the primary. A secondary sees the
+primary's writes only after ``try_catch_up_with_primary``; reads call it at most every
+``catch_up_interval`` seconds (100 ms by default), so reads lag the primary's writes by
+up to that long. Writes through a secondary raise ``ReadOnlyStore``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from hashlib import blake2b
+from typing import Any, cast
+
+import numpy as np
+from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
+
+from storage.base import Keys, ReadOnlyStore, RowTier, StoreUnavailable
+
+
+def _table_id(table: str) -> bytes:
+    return blake2b(table.encode(), digest_size=8).digest()
+
+
+class RocksDBTier(RowTier):
+    """Rows and blobs in one RocksDB database (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        read_only: bool = False,
+        *,
+        secondary_path: str | os.PathLike[str] | None = None,
+        catch_up_interval: float = 0.1,
+        sync_commits: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        self.catch_up_interval = catch_up_interval
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._prefixes: dict[str, bytes] = {}
+        self._last_catch_up = 0.0
+        self._own_secondary: str | None = None
+        self._closed = False
+        self._commit_opts = WriteOptions()
+        self._commit_opts.sync = sync_commits
+        opts = Options(raw_mode=True)
+        try:
+            if read_only:
+                if secondary_path is None:
+                    secondary_path = self._own_secondary = tempfile.mkdtemp(
+                        prefix="streamrec-rocksdb-secondary-"
+                    )
+                opts.set_max_open_files(-1)  # required by secondary instances
+                self._db = Rdict(
+                    self.path,
+                    opts,
+                    access_type=AccessType.secondary(os.fspath(secondary_path)),
+                )
+                self._last_catch_up = time.monotonic()
+            else:
+                os.makedirs(self.path, exist_ok=True)
+                opts.create_if_missing(True)
+                self._db = Rdict(self.path, opts)
+        except Exception as e:
+            self._remove_own_secondary()
+            mode = "as a read-only secondary" if read_only else "read-write"
+            raise StoreUnavailable(f"RocksDB at {self.path}: cannot open {mode}: {e}") from e
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _prefix(self, table: str) -> bytes:
+        prefix = self._prefixes.get(table)
+        if prefix is None:
+            prefix = self._prefixes[table] = b"r" + _table_id(table)
+        return prefix
+
+    def _row_keys(self, table: str, keys: Keys) -> list[bytes]:
+        n = len(keys)
+        prefix = self._prefix(table)
+        width = len(prefix) + 8
+        buf = np.empty((n, width), dtype=np.uint8)
+        buf[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+        buf[:, len(prefix) :] = keys.astype(">u8").view(np.uint8).reshape(n, 8)
+        raw = buf.tobytes()
+        return [raw[i : i + width] for i in range(0, n * width, width)]
+
+    def _multi_get(self, keys: list[bytes]) -> list[bytes | None]:
+        return cast(list[bytes | None], self._db.get(cast(list[Any], keys)))
+
+    def _maybe_catch_up(self) -> None:
+        if not self.read_only:
+            return
+        now = time.monotonic()
+        if now - self._last_catch_up >= self.catch_up_interval:
+            with self._lock:
+                if now - self._last_catch_up >= self.catch_up_interval:
+                    self._db.try_catch_up_with_primary()
+                    self._last_catch_up = time.monotonic()
+
+    def catch_up(self) -> None:
+        """Secondary only: see the primary's writes now (no-op on a primary)."""
+        if self.read_only:
+            with self._lock:
+                self._db.try_catch_up_with_primary()
+                self._last_catch_up = time.monotonic()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyStore(f"RocksDB at {self.path} is open as a read-only secondary")
+
+    def _stored_count(self, table: str) -> int:
+        raw = self._db.get(b"n" + _table_id(table))
+        return int.from_bytes(raw, "little") if raw is not None else 0
+
+    def _count_locked(self, table: str) -> int:
+        count = self._counts.get(table)
+        if count is None:
+            count = self._counts[table] = self._stored_count(table)
+        return count
+
+    def _batch_puts(
+        self, wb: WriteBatch, table: str, keys: Keys, values: list[bytes], counts: dict[str, int]
+    ) -> None:
+        if len(keys) != len(values):
+            raise ValueError(f"table {table!r}: {len(keys)} keys but {len(values)} values")
+        if len(keys) == 0:
+            return
+        row_keys = self._row_keys(table, keys)
+        unique = np.unique(keys)
+        existing = self._multi_get(self._row_keys(table, unique))
+        added = sum(v is None for v in existing)
+        for k, v in zip(row_keys, values, strict=True):
+            wb.put(k, v)
+        if added:
+            counts[table] = counts.get(table, self._count_locked(table)) + added
+
+    def _write(self, wb: WriteBatch, counts: dict[str, int], *, sync: bool) -> None:
+        for table, count in counts.items():
+            wb.put(b"n" + _table_id(table), count.to_bytes(8, "little"))
+        if sync:
+            self._db.write(wb, self._commit_opts)
+        else:
+            self._db.write(wb)
+        self._counts.update(counts)
+
+    # -- RowTier ------------------------------------------------------------------------
+
+    def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
+        if len(keys) == 0:
+            return []
+        self._maybe_catch_up()
+        return self._multi_get(self._row_keys(table, keys))
+
+    def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
+        self._check_writable()
+        with self._lock:
+            wb = WriteBatch(raw_mode=True)
+            counts: dict[str, int] = {}
+            self._batch_puts(wb, table, keys, values, counts)
+            self._write(wb, counts, sync=False)
+
+    def delete_many(self, table: str, keys: Keys) -> None:
+        self._check_writable()
+        if len(keys) == 0:
+            return
+        with self._lock:
+            unique = np.unique(keys)
+            row_keys = self._row_keys(table, unique)
+            removed = sum(v is not None for v in self._multi_get(row_keys))
+            wb = WriteBatch(raw_mode=True)
+            for k in row_keys:
+                wb.delete(k)
+            counts = {table: self._count_locked(table) - removed} if removed else {}
+            self._write(wb, counts, sync=False)
+
+    def count(self, table: str) -> int:
+        if self.read_only:
+            self._maybe_catch_up()
+            return self._stored_count(table)
+        with self._lock:
+            return self._count_locked(table)
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        self._check_writable()
+        with self._lock:
+            self._db.put(b"b" + name.encode(), bytes(data))
+
+    def get_blob(self, name: str) -> bytes | None:
+        self._maybe_catch_up()
+        value: bytes | None = self._db.get(b"b" + name.encode())
+        return value
+
+    def commit(
+        self,
+        rows: Mapping[str, tuple[Keys, list[bytes]]],
+        blobs: Mapping[str, bytes],
+    ) -> None:
+        """Rows of several tables and blobs in one atomic (synced) WriteBatch."""
+        self._check_writable()
+        with self._lock:
+            wb = WriteBatch(raw_mode=True)
+            counts: dict[str, int] = {}
+            for table, (keys, values) in rows.items():
+                self._batch_puts(wb, table, keys, values, counts)
+            for name, data in blobs.items():
+                wb.put(b"b" + name.encode(), bytes(data))
+            self._write(wb, counts, sync=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._db.close()
+        self._remove_own_secondary()
+
+    def _remove_own_secondary(self) -> None:
+        if self._own_secondary is not None:
+            shutil.rmtree(self._own_secondary, ignore_errors=True)
+            self._own_secondary = None

@@ -1,0 +1,117 @@
+"""The row codec: one table's rows <-> fixed-size little-endian byte values.
+
+Layout of one row (no padding, little-endian), ``4 * (dim + state_dim + 2)`` bytes:
+
+====================  ==========================  =========================================
+field                 type                        meaning
+====================  ==========================  =========================================
+``emb``               float32[dim]                the embedding
+``state``             float32[state_dim]          optimizer state (sgd 0, adagrad dim,
+                                                  rowwise_adagrad 1)
+``updated_at``        uint32                      epoch seconds of creation / last update
+``count``             uint32                      number of applied updates
+====================  ==========================  =========================================
+
+Batches of rows are numpy record arrays of ``RowCodec.dtype``; packing and unpacking
+are one ``tobytes`` / ``frombuffer`` for the whole batch.
+
+A new row's embedding is a pure function of its key (the SplitMix64 stream seeded by the
+key, mapped to uniform ``[-init_scale, init_scale)``), so any process creates the same
+row for the same key without RNG state. Its optimizer state starts at
+``initial_accumulator``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from storage.base import Floats, Keys, RowFormatError, TableConfig
+from storage.keys import splitmix64
+from storage.optim import state_dim
+
+Rows = npt.NDArray[np.void]
+"""A batch of rows: a 1-d record array of ``RowCodec.dtype``."""
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_U32_MAX = np.uint32(0xFFFFFFFF)
+
+
+class RowCodec:
+    """Packs, unpacks and initialises the rows of one table."""
+
+    def __init__(self, cfg: TableConfig) -> None:
+        self.cfg = cfg
+        self.table = cfg.name
+        self.dim = cfg.dim
+        self.state_dim = state_dim(cfg.optimizer, cfg.dim)
+        self.dtype = np.dtype(
+            [
+                ("emb", "<f4", (self.dim,)),
+                ("state", "<f4", (self.state_dim,)),
+                ("updated_at", "<u4"),
+                ("count", "<u4"),
+            ]
+        )
+        self.nbytes = self.dtype.itemsize
+        # Column j of a row uses SplitMix64 output j of the key's stream.
+        self._offsets = (np.arange(self.dim, dtype=np.uint64) * _GAMMA)[None, :]
+
+    def zeros(self, n: int) -> Rows:
+        """``n`` all-zero rows (what a missing key reads as)."""
+        return np.zeros(n, dtype=self.dtype)
+
+    def new_rows(self, keys: Keys, now: int) -> Rows:
+        """Freshly initialised rows for ``keys``: deterministic per key, no RNG objects."""
+        rows = np.empty(len(keys), dtype=self.dtype)
+        if len(keys):
+            with np.errstate(over="ignore"):
+                bits = splitmix64(keys.astype(np.uint64)[:, None] + self._offsets)
+            # The top 24 bits are an exact float in [0, 1).
+            u = (bits >> np.uint64(40)).astype(np.float64) * (1.0 / (1 << 24))
+            rows["emb"] = ((2.0 * u - 1.0) * self.cfg.init_scale).astype(np.float32)
+        rows["state"] = np.float32(self.cfg.initial_accumulator)
+        rows["updated_at"] = np.uint32(now)
+        rows["count"] = 0
+        return rows
+
+    def pack(self, rows: Rows) -> list[bytes]:
+        """One ``bytes`` value per row."""
+        buf = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
+        s = self.nbytes
+        return [buf[i : i + s] for i in range(0, len(buf), s)]
+
+    def unpack(self, keys: Keys, values: Sequence[bytes]) -> Rows:
+        """Rows from their values (``values[i]`` belongs to ``keys[i]``, none missing).
+
+        Raises ``RowFormatError`` naming the table and the first key whose value has the
+        wrong size.
+        """
+        n = len(values)
+        if n == 0:
+            return self.zeros(0)
+        if set(map(len, values)) != {self.nbytes}:
+            for key, v in zip(keys.tolist(), values, strict=True):
+                if len(v) != self.nbytes:
+                    raise RowFormatError(
+                        f"table {self.table!r}: the value of key {key} ({key:#018x}) has "
+                        f"{len(v)} bytes, expected {self.nbytes} (dim {self.dim}, "
+                        f"optimizer {self.cfg.optimizer})"
+                    )
+        # frombuffer is read-only over the joined bytes; callers mutate rows, so copy.
+        return np.frombuffer(b"".join(values), dtype=self.dtype).copy()
+
+    @staticmethod
+    def touch(rows: Rows, idx: npt.NDArray[np.intp], now: int) -> None:
+        """Record an applied update on rows ``idx``: time = now, count + 1 (saturating)."""
+        rows["updated_at"][idx] = np.uint32(now)
+        count = rows["count"][idx]
+        rows["count"][idx] = np.where(count < _U32_MAX, count + np.uint32(1), count)
+
+    @staticmethod
+    def embeddings(rows: Rows) -> Floats:
+        """The (n, dim) float32 embeddings of ``rows`` (a view)."""
+        emb: Floats = rows["emb"]
+        return emb

@@ -1,0 +1,163 @@
+"""The event schema and its validation, shared by the trainer (decoding Kafka
+messages) and the service (predict instances and posted events).
+
+Wire format, one JSON object per message::
+
+    {"event_id": "e1", "ts": 1700000000000, "label": 1,
+     "features": {"user": "u42", "item": 7, "genres": ["drama", "war"]},
+     "dense": {"age": 0.3}}
+
+Features missing from an event read as "no value" (a zero embedding); dense
+values missing read as 0.0. A field the spec does not know is an error, so a
+typo never trains silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from streaming.spec import FeatureSpec
+
+SparseValue = str | int | list[str | int]
+
+
+@dataclass(slots=True)
+class Event:
+    event_id: str
+    ts: int
+    label: int
+    features: dict[str, SparseValue]
+    dense: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "event_id": self.event_id,
+                "ts": self.ts,
+                "label": self.label,
+                "features": self.features,
+                "dense": self.dense,
+            }
+        )
+
+
+class BadEvent(ValueError):
+    """An event that cannot be trained on; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+    reason: str  # unknown_field | wrong_type | invalid_value
+
+
+def _is_id(value: object) -> bool:
+    # bool is an int subclass, but True as a feature id is almost always a bug.
+    return (isinstance(value, str) and value != "") or (
+        isinstance(value, int) and not isinstance(value, bool)
+    )
+
+
+def check_fields(
+    features: Mapping[str, object], dense: Mapping[str, object], spec: FeatureSpec
+) -> list[FieldError]:
+    """Every problem with a set of sparse and dense values, one entry per field."""
+    errors: list[FieldError] = []
+    for name, value in features.items():
+        feature = spec.sparse_field(name)
+        if feature is None:
+            errors.append(FieldError(name, f"unknown sparse feature {name!r}", "unknown_field"))
+        elif feature.kind == "categorical":
+            if not _is_id(value):
+                errors.append(
+                    FieldError(
+                        name,
+                        f"{name!r} is categorical: expected a non-empty string or an integer, "
+                        f"got {type(value).__name__}",
+                        "wrong_type",
+                    )
+                )
+        elif not isinstance(value, list) or not all(_is_id(v) for v in value):
+            errors.append(
+                FieldError(
+                    name,
+                    f"{name!r} is multi_hot: expected a list of strings or integers",
+                    "wrong_type",
+                )
+            )
+    dense_names = set(spec.dense)
+    for name, value in dense.items():
+        if name not in dense_names:
+            errors.append(FieldError(name, f"unknown dense feature {name!r}", "unknown_field"))
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append(
+                FieldError(
+                    name,
+                    f"{name!r} is dense: expected a number, got {type(value).__name__}",
+                    "wrong_type",
+                )
+            )
+        elif not math.isfinite(value):
+            errors.append(FieldError(name, f"{name!r} must be finite", "invalid_value"))
+    return errors
+
+
+def split_instance(
+    instance: Mapping[str, object], spec: FeatureSpec
+) -> tuple[dict[str, object], dict[str, object]]:
+    """Split a flat predict instance ``{field: value}`` into sparse and dense parts.
+
+    Names the spec does not know stay on the sparse side, where ``check_fields``
+    reports them as unknown.
+    """
+    dense_names = set(spec.dense)
+    features = {k: v for k, v in instance.items() if k not in dense_names}
+    dense = {k: v for k, v in instance.items() if k in dense_names}
+    return features, dense
+
+
+def decode_event(raw: bytes, spec: FeatureSpec) -> Event:
+    """Parse and validate one wire message. Raises ``BadEvent`` with a metric reason."""
+    try:
+        obj: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadEvent("invalid_json", str(exc)) from None
+    if not isinstance(obj, dict):
+        raise BadEvent("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in ("event_id", "ts", "label", "features") if k not in obj]
+    if missing:
+        raise BadEvent("missing_field", f"missing {', '.join(missing)}")
+    event_id, ts, label = obj["event_id"], obj["ts"], obj["label"]
+    features, dense = obj["features"], obj.get("dense", {})
+    if not _is_id(event_id):
+        raise BadEvent("wrong_type", "event_id must be a non-empty string or an integer")
+    if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+        raise BadEvent("wrong_type", "ts must be a non-negative integer (epoch milliseconds)")
+    if isinstance(label, bool) or label not in (0, 1) or not isinstance(label, int):
+        raise BadEvent("wrong_type", "label must be 0 or 1")
+    if not isinstance(features, dict):
+        raise BadEvent("wrong_type", "features must be an object")
+    if not isinstance(dense, dict):
+        raise BadEvent("wrong_type", "dense must be an object")
+    errors = check_fields(features, dense, spec)
+    if errors:
+        first = errors[0]
+        raise BadEvent(first.reason, "; ".join(e.message for e in errors))
+    return Event(
+        event_id=str(event_id),
+        ts=ts,
+        label=label,
+        features=features,
+        dense={k: float(v) for k, v in dense.items()},
+    )

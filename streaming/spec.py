@@ -1,0 +1,54 @@
+"""The feature spec: which fields an event carries and how each one is embedded.
+
+The spec is configuration, not code, so a user can train on their own stream by
+writing a TOML/JSON file (see README "Configuration").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class SparseFeature(BaseModel):
+    """One categorical field; each distinct value gets its own embedding row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="Field name as it appears in event.features.")
+    kind: Literal["categorical", "multi_hot"] = Field(
+        "categorical",
+        description="categorical: one string/int per event; multi_hot: a list of them.",
+    )
+    dim: int = Field(16, ge=1, le=1024, description="Embedding dimension of this field's table.")
+    pooling: Literal["sum", "mean"] = Field(
+        "mean", description="How a multi_hot list is pooled into one vector."
+    )
+
+
+class FeatureSpec(BaseModel):
+    """The schema of `features` and `dense` in every event and predict instance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sparse: list[SparseFeature] = Field(min_length=1)
+    dense: list[str] = Field(default_factory=list, description="Names of float inputs.")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> FeatureSpec:
+        names = [f.name for f in self.sparse] + list(self.dense)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names must be unique across sparse and dense: {dupes}")
+        return self
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    def sparse_field(self, name: str) -> SparseFeature | None:
+        for field in self.sparse:
+            if field.name == name:
+                return field
+        return None

@@ -1,0 +1,274 @@
+"""The ``streamrec`` command: run | train | serve | replay | fetch."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from streamrec.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("streamrec")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    service: dict[str, object] = {}
+    if getattr(args, "host", None):
+        service["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        service["port"] = args.port
+    if service:
+        overrides["service"] = service
+    if getattr(args, "source", None) and args.command in ("run", "train"):
+        overrides["source"] = args.source
+    if getattr(args, "data_dir", None):
+        overrides["store"] = {"data_dir": args.data_dir}
+    return load_settings(args.config, **overrides)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s; flushing and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Trainer and service in one process, sharing one store."""
+    import uvicorn
+
+    from service.app import create_app
+    from streamrec.runtime import TrainerRuntime
+
+    settings = _settings(args)
+    runtime = TrainerRuntime.start(settings, max_events=args.max_events, rate=args.rate)
+    app = create_app(runtime.store, settings.service)
+    _Server = _uvicorn_server()
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=settings.service.host,
+            port=settings.service.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    runtime.on_failure = lambda: setattr(server, "should_exit", True)
+    log.info(
+        "serving on http://%s:%d (docs at /docs, metrics at /metrics); Ctrl-C to stop",
+        settings.service.host,
+        settings.service.port,
+    )
+    server.run()  # returns on SIGINT/SIGTERM (uvicorn handles both)
+    return runtime.stop()
+
+
+def _uvicorn_server() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Stops on SIGINT/SIGTERM without re-raising the signal afterwards (uvicorn
+        does, which would turn a clean flush-and-exit into exit code -15)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self.handle_exit)
+            yield
+
+    return Server
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """The trainer alone, with /metrics on ``metrics_port``."""
+    from prometheus_client import start_http_server
+
+    from streamrec.runtime import TrainerRuntime
+
+    settings = _settings(args)
+    start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    log.info(
+        "trainer metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port
+    )
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    runtime = TrainerRuntime.start(settings, max_events=args.max_events, rate=args.rate)
+    runtime.on_failure = stop.set
+    while not stop.is_set() and runtime.alive():
+        time.sleep(0.2)
+    return runtime.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The service alone, reading the store the trainer writes."""
+    import uvicorn
+
+    from service.app import create_app
+    from streamrec.wiring import build_store, resolve_spec
+
+    settings = _settings(args)
+    store = build_store(settings, resolve_spec(settings), read_only=True)
+    server = _uvicorn_server()(
+        uvicorn.Config(
+            create_app(store, settings.service),
+            host=settings.service.host,
+            port=settings.service.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    try:
+        server.run()
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Produce a source's events to Kafka, with a progress bar."""
+    from tqdm import tqdm
+
+    from streaming.log import KafkaEventProducer
+    from streaming.sources import open_source
+    from streamrec.wiring import pace
+
+    settings = _settings(args)
+    source = open_source(
+        args.source,
+        data_dir=settings.store.data_dir,
+        seed=settings.trainer.seed,
+        max_events=args.max_events,
+    )
+    bootstrap = args.bootstrap_servers or settings.log.bootstrap_servers
+    topic = args.topic or settings.log.topic
+    producer = KafkaEventProducer(bootstrap)
+    sent = 0
+    try:
+        with tqdm(total=source.total, unit="ev", desc=f"replay -> {topic}", mininterval=1) as bar:
+            for event in pace(source, args.rate):
+                producer.send(topic, event.to_json(), key=event.event_id.encode())
+                sent += 1
+                if sent % 1000 == 0:
+                    bar.update(1000)
+            bar.update(sent % 1000)
+        producer.flush()
+    finally:
+        producer.close()
+    log.info("produced %d events to %s at %s", sent, topic, bootstrap)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Fetch a dataset into the data dir."""
+    from streaming.sources.movielens import fetch_movielens_100k
+
+    settings = _settings(args)
+    path = fetch_movielens_100k(settings.store.data_dir, source=args.source_path)
+    log.info("MovieLens-100k is at %s", path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamrec",
+        description="Continual-learning recommendation: stream -> trainer -> store -> API.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            type=Path,
+            help="TOML settings file (Kafka, Redis, features, ...); default: embedded",
+        )
+        p.add_argument("--data-dir", type=Path, help="RocksDB and datasets (store.data_dir)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    def training(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--source",
+            help="embedded source: auto, synthetic, movielens-100k or jsonl:PATH (default auto)",
+        )
+        p.add_argument("--max-events", type=int, help="stop the source after this many events")
+        p.add_argument(
+            "--rate",
+            type=float,
+            help="embedded source: events per second (default: as fast as training goes)",
+        )
+
+    run = sub.add_parser(
+        "run",
+        help="train and serve in one process (embedded default: no Kafka or Redis needed)",
+    )
+    common(run)
+    training(run)
+    run.add_argument("--host", help="bind address (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="run the streaming trainer (Kafka with --config)")
+    common(train)
+    training(train)
+    train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser("serve", help="serve predictions from the store")
+    common(serve)
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.set_defaults(func=cmd_serve)
+
+    replay = sub.add_parser("replay", help="produce a source's events to Kafka")
+    common(replay)
+    replay.add_argument(
+        "--source",
+        default="synthetic",
+        help="synthetic, movielens-100k or jsonl:PATH (default synthetic)",
+    )
+    replay.add_argument("--rate", type=float, default=0, help="events per second (0: unlimited)")
+    replay.add_argument("--topic", help="Kafka topic (default log.topic)")
+    replay.add_argument("--bootstrap-servers", help="Kafka address (default log.bootstrap_servers)")
+    replay.add_argument("--max-events", type=int, help="stop after this many events")
+    replay.set_defaults(func=cmd_replay)
+
+    fetch = sub.add_parser("fetch", help="fetch a dataset (movielens-100k) into the data dir")
+    common(fetch)
+    fetch.add_argument("dataset", choices=["movielens-100k"])
+    fetch.add_argument(
+        "--from",
+        dest="source_path",
+        type=Path,
+        help="the official ml-100k.zip or an unpacked folder (default: from PyPI's recbole wheel)",
+    )
+    fetch.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # kafka-python logs every connection at INFO and warns about its own slow tasks.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Helpers shared by the tests that start streamrec processes."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(base_url: str, timeout_s: float = 60.0) -> bool:
+    """Poll ``/readyz`` until it answers 200 or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base_url}/readyz").status_code == 200:
+                return True
+        time.sleep(0.5)
+    return False

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from support import free_port, wait_ready
+
+from streamrec.cli import build_parser
+from streamrec.config import ConfigError, load_settings
+
+CLI = [sys.executable, "-m", "streamrec.cli"]
+
+
+@pytest.mark.parametrize("command", ["run", "train", "serve", "replay", "fetch"])
+def test_every_subcommand_has_help(command: str) -> None:
+    result = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "--config" in result.stdout
+
+
+def test_settings_layering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text("[trainer]\nbatch_size = 64\n[service]\nport = 9000\n")
+    monkeypatch.setenv("STREAMREC_SERVICE__PORT", "9001")
+    settings = load_settings(config, store={"data_dir": str(tmp_path)})
+    assert settings.trainer.batch_size == 64  # file
+    assert settings.service.port == 9001  # env beats file
+    assert settings.store.data_dir == tmp_path  # flags beat both
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml")
+    assert build_parser().parse_args(["run"]).command == "run"
+
+
+@pytest.mark.slow
+def test_embedded_run_trains_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "run",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--source",
+            "synthetic",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={
+            **os.environ,
+            "STREAMREC_TRAINER__PROGRESS_EVERY_S": "1",
+            "STREAMREC_TRAINER__PUBLISH_EVERY_S": "1",
+        },
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_ready(base), "embedded run never became ready"
+        info = httpx.get(f"{base}/v1/models/streamrec").json()
+        response = httpx.post(
+            f"{base}/v1/models/streamrec:predict",
+            json={"instances": [{"c1": 1, "c2": 2, "i1": 0.1}]},
+        )
+        assert response.status_code == 200 and info["version"] >= 1
+        assert "streamrec_trainer_events_total" in httpx.get(f"{base}/metrics").text
+        time.sleep(1.5)  # at least one progress line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output[-3000:]
+    assert time.monotonic() - started < 15
+    assert "rate=" in output and "window_auc=" in output
+    assert (tmp_path / "data" / "rocksdb").is_dir()

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from streaming.events import BadEvent, Event, check_fields, decode_event, split_instance
+from streaming.spec import FeatureSpec, SparseFeature
+
+SPEC = FeatureSpec(
+    sparse=[
+        SparseFeature(name="user"),
+        SparseFeature(name="genres", kind="multi_hot"),
+    ],
+    dense=["age"],
+)
+
+
+def wire(**overrides: object) -> bytes:
+    event: dict[str, object] = {
+        "event_id": "e1",
+        "ts": 1_700_000_000_000,
+        "label": 1,
+        "features": {"user": "u1", "genres": ["drama", 7]},
+        "dense": {"age": 0.5},
+    }
+    event.update(overrides)
+    return orjson.dumps(event)
+
+
+def test_valid_event_round_trips() -> None:
+    event = decode_event(wire(), SPEC)
+    assert event == Event(
+        "e1", 1_700_000_000_000, 1, {"user": "u1", "genres": ["drama", 7]}, {"age": 0.5}
+    )
+    assert decode_event(event.to_json(), SPEC) == event
+
+
+def test_missing_features_and_dense_are_allowed() -> None:
+    event = decode_event(orjson.dumps({"event_id": 3, "ts": 0, "label": 0, "features": {}}), SPEC)
+    assert event.event_id == "3" and event.features == {} and event.dense == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "needle"),
+    [
+        (b"not json", "invalid_json", ""),
+        (b"[1, 2]", "invalid_json", "object"),
+        (orjson.dumps({"ts": 1, "label": 0, "features": {}}), "missing_field", "event_id"),
+        (wire(label=2), "wrong_type", "label"),
+        (wire(label=True), "wrong_type", "label"),
+        (wire(ts="yesterday"), "wrong_type", "ts"),
+        (wire(ts=-5), "wrong_type", "ts"),
+        (wire(features=[1]), "wrong_type", "features"),
+        (wire(features={"user": 1.5}), "wrong_type", "'user'"),
+        (wire(features={"user": True}), "wrong_type", "'user'"),
+        (wire(features={"genres": "drama"}), "wrong_type", "multi_hot"),
+        (wire(features={"colour": "red"}), "unknown_field", "colour"),
+        (wire(dense={"age": "old"}), "wrong_type", "'age'"),
+        (wire(dense={"height": 1.0}), "unknown_field", "height"),
+    ],
+)
+def test_bad_events_name_the_problem(raw: bytes, reason: str, needle: str) -> None:
+    with pytest.raises(BadEvent) as info:
+        decode_event(raw, SPEC)
+    assert info.value.reason == reason
+    assert needle in str(info.value)
+
+
+def test_non_finite_dense_is_invalid() -> None:
+    errors = check_fields({}, {"age": float("nan")}, SPEC)
+    assert [(e.field, e.reason) for e in errors] == [("age", "invalid_value")]
+
+
+def test_split_instance_keeps_unknown_names_on_the_sparse_side() -> None:
+    features, dense = split_instance({"user": "u", "age": 3, "typo": 1}, SPEC)
+    assert features == {"user": "u", "typo": 1} and dense == {"age": 3}
+    assert [e.field for e in check_fields(features, dense, SPEC)] == ["typo"]
+
+
+def test_spec_rejects_duplicate_names() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        FeatureSpec(sparse=[SparseFeature(name="a")], dense=["a"])

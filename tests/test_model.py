@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streaming.spec import FeatureSpec, SparseFeature
+from trainer.model import DLRM, dump_state, load_state
+
+
+def spec(dense: list[str], dims: tuple[int, ...] = (8, 8, 8)) -> FeatureSpec:
+    return FeatureSpec(
+        sparse=[SparseFeature(name=f"f{i}", dim=d) for i, d in enumerate(dims)], dense=dense
+    )
+
+
+def test_forward_shapes_with_and_without_dense_inputs() -> None:
+    for dense in (["x", "y"], []):
+        model = DLRM(spec(dense))
+        logits = model(torch.randn(5, len(dense)), torch.randn(5, 3, 8))
+        assert logits.shape == (5,)
+        assert torch.isfinite(logits).all()
+
+
+def test_unequal_dims_are_refused_with_a_clear_message() -> None:
+    with pytest.raises(ValueError, match="one embedding dim"):
+        DLRM(spec([], dims=(8, 16, 8)))
+
+
+def test_state_round_trip() -> None:
+    a, b = DLRM(spec(["x"])), DLRM(spec(["x"]))
+    load_state(b, dump_state(a))
+    dense, sparse = torch.randn(4, 1), torch.randn(4, 3, 8)
+    assert torch.equal(a(dense, sparse), b(dense, sparse))

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import ServiceConfig, create_app
+from storage.memory_tier import MemoryTier
+from storage.tiered import TieredStore
+from streaming.log import InMemoryLog
+from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
+from streaming.spec import FeatureSpec
+from streamrec.config import Settings
+from streamrec.wiring import table_configs
+from trainer.trainer import StreamingTrainer, TrainerConfig
+
+SOURCE = SyntheticSource(
+    SyntheticConfig(num_sparse=3, num_dense=2, universe=200, interaction_pairs=[(1, 2)]), 3_000
+)
+
+
+def trained_store(spec: FeatureSpec) -> TieredStore:
+    store = TieredStore(table_configs(spec, Settings()), MemoryTier())
+    log = InMemoryLog()
+    for event in SOURCE:
+        log.append("t", event.to_json())
+    trainer = StreamingTrainer(spec, store, log.consumer("t"), TrainerConfig(batch_size=500))
+    trainer.run(threading.Event(), max_events=3_000)
+    return store
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    app = create_app(trained_store(SOURCE.spec), ServiceConfig(max_instances=5))
+    with TestClient(app) as test_client:  # runs the lifespan: loads the latest version
+        yield test_client
+
+
+def instance(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {"c1": 1, "c2": "7", "c3": 99, "i1": 0.5, "i2": 2.0}
+    base.update(overrides)
+    return base
+
+
+def test_models_and_model_info(client: TestClient) -> None:
+    assert client.get("/v1/models").json() == {"models": ["streamrec"]}
+    info = client.get("/v1/models/streamrec").json()
+    assert info["name"] == "streamrec" and info["ready"] is True and info["version"] >= 1
+    assert info["features"] == {"sparse": ["c1", "c2", "c3"], "dense": ["i1", "i2"]}
+    assert client.get("/v1/models/other").status_code == 404
+
+
+def test_predict_returns_one_probability_per_instance(client: TestClient) -> None:
+    response = client.post(
+        "/v1/models/streamrec:predict",
+        json={"instances": [instance(), instance(c1="never-seen"), {"c1": 1}]},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["predictions"]) == 3
+    assert all(0.0 < p < 1.0 for p in body["predictions"])
+    assert body["model_version"] >= 1
+    # Same features, same answer: "1" and 1 are the same id.
+    again = client.post("/v1/models/streamrec:predict", json={"instances": [instance(c1="1")]})
+    assert again.json()["predictions"][0] == pytest.approx(body["predictions"][0], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ({"instances": []}, "instances"),
+        ({}, "instances"),
+        ({"instances": [instance(colour="red")]}, "colour"),
+        ({"instances": [instance(), instance(c1=1.5)]}, "instance 1"),
+        ({"instances": [instance(i1="high")]}, "i1"),
+        ({"instances": [instance()] * 6}, "at most 5"),
+        ({"instances": [5]}, "instances"),
+    ],
+)
+def test_bad_instances_get_422_naming_the_problem(
+    client: TestClient, payload: dict[str, object], needle: str
+) -> None:
+    response = client.post("/v1/models/streamrec:predict", json=payload)
+    assert response.status_code == 422, response.text
+    assert needle in response.text
+
+
+def test_non_json_body_is_400_and_unknown_model_404(client: TestClient) -> None:
+    response = client.post(
+        "/v1/models/streamrec:predict",
+        content=b"{nope",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert client.post("/v1/models/x:predict", json={"instances": [instance()]}).status_code == 404
+
+
+def test_health_ready_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "detail": None}
+    assert client.get("/readyz").status_code == 200
+    metrics = client.get("/metrics").text
+    assert "streamrec_service_predict_requests_total" in metrics
+
+
+def test_not_ready_before_the_first_version() -> None:
+    store = TieredStore(table_configs(SOURCE.spec, Settings()), MemoryTier())
+    with TestClient(create_app(store)) as fresh:
+        assert fresh.get("/readyz").status_code == 503
+        response = fresh.post("/v1/models/streamrec:predict", json={"instances": [instance()]})
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert fresh.get("/v1/models/streamrec").json()["version"] is None

@@ -1,0 +1,562 @@
+"""One contract for every ``RowTier`` and for ``TieredStore`` over each hot tier.
+
+Redis runs for real (``clean_redis`` starts it via deploy/local/services.sh); RocksDB
+lives under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.base import (
+    Keys,
+    ReadOnlyStore,
+    RowFormatError,
+    RowTier,
+    StoreUnavailable,
+    TableConfig,
+)
+from storage.keys import feature_keys
+from storage.memory_tier import MemoryTier
+from storage.redis_tier import RedisTier
+from storage.rocksdb_tier import RocksDBTier
+from storage.rows import RowCodec
+from storage.tiered import POSITION_BLOB, TieredStore
+
+TIER_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.integration), "rocksdb"]
+STORE_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.integration)]
+
+
+def u64(*values: int) -> Keys:
+    return np.array(values, dtype=np.uint64)
+
+
+def blobs_of(rng: np.random.Generator, n: int, size: int = 24) -> list[bytes]:
+    return [rng.bytes(size) for _ in range(n)]
+
+
+# -- RowTier contract -------------------------------------------------------------------
+
+
+@pytest.fixture(params=TIER_KINDS)
+def tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RowTier]:
+    t: RowTier
+    if request.param == "memory":
+        t = MemoryTier()
+    elif request.param == "redis":
+        # Few buckets, small chunks: several keys per hash and several sends per batch.
+        t = RedisTier(request.getfixturevalue("clean_redis"), buckets=8, chunk=3)
+    else:
+        t = RocksDBTier(tmp_path / "db")
+    yield t
+    t.close()
+
+
+def test_missing_keys_read_none(tier: RowTier) -> None:
+    assert tier.get_many("t", u64(1, 2, 3)) == [None, None, None]
+    assert tier.get_many("t", u64()) == []
+    assert tier.count("t") == 0
+    assert tier.get_blob("nope") is None
+
+
+def test_put_then_get_in_request_order(tier: RowTier) -> None:
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 2**63, 300, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    keys = np.unique(keys)
+    values = blobs_of(rng, len(keys))
+    tier.put_many("t", keys, values)
+    assert tier.count("t") == len(keys)
+    order = rng.permutation(len(keys))[:100]
+    probe = np.concatenate([keys[order], u64(0, 2)])  # even keys were never written
+    assert tier.get_many("t", probe) == [values[i] for i in order] + [None, None]
+
+
+def test_extreme_keys_and_empty_put(tier: RowTier) -> None:
+    keys = u64(0, 2**64 - 1, 2**63)
+    tier.put_many("t", keys, [b"a" * 8, b"b" * 8, b"c" * 8])
+    tier.put_many("t", u64(), [])
+    assert tier.get_many("t", keys[::-1]) == [b"c" * 8, b"b" * 8, b"a" * 8]
+    assert tier.count("t") == 3
+
+
+def test_duplicate_keys(tier: RowTier) -> None:
+    tier.put_many("t", u64(5, 6, 5), [b"first", b"six", b"last"])  # the last write wins
+    assert tier.count("t") == 2
+    assert tier.get_many("t", u64(5, 5, 7, 6, 5)) == [b"last", b"last", None, b"six", b"last"]
+
+
+def test_overwrite_keeps_count(tier: RowTier) -> None:
+    tier.put_many("t", u64(1, 2), [b"x", b"y"])
+    tier.put_many("t", u64(2, 3), [b"Y", b"z"])
+    assert tier.count("t") == 3
+    assert tier.get_many("t", u64(1, 2, 3)) == [b"x", b"Y", b"z"]
+
+
+def test_delete(tier: RowTier) -> None:
+    tier.put_many("t", u64(1, 2, 3), [b"a", b"b", b"c"])
+    tier.delete_many("t", u64(2, 9, 2))  # missing and repeated keys are ignored
+    tier.delete_many("t", u64())
+    assert tier.count("t") == 2
+    assert tier.get_many("t", u64(1, 2, 3)) == [b"a", None, b"c"]
+    tier.delete_many("other", u64(1))
+    assert tier.get_many("t", u64(1)) == [b"a"]
+
+
+def test_tables_are_separate(tier: RowTier) -> None:
+    tier.put_many("a", u64(1), [b"in a"])
+    tier.put_many("b", u64(1, 2), [b"in b", b"b2"])
+    assert tier.get_many("a", u64(1, 2)) == [b"in a", None]
+    assert tier.get_many("b", u64(1)) == [b"in b"]
+    assert (tier.count("a"), tier.count("b"), tier.count("c")) == (1, 2, 0)
+
+
+def test_blobs(tier: RowTier) -> None:
+    tier.put_blob("model/x/latest", b"1")
+    tier.put_blob("model/x/latest", b"2")
+    tier.put_blob("empty", b"")
+    big = bytes(range(256)) * 4096
+    tier.put_blob("big", big)
+    assert tier.get_blob("model/x/latest") == b"2"
+    assert tier.get_blob("empty") == b""
+    assert tier.get_blob("big") == big
+    assert tier.count("model/x/latest") == 0  # blobs are not rows
+
+
+def test_large_batch(tier: RowTier) -> None:
+    rng = np.random.default_rng(1)
+    keys = np.unique(rng.integers(0, 2**64 - 1, 5000, dtype=np.uint64, endpoint=True))
+    values = blobs_of(rng, len(keys), 76)
+    tier.put_many("t", keys, values)
+    assert tier.get_many("t", keys) == values
+    assert tier.count("t") == len(keys)
+
+
+def test_commit_writes_rows_and_blobs(tier: RowTier) -> None:
+    tier.commit({"a": (u64(1, 2), [b"a1", b"a2"]), "b": (u64(1), [b"b1"])}, {"pos": b"7"})
+    assert tier.get_many("a", u64(1, 2)) == [b"a1", b"a2"]
+    assert tier.get_many("b", u64(1)) == [b"b1"]
+    assert tier.get_blob("pos") == b"7"
+    assert (tier.count("a"), tier.count("b")) == (2, 1)
+    tier.commit({}, {})
+
+
+def test_commit_with_bad_input_writes_nothing(tier: RowTier) -> None:
+    with pytest.raises(ValueError, match="'b'"):
+        tier.commit({"a": (u64(1), [b"a1"]), "b": (u64(1, 2), [b"b1"])}, {"pos": b"1"})
+    assert tier.get_many("a", u64(1)) == [None]
+    assert tier.get_blob("pos") is None
+    assert tier.count("a") == 0
+
+
+def test_commit_blob_never_ahead_of_rows(tier: RowTier) -> None:
+    """A reader that sees commit k's blob also sees commit k's rows."""
+    rounds, per_round = 30, 50
+    errors: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            raw = tier.get_blob("pos")
+            if raw is None:
+                continue
+            k = int(raw)
+            keys = np.arange(k * per_round, (k + 1) * per_round, dtype=np.uint64)
+            got = tier.get_many("t", keys)
+            if got != [b"r%d" % k] * per_round:
+                errors.append(f"blob at {k} but rows {got[:3]}...")
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for k in range(rounds):
+            keys = np.arange(k * per_round, (k + 1) * per_round, dtype=np.uint64)
+            tier.commit({"t": (keys, [b"r%d" % k] * per_round)}, {"pos": str(k).encode()})
+    finally:
+        done.set()
+        thread.join()
+    assert errors == []
+    assert tier.count("t") == rounds * per_round
+
+
+# -- tier specifics ---------------------------------------------------------------------
+
+
+def test_redis_unreachable_names_address() -> None:
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1\b"):
+        RedisTier("redis://127.0.0.1:1/0", connect_timeout=2)
+
+
+@pytest.mark.integration
+def test_redis_recount_matches_counter(clean_redis: str) -> None:
+    tier = RedisTier(clean_redis, buckets=16)
+    try:
+        tier.put_many("t", np.arange(100, dtype=np.uint64), [b"v"] * 100)
+        tier.delete_many("t", np.arange(10, dtype=np.uint64))
+        assert tier.count("t") == 90
+        assert tier.recount("t") == 90
+    finally:
+        tier.close()
+
+
+def test_rocksdb_secondary_of_missing_db_names_path(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match=str(tmp_path / "nothing")):
+        RocksDBTier(tmp_path / "nothing", read_only=True)
+
+
+def test_rocksdb_second_primary_is_unavailable(tmp_path: Path) -> None:
+    first = RocksDBTier(tmp_path / "db")
+    try:
+        with pytest.raises(StoreUnavailable, match="db"):
+            RocksDBTier(tmp_path / "db")
+    finally:
+        first.close()
+
+
+def test_rocksdb_secondary_follows_primary(tmp_path: Path) -> None:
+    primary = RocksDBTier(tmp_path / "db")
+    primary.put_many("t", u64(1), [b"old"])
+    secondary = RocksDBTier(tmp_path / "db", read_only=True, catch_up_interval=0.05)
+    try:
+        assert secondary.get_many("t", u64(1)) == [b"old"]
+        primary.commit({"t": (u64(1, 2), [b"new", b"two"])}, {"pos": b"9"})
+        time.sleep(0.06)  # past the catch-up interval, the next read catches up
+        assert secondary.get_many("t", u64(1, 2)) == [b"new", b"two"]
+        assert secondary.get_blob("pos") == b"9"
+        assert secondary.count("t") == 2
+        with pytest.raises(ReadOnlyStore):
+            secondary.put_many("t", u64(3), [b"x"])
+        with pytest.raises(ReadOnlyStore):
+            secondary.commit({}, {"pos": b"1"})
+    finally:
+        secondary.close()
+        primary.close()
+    primary.close()  # idempotent
+
+
+def test_rocksdb_count_survives_reopen(tmp_path: Path) -> None:
+    db = RocksDBTier(tmp_path / "db")
+    db.put_many("t", u64(1, 2, 3), [b"a", b"b", b"c"])
+    db.delete_many("t", u64(3))
+    db.close()
+    db = RocksDBTier(tmp_path / "db")
+    try:
+        assert db.count("t") == 2
+        db.put_many("t", u64(2, 4), [b"B", b"d"])
+        assert db.count("t") == 3
+    finally:
+        db.close()
+
+
+# -- TieredStore ------------------------------------------------------------------------
+
+TABLES = [
+    TableConfig(name="user", dim=8, optimizer="rowwise_adagrad"),
+    TableConfig(name="item", dim=4, optimizer="adagrad", initial_accumulator=0.1),
+    TableConfig(name="tag", dim=3, optimizer="sgd", learning_rate=0.5),
+]
+
+StoreFactory = Callable[..., TieredStore]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=STORE_KINDS)
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """``make_store(hot_name=..., read_only=..., cold=True)``: a TieredStore over the
+    test's RocksDB path. Stores with another ``hot_name`` get an empty hot tier of the
+    same kind (a fresh MemoryTier, or another Redis prefix); memory stores with the same
+    ``hot_name`` share the MemoryTier."""
+    redis_url = request.getfixturevalue("clean_redis") if request.param == "redis" else None
+    memory_hots: dict[str, MemoryTier] = {}
+    opened: list[TieredStore] = []
+
+    def factory(
+        hot_name: str = "main",
+        *,
+        read_only: bool = False,
+        cold: bool = True,
+        clock: Callable[[], float] | None = None,
+    ) -> TieredStore:
+        hot: RowTier
+        if redis_url is not None:
+            hot = RedisTier(redis_url, prefix=f"test-{hot_name}", buckets=32)
+        else:
+            hot = memory_hots.setdefault(hot_name, MemoryTier())
+        cold_tier = RocksDBTier(tmp_path / "db", read_only=read_only) if cold else None
+        store = TieredStore(TABLES, hot, cold_tier, read_only=read_only, clock=clock or Clock())
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+def test_unknown_keys_read_zeros_and_write_nothing(make_store: StoreFactory) -> None:
+    store = make_store()
+    keys = feature_keys("user", [1, 2, 1])
+    result = store.lookup("user", keys)
+    assert result.rows.shape == (3, 8) and result.rows.dtype == np.float32
+    assert not result.rows.any()
+    assert not result.found.any()
+    stats = store.stats()
+    assert stats["hot_rows.user"] == 0 and stats["cold_rows.user"] == 0
+    assert stats["misses"] == 2 and stats["created_rows"] == 0
+    empty = store.lookup("user", u64())
+    assert empty.rows.shape == (0, 8) and empty.found.shape == (0,)
+
+
+def test_lookup_create_is_deterministic_and_idempotent(make_store: StoreFactory) -> None:
+    store = make_store()
+    keys = feature_keys("user", [10, 11, 10, 12])
+    created = store.lookup("user", keys, create=True)
+    assert created.found.all()
+    assert np.array_equal(created.rows[0], created.rows[2])
+    assert np.abs(created.rows).max() <= TABLES[0].init_scale
+    assert len(np.unique(created.rows, axis=0)) == 3
+    again = store.lookup("user", keys)
+    assert again.found.all() and np.array_equal(again.rows, created.rows)
+    assert store.stats()["hot_rows.user"] == 3
+    assert store.stats()["created_rows"] == 3
+    # Another store (another process) creates the same rows for the same keys.
+    other = make_store("other", cold=False)
+    assert np.array_equal(other.lookup("user", keys, create=True).rows, created.rows)
+
+
+def test_update_changes_only_touched_rows(make_store: StoreFactory) -> None:
+    clock = Clock()
+    store = make_store(clock=clock)
+    keys = feature_keys("item", list(range(10)))
+    before = store.lookup("item", keys, create=True).rows
+    touched = keys[[1, 4, 7]]
+    grads = np.full((3, 4), 0.5, dtype=np.float32)
+    clock.now += 60
+    store.update("item", touched, grads)
+    after = store.lookup("item", keys).rows
+    changed = np.flatnonzero((after != before).any(axis=1))
+    assert changed.tolist() == [1, 4, 7]
+    # AdaGrad: acc = 0.1 + 0.25, w -= 0.05 * 0.5 / (sqrt(acc) + eps)
+    step = np.float32(0.05) * (np.float32(0.5) / (np.sqrt(np.float32(0.35)) + np.float32(1e-8)))
+    np.testing.assert_allclose(after[[1, 4, 7]], before[[1, 4, 7]] - step, rtol=1e-6)
+    codec = RowCodec(TABLES[1])
+    raw = store.hot.get_many("item", keys[[1, 2]])
+    assert raw[0] is not None and raw[1] is not None
+    rows = codec.unpack(keys[[1, 2]], [raw[0], raw[1]])
+    assert rows["count"].tolist() == [1, 0]
+    assert rows["updated_at"].tolist() == [int(clock.now), int(clock.now) - 60]
+    np.testing.assert_allclose(rows["state"][0], 0.35, rtol=1e-6)
+    np.testing.assert_allclose(rows["state"][1], 0.1, rtol=1e-6)
+
+
+def test_update_of_new_keys_creates_rows(make_store: StoreFactory) -> None:
+    store = make_store()
+    keys = feature_keys("tag", ["a", "b"])
+    store.update("tag", keys, np.ones((2, 3), dtype=np.float32))
+    init = RowCodec(TABLES[2]).new_rows(keys, 0)["emb"]
+    np.testing.assert_allclose(store.lookup("tag", keys).rows, init - 0.5, rtol=1e-6)
+
+
+def test_update_argument_checks(make_store: StoreFactory) -> None:
+    store = make_store()
+    with pytest.raises(ValueError, match="unique"):
+        store.update("tag", u64(1, 1), np.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        store.update("tag", u64(1, 2), np.zeros((2, 4), dtype=np.float32))
+    with pytest.raises(KeyError, match="nope"):
+        store.lookup("nope", u64(1))
+    store.update("tag", u64(), np.zeros((0, 3), dtype=np.float32))
+
+
+def test_nan_gradients_are_rejected(make_store: StoreFactory) -> None:
+    store = make_store()
+    keys = feature_keys("user", [1, 2, 3])
+    before = store.lookup("user", keys, create=True).rows
+    grads = np.ones((3, 8), dtype=np.float32)
+    grads[0, 3] = np.nan
+    grads[2, 0] = np.inf
+    store.update("user", keys, grads)
+    after = store.lookup("user", keys).rows
+    assert np.array_equal(after[[0, 2]], before[[0, 2]])
+    assert not np.array_equal(after[1], before[1])
+    assert store.stats()["rejected_gradients"] == 2
+
+
+def test_flush_and_reopen_restore_rows_bit_exact(make_store: StoreFactory) -> None:
+    store = make_store()
+    rng = np.random.default_rng(3)
+    packed: dict[str, list[bytes | None]] = {}
+    all_keys: dict[str, Keys] = {}
+    for cfg in TABLES:
+        keys = feature_keys(cfg.name, list(range(50)))
+        all_keys[cfg.name] = keys
+        store.lookup(cfg.name, keys, create=True)
+        for _ in range(3):
+            touched = np.unique(rng.choice(keys, 20))
+            grads = rng.normal(size=(len(touched), cfg.dim)).astype(np.float32)
+            store.update(cfg.name, touched, grads)
+        packed[cfg.name] = store.hot.get_many(cfg.name, keys)
+    assert store.stats()["dirty_rows"] > 0
+    store.flush({"events-0": 120, "events-1": 7})
+    assert store.stats()["dirty_rows"] == 0
+    assert store.position() == {"events-0": 120, "events-1": 7}
+    store.close()
+
+    reopened = make_store("fresh")
+    assert reopened.position() == {"events-0": 120, "events-1": 7}
+    assert reopened.stats()["hot_rows.user"] == 0
+    for cfg in TABLES:
+        keys = all_keys[cfg.name]
+        assert reopened.cold is not None
+        assert reopened.cold.get_many(cfg.name, keys) == packed[cfg.name]
+        result = reopened.lookup(cfg.name, keys)
+        assert result.found.all()
+        codec = RowCodec(cfg)
+        rows = codec.unpack(keys, [v for v in packed[cfg.name] if v is not None])
+        assert np.array_equal(result.rows.view(np.uint32), rows["emb"].view(np.uint32))
+        # Promoted into the new hot tier unchanged, optimizer state included.
+        assert reopened.hot.get_many(cfg.name, keys) == packed[cfg.name]
+    stats = reopened.stats()
+    assert stats["cold_hits"] == 150 and stats["misses"] == 0
+
+
+def test_flush_is_incremental_and_position_optional(make_store: StoreFactory) -> None:
+    store = make_store()
+    keys = feature_keys("tag", [1, 2])
+    store.lookup("tag", keys, create=True)
+    store.flush({"p": 1})
+    store.update("tag", keys[:1], np.ones((1, 3), dtype=np.float32))
+    store.flush()  # rows only; the recorded position stays
+    assert store.position() == {"p": 1}
+    assert store.cold is not None
+    assert store.cold.get_many("tag", keys[:1]) == store.hot.get_many("tag", keys[:1])
+    store.flush({"p": 2})
+    assert store.position() == {"p": 2}
+
+
+def test_position_without_cold_tier_lives_in_hot(make_store: StoreFactory) -> None:
+    store = make_store(cold=False)
+    assert store.position() is None
+    store.lookup("tag", u64(1), create=True)
+    store.flush({"p": 3})
+    assert store.position() == {"p": 3}
+    assert store.hot.get_blob(POSITION_BLOB) is not None
+    assert store.stats()["dirty_rows"] == 0
+
+
+def test_blobs_go_to_both_tiers(make_store: StoreFactory) -> None:
+    store = make_store()
+    store.put_blob("model/m/latest", b"3")
+    assert store.get_blob("model/m/latest") == b"3"
+    assert store.hot.get_blob("model/m/latest") == b"3"
+    assert store.cold is not None and store.cold.get_blob("model/m/latest") == b"3"
+    store.close()
+    assert make_store("fresh").get_blob("model/m/latest") == b"3"
+
+
+def test_read_only_secondary_sees_rows_after_primary_flushes(make_store: StoreFactory) -> None:
+    primary = make_store()
+    keys = feature_keys("user", ["u1", "u2"])
+    primary.lookup("user", keys, create=True)
+    primary.flush({"p": 1})
+    reader = make_store("reader", read_only=True)
+    assert reader.lookup("user", keys).found.all()
+
+    primary.update("user", keys, np.ones((2, 8), dtype=np.float32))
+    fresh = feature_keys("user", ["u3"])
+    primary.lookup("user", fresh, create=True)
+    primary.flush({"p": 2})
+    expected = primary.lookup("user", np.concatenate([keys, fresh])).rows
+    assert reader.cold is not None and isinstance(reader.cold, RocksDBTier)
+    reader.cold.catch_up()
+    got = reader.lookup("user", np.concatenate([keys, fresh]))
+    assert got.found.all()
+    assert np.array_equal(got.rows, expected)
+    assert reader.position() == {"p": 2}
+    # A read-only store never writes: no promotion into its own hot tier.
+    assert reader.stats()["hot_rows.user"] == 0
+    with pytest.raises(ReadOnlyStore):
+        reader.lookup("user", keys, create=True)
+    with pytest.raises(ReadOnlyStore):
+        reader.update("user", keys, np.ones((2, 8), dtype=np.float32))
+    with pytest.raises(ReadOnlyStore):
+        reader.flush({"p": 3})
+    with pytest.raises(ReadOnlyStore):
+        reader.put_blob("x", b"y")
+
+
+def test_wrong_size_value_names_table_and_key(make_store: StoreFactory) -> None:
+    store = make_store()
+    keys = feature_keys("user", [1, 2])
+    store.lookup("user", keys[:1], create=True)
+    store.hot.put_many("user", keys[1:], [b"\x00" * 12])
+    with pytest.raises(RowFormatError, match=rf"'user'.*key {int(keys[1])}\b"):
+        store.lookup("user", keys)
+
+
+def test_readers_never_see_half_written_rows(make_store: StoreFactory) -> None:
+    """The embedded mode: one trainer thread, reader threads on the same store."""
+    sgd = TableConfig(name="flat", dim=16, optimizer="sgd", learning_rate=1.0, init_scale=0)
+    store = make_store()
+    store = TieredStore([sgd], store.hot, store.cold)  # same tiers, a table of flat rows
+    keys = np.arange(1, 201, dtype=np.uint64)
+    store.lookup("flat", keys, create=True)
+    store.flush()
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            rows = store.lookup("flat", keys).rows
+            # Every update adds 1 to a whole row: a row with unequal entries is torn.
+            if not (rows == rows[:, :1]).all():
+                problems.append("torn row")
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        rng = np.random.default_rng(4)
+        for step in range(60):
+            touched = np.unique(rng.choice(keys, 64))
+            store.update("flat", touched, -np.ones((len(touched), 16), dtype=np.float32))
+            if step % 20 == 0:
+                store.flush({"p": step})
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert problems == []
+    rows = store.lookup("flat", keys).rows
+    assert (rows == rows[:, :1]).all() and rows.max() > 0
+
+
+def test_flush_after_dirty_list_dedupe(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import storage.tiered
+
+    monkeypatch.setattr(storage.tiered, "_DIRTY_COMPACT", 8)
+    store = make_store()
+    keys = np.arange(1, 41, dtype=np.uint64)
+    for start in range(0, 40, 5):
+        batch = keys[start : start + 10]
+        store.update("tag", batch, np.ones((len(batch), 3), dtype=np.float32))
+    assert store.stats()["dirty_rows"] <= 70
+    store.flush({"p": 1})
+    assert store.cold is not None
+    assert store.cold.get_many("tag", keys) == store.hot.get_many("tag", keys)
+    assert store.stats()["cold_rows.tag"] == 40

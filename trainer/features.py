@@ -1,0 +1,119 @@
+"""Turning events or predict instances into model inputs.
+
+The trainer and the service both call these functions, so hashing, pooling and
+the defaults for unknown ids are the same code on both sides (no training/serving
+skew).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from storage.base import EmbeddingStore, Keys
+from storage.keys import feature_keys
+from streaming.spec import FeatureSpec
+
+
+@dataclass(frozen=True)
+class FieldBatch:
+    """The ids of one sparse field for a batch, as bags: example ``i`` owns
+    ``keys[offsets[i]:offsets[i+1]]`` (possibly empty)."""
+
+    keys: Keys
+    offsets: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    fields: dict[str, FieldBatch]
+    dense: npt.NDArray[np.float32]  # (batch, len(spec.dense))
+
+    @property
+    def size(self) -> int:
+        return int(self.dense.shape[0])
+
+
+def encode(
+    features: Sequence[Mapping[str, object]],
+    dense: Sequence[Mapping[str, float]],
+    spec: FeatureSpec,
+) -> EncodedBatch:
+    """Hash validated feature values into store keys, field by field."""
+    fields: dict[str, FieldBatch] = {}
+    size = len(features)
+    for field in spec.sparse:
+        name = field.name
+        raw = [example.get(name) for example in features]
+        if field.kind == "categorical" and None not in raw:
+            # The common case: one id per example, so bag i is simply element i.
+            fields[name] = FieldBatch(
+                feature_keys(name, raw),  # type: ignore[arg-type]
+                np.arange(size, dtype=np.int64),
+            )
+            continue
+        values: list[str | int] = []
+        offsets = np.empty(size, dtype=np.int64)
+        for i, value in enumerate(raw):
+            offsets[i] = len(values)
+            if isinstance(value, list):
+                values.extend(value)
+            elif value is not None:
+                values.append(value)  # type: ignore[arg-type]
+        fields[name] = FieldBatch(feature_keys(name, values), offsets)
+    dense_matrix = np.zeros((len(dense), len(spec.dense)), dtype=np.float32)
+    for j, name in enumerate(spec.dense):
+        dense_matrix[:, j] = [row.get(name, 0.0) for row in dense]
+    return EncodedBatch(fields, dense_matrix)
+
+
+@dataclass
+class GatheredRows:
+    """The unique rows a batch touched, per table, as leaf tensors for autograd."""
+
+    keys: dict[str, Keys]
+    weights: dict[str, torch.Tensor]
+    unknown: int  # lookups that found no row (read as zeros)
+
+
+def gather(
+    store: EmbeddingStore,
+    batch: EncodedBatch,
+    spec: FeatureSpec,
+    *,
+    train: bool,
+) -> tuple[torch.Tensor, GatheredRows]:
+    """Pooled embeddings ``(batch, fields, dim)``.
+
+    In training (``train=True``) new ids get rows and the returned weights track
+    gradients; in serving unknown ids read as zero vectors.
+    """
+    pooled: list[torch.Tensor] = []
+    rows = GatheredRows({}, {}, 0)
+    for field in spec.sparse:
+        fb = batch.fields[field.name]
+        unique, inverse = np.unique(fb.keys, return_inverse=True)
+        result = store.lookup(field.name, unique, create=train)
+        weight = torch.from_numpy(np.ascontiguousarray(result.rows, dtype=np.float32))
+        if train:
+            weight.requires_grad_(True)
+        rows.keys[field.name] = unique
+        rows.weights[field.name] = weight
+        rows.unknown += int((~result.found).sum())
+        if len(unique) == 0:
+            pooled.append(torch.zeros(batch.size, field.dim))
+            continue
+        pooled.append(
+            F.embedding_bag(
+                torch.from_numpy(inverse.astype(np.int64).reshape(-1)),
+                weight,
+                torch.from_numpy(fb.offsets),
+                mode=field.pooling,
+            )
+        )
+    return torch.stack(pooled, dim=1), rows

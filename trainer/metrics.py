@@ -1,0 +1,27 @@
+"""Prometheus metrics of the streaming trainer (default registry)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter("streamrec_trainer_events_total", "Events trained on.")
+BAD_EVENTS = Counter(
+    "streamrec_trainer_bad_events_total",
+    "Events rejected by validation and copied to the dead-letter topic.",
+    ["reason"],
+)
+BATCHES = Counter("streamrec_trainer_batches_total", "Mini-batches trained.")
+STEP_SECONDS = Histogram(
+    "streamrec_trainer_step_seconds",
+    "Time of one training step (lookup, forward, backward, sparse and dense updates).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+EVENTS_PER_SECOND = Gauge("streamrec_trainer_events_per_second", "Recent training rate.")
+PROGRESSIVE_AUC = Gauge(
+    "streamrec_trainer_progressive_auc", "AUC of predictions made before training, since start."
+)
+WINDOW_AUC = Gauge("streamrec_trainer_window_auc", "Progressive AUC over the recent window.")
+WINDOW_LOGLOSS = Gauge("streamrec_trainer_window_logloss", "Progressive logloss, recent window.")
+WINDOW_CALIBRATION = Gauge(
+    "streamrec_trainer_window_calibration", "Mean predicted CTR / observed CTR, recent window."
+)
+MODEL_VERSION = Gauge("streamrec_trainer_published_version", "Last published model version.")
+FLUSHES = Counter("streamrec_trainer_flushes_total", "Store flushes with a recorded position.")

@@ -1,0 +1,261 @@
+"""The streaming trainer: poll the log, validate, train, record the position.
+
+One loop, in order: poll records -> decode and validate (bad ones go to the dead
+letter topic) -> encode -> look up rows -> forward (progressive evaluation uses
+these pre-update predictions) -> backward -> sparse updates to the store and a
+dense Adam step -> periodically flush the store with the position it covers,
+then commit that position to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.base import EmbeddingStore
+from streaming.events import BadEvent, Event, decode_event
+from streaming.log import EventConsumer, EventProducer, Record
+from streaming.spec import FeatureSpec
+from trainer import metrics
+from trainer.evaluation import EvalReport, ProgressiveEvaluator
+from trainer.features import encode, gather
+from trainer.model import DLRM, ModelConfig
+from trainer.versions import latest_version, load_version, publish
+
+log = logging.getLogger(__name__)
+
+
+class TrainerConfig(BaseModel):
+    """How the trainer batches, optimises and checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field("streamrec", description="Name the model is published under.")
+    batch_size: int = Field(1024, ge=1, description="Events per mini-batch.")
+    max_batch_wait_s: float = Field(
+        0.5, gt=0, description="Train a partial batch after waiting this long."
+    )
+    dense_optimizer: Literal["adam", "adamw"] = "adam"
+    dense_learning_rate: float = Field(1e-3, gt=0)
+    flush_every_s: float = Field(
+        5.0, gt=0, description="Flush the store and commit the position this often."
+    )
+    publish_every_s: float = Field(5.0, gt=0, description="Publish a model version this often.")
+    progress_every_s: float = Field(5.0, gt=0, description="Print a progress line this often.")
+    eval_window: int = Field(50_000, ge=100, description="Events in the windowed metrics.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainerReport:
+    events: int
+    bad_events: int
+    evaluation: EvalReport
+    version: int | None
+
+
+class StreamingTrainer:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        store: EmbeddingStore,
+        consumer: EventConsumer,
+        config: TrainerConfig,
+        *,
+        dead_letters: EventProducer | None = None,
+        dead_letter_topic: str = "streamrec-dead-letters",
+        total_events: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.store = store
+        self.consumer = consumer
+        self.config = config
+        self.dead_letters = dead_letters
+        self.dead_letter_topic = dead_letter_topic
+        self.total_events = total_events
+        torch.manual_seed(config.seed)
+        self.model = DLRM(spec, config.model)
+        self._resume_dense()
+        optimizer = torch.optim.AdamW if config.dense_optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(self.model.parameters(), lr=config.dense_learning_rate)
+        self.evaluator = ProgressiveEvaluator(config.eval_window)
+        self.position: dict[str, int] = dict(store.position() or {})
+        self.bad_events = 0
+        self.version: int | None = latest_version(store, config.model_name)
+
+    def _resume_dense(self) -> None:
+        """Continue from the newest published dense weights when the spec matches."""
+        version = latest_version(self.store, self.config.model_name)
+        if version is None:
+            return
+        meta, model = load_version(self.store, self.config.model_name, version)
+        if meta.spec != self.spec or meta.model != self.config.model:
+            log.warning(
+                "published version %d has another feature spec or architecture; "
+                "starting dense weights afresh",
+                version,
+            )
+            return
+        self.model.load_state_dict(model.state_dict())
+        log.info("resumed dense weights from version %d (%d events)", version, meta.events_trained)
+
+    # -- one step -------------------------------------------------------------------------
+    def train_step(self, events: list[Event]) -> np.ndarray:
+        """Train on one batch; returns the predictions made before the update."""
+        started = time.perf_counter()
+        batch = encode([e.features for e in events], [e.dense for e in events], self.spec)
+        labels = torch.tensor([e.label for e in events], dtype=torch.float32)
+        self.model.train()
+        sparse, rows = gather(self.store, batch, self.spec, train=True)
+        logits = self.model(torch.from_numpy(batch.dense), sparse)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.optimizer.step()
+        for table, weight in rows.weights.items():
+            if weight.grad is not None and len(rows.keys[table]):
+                self.store.update(table, rows.keys[table], weight.grad.numpy())
+        preds = torch.sigmoid(logits.detach()).numpy()
+        self.evaluator.add(labels.numpy(), preds)
+        metrics.EVENTS.inc(len(events))
+        metrics.BATCHES.inc()
+        metrics.STEP_SECONDS.observe(time.perf_counter() - started)
+        return preds
+
+    # -- the loop -------------------------------------------------------------------------
+    def _decode(self, records: list[Record]) -> list[Event]:
+        events: list[Event] = []
+        for record in records:
+            try:
+                events.append(decode_event(record.value, self.spec))
+            except BadEvent as bad:
+                self.bad_events += 1
+                metrics.BAD_EVENTS.labels(reason=bad.reason).inc()
+                log.debug("bad event at %s@%d: %s", record.slot, record.offset, bad)
+                if self.dead_letters is not None:
+                    self.dead_letters.send(
+                        self.dead_letter_topic,
+                        record.value,
+                        headers={"reason": bad.reason, "detail": bad.detail[:500]},
+                    )
+            self.position[record.slot] = record.offset + 1
+        return events
+
+    def checkpoint(self) -> None:
+        """Make the position durable with the rows it covers, then acknowledge it."""
+        if self.dead_letters is not None:
+            # A bad event is acknowledged only once its dead-letter copy is stored.
+            self.dead_letters.flush()
+        self.store.flush(self.position)
+        self.consumer.commit(self.position)
+        metrics.FLUSHES.inc()
+
+    def publish(self) -> None:
+        meta = publish(
+            self.store,
+            self.model,
+            name=self.config.model_name,
+            spec=self.spec,
+            config=self.config.model,
+            events_trained=self.evaluator.events,
+            position=dict(self.position),
+        )
+        self.version = meta.version
+        metrics.MODEL_VERSION.set(meta.version)
+
+    def run(self, stop: threading.Event, max_events: int | None = None) -> TrainerReport:
+        """Train until ``stop`` is set or ``max_events`` events were trained on, then
+        flush, publish and return. Never raises on bad input."""
+        cfg = self.config
+        pending: list[Event] = []
+        batch_started = time.monotonic()
+        now = time.monotonic()
+        next_flush, next_publish = now + cfg.flush_every_s, now + cfg.publish_every_s
+        progress = _Progress(cfg.progress_every_s, self.total_events)
+        trained = 0
+        while not stop.is_set() and (max_events is None or trained < max_events):
+            want = cfg.batch_size - len(pending)
+            if max_events is not None:
+                want = min(want, max_events - trained - len(pending))
+            records = self.consumer.poll(max(want, 1), timeout_s=0.1)
+            if records:
+                if not pending:
+                    batch_started = time.monotonic()
+                pending.extend(self._decode(records))
+            full = len(pending) >= cfg.batch_size or (
+                max_events is not None and trained + len(pending) >= max_events
+            )
+            waited = time.monotonic() - batch_started > cfg.max_batch_wait_s
+            if pending and (full or waited):
+                self.train_step(pending)
+                trained += len(pending)
+                pending = []
+            now = time.monotonic()
+            if now >= next_flush:
+                self.checkpoint()
+                next_flush = now + cfg.flush_every_s
+            if now >= next_publish and self.evaluator.events:
+                self.publish()
+                next_publish = now + cfg.publish_every_s
+            progress.maybe_log(self, now)
+        if pending:
+            self.train_step(pending)
+        self.checkpoint()
+        if self.evaluator.events:
+            self.publish()
+        progress.maybe_log(self, time.monotonic(), force=True)
+        return TrainerReport(
+            events=self.evaluator.events,
+            bad_events=self.bad_events,
+            evaluation=self.evaluator.report(),
+            version=self.version,
+        )
+
+
+class _Progress:
+    """A periodic progress line with the rate, ETA (finite streams) and online metrics."""
+
+    def __init__(self, every_s: float, total: int | None) -> None:
+        self._every = every_s
+        self._total = total
+        self._last_time = time.monotonic()
+        self._last_events = 0
+
+    def maybe_log(self, trainer: StreamingTrainer, now: float, force: bool = False) -> None:
+        if not force and now - self._last_time < self._every:
+            return
+        report = trainer.evaluator.report()
+        rate = (report.events - self._last_events) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_events = now, report.events
+        metrics.EVENTS_PER_SECOND.set(rate)
+        for gauge, value in (
+            (metrics.PROGRESSIVE_AUC, report.auc),
+            (metrics.WINDOW_AUC, report.window_auc),
+            (metrics.WINDOW_LOGLOSS, report.window_logloss),
+            (metrics.WINDOW_CALIBRATION, report.window_calibration),
+        ):
+            gauge.set(value)
+        eta = ""
+        if self._total and rate > 0:
+            eta = f" eta={max(self._total - report.events, 0) / rate:.0f}s"
+        log.info(
+            "events=%d rate=%.0f/s auc=%.4f window_auc=%.4f logloss=%.4f calibration=%.3f "
+            "bad=%d version=%s%s",
+            report.events,
+            rate,
+            report.auc,
+            report.window_auc,
+            report.window_logloss,
+            report.window_calibration,
+            trainer.bad_events,
+            trainer.version,
+            eta,
+        )
