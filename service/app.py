@@ -95,9 +95,10 @@ def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def refresher() -> None:
             while True:
-                await asyncio.to_thread(refresh_quietly)
                 await asyncio.sleep(config.refresh_every_s)
+                await asyncio.to_thread(refresh_quietly)
 
+        await asyncio.to_thread(refresh_quietly)  # serve the latest version from the start
         task = asyncio.create_task(refresher())
         yield
         task.cancel()

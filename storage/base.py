@@ -99,6 +99,10 @@ class RowTier(ABC):
     def get_blob(self, name: str) -> bytes | None:
         """Read a named blob, or None."""
 
+    @abstractmethod
+    def delete_blob(self, name: str) -> None:
+        """Remove a named blob; a missing one is ignored."""
+
     def commit(
         self,
         rows: Mapping[str, tuple[Keys, list[bytes]]],
@@ -152,6 +156,10 @@ class EmbeddingStore(ABC):
     @abstractmethod
     def get_blob(self, name: str) -> bytes | None:
         """Read a named blob, or None."""
+
+    @abstractmethod
+    def delete_blob(self, name: str) -> None:
+        """Remove a named blob everywhere; a missing one is ignored."""
 
     @abstractmethod
     def stats(self) -> dict[str, int]:

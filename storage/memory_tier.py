@@ -73,3 +73,6 @@ class MemoryTier(RowTier):
 
     def get_blob(self, name: str) -> bytes | None:
         return self._blobs.get(name)
+
+    def delete_blob(self, name: str) -> None:
+        self._blobs.pop(name, None)

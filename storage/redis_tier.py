@@ -241,6 +241,9 @@ class RedisTier(RowTier):
     def put_blob(self, name: str, data: bytes) -> None:
         self._execute([(b"SET", self._blob_key(name), bytes(data))])
 
+    def delete_blob(self, name: str) -> None:
+        self._execute([(b"DEL", self._blob_key(name))])
+
     def get_blob(self, name: str) -> bytes | None:
         (reply,) = self._execute([(b"GET", self._blob_key(name))])
         return bytes(reply) if reply is not None else None

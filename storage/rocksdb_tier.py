@@ -209,6 +209,11 @@ class RocksDBTier(RowTier):
         with self._lock:
             self._db.put(b"b" + name.encode(), bytes(data))
 
+    def delete_blob(self, name: str) -> None:
+        self._check_writable()
+        with self._lock:
+            self._db.delete(b"b" + name.encode())
+
     def get_blob(self, name: str) -> bytes | None:
         self._maybe_catch_up()
         value: bytes | None = self._db.get(b"b" + name.encode())

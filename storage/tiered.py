@@ -306,6 +306,13 @@ class TieredStore(EmbeddingStore):
             if self.cold is not None:
                 self.cold.put_blob(name, data)
 
+    def delete_blob(self, name: str) -> None:
+        self._check_writable("delete_blob")
+        with self._lock:
+            self.hot.delete_blob(name)
+            if self.cold is not None:
+                self.cold.delete_blob(name)
+
     def get_blob(self, name: str) -> bytes | None:
         data = self.hot.get_blob(name)
         if data is None and self.cold is not None:

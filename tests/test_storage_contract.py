@@ -126,6 +126,9 @@ def test_blobs(tier: RowTier) -> None:
     assert tier.get_blob("empty") == b""
     assert tier.get_blob("big") == big
     assert tier.count("model/x/latest") == 0  # blobs are not rows
+    tier.delete_blob("big")
+    tier.delete_blob("never-written")
+    assert tier.get_blob("big") is None and tier.get_blob("empty") == b""
 
 
 def test_large_batch(tier: RowTier) -> None:
@@ -463,7 +466,11 @@ def test_blobs_go_to_both_tiers(make_store: StoreFactory) -> None:
     assert store.hot.get_blob("model/m/latest") == b"3"
     assert store.cold is not None and store.cold.get_blob("model/m/latest") == b"3"
     store.close()
-    assert make_store("fresh").get_blob("model/m/latest") == b"3"
+    reopened = make_store("fresh")
+    assert reopened.get_blob("model/m/latest") == b"3"
+    reopened.delete_blob("model/m/latest")
+    assert reopened.get_blob("model/m/latest") is None
+    assert reopened.cold is not None and reopened.cold.get_blob("model/m/latest") is None
 
 
 def test_read_only_secondary_sees_rows_after_primary_flushes(make_store: StoreFactory) -> None:

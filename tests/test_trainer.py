@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 
 from storage.memory_tier import MemoryTier
 from storage.rocksdb_tier import RocksDBTier
@@ -13,8 +14,9 @@ from streaming.log import InMemoryLog, JsonlFileProducer
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import Settings
 from streamrec.wiring import table_configs
+from trainer.model import DLRM, ModelConfig
 from trainer.trainer import StreamingTrainer, TrainerConfig
-from trainer.versions import latest_version, load_version
+from trainer.versions import latest_version, load_version, publish
 
 TOPIC = "events"
 
@@ -94,3 +96,24 @@ def test_restart_resumes_rows_dense_weights_and_position(tmp_path: Path) -> None
     report = second.run(threading.Event(), max_events=2_000)
     assert report.events == 2_000
     assert reopened.position() == {f"{TOPIC}:0": 4_000}
+
+
+def test_publish_keeps_only_the_last_versions() -> None:
+    source = small_source(10)
+    store = TieredStore(table_configs(source.spec, Settings()), MemoryTier())
+    model = DLRM(source.spec)
+    for _ in range(5):
+        meta = publish(
+            store,
+            model,
+            name="m",
+            spec=source.spec,
+            config=ModelConfig(),
+            events_trained=0,
+            position={},
+            keep=2,
+        )
+    assert meta.version == 5 and latest_version(store, "m") == 5
+    assert load_version(store, "m", 4)[0].version == 4
+    with pytest.raises(KeyError, match="no version 3"):
+        load_version(store, "m", 3)

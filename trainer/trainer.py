@@ -48,6 +48,7 @@ class TrainerConfig(BaseModel):
         5.0, gt=0, description="Flush the store and commit the position this often."
     )
     publish_every_s: float = Field(5.0, gt=0, description="Publish a model version this often.")
+    keep_versions: int = Field(10, ge=1, description="Published versions kept in the store.")
     progress_every_s: float = Field(5.0, gt=0, description="Print a progress line this often.")
     eval_window: int = Field(50_000, ge=100, description="Events in the windowed metrics.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -167,6 +168,7 @@ class StreamingTrainer:
             config=self.config.model,
             events_trained=self.evaluator.events,
             position=dict(self.position),
+            keep=self.config.keep_versions,
         )
         self.version = meta.version
         metrics.MODEL_VERSION.set(meta.version)

@@ -46,9 +46,12 @@ def publish(
     config: ModelConfig,
     events_trained: int,
     position: dict[str, int],
+    keep: int = 10,
 ) -> VersionMeta:
-    """Write a new version; the ``latest`` pointer moves last, so a reader never
-    sees a version whose weights are not there yet."""
+    """Write a new version and drop the one ``keep`` versions older.
+
+    The ``latest`` pointer moves last, so a reader never sees a version whose
+    weights are not there yet."""
     version = (latest_version(store, name) or 0) + 1
     meta = VersionMeta(
         name=name,
@@ -62,6 +65,9 @@ def publish(
     store.put_blob(_key(name, version, "dense"), dump_state(model))
     store.put_blob(_key(name, version, "meta"), meta.model_dump_json().encode())
     store.put_blob(f"model/{name}/latest", str(version).encode())
+    if version > keep:
+        for part in ("meta", "dense"):
+            store.delete_blob(_key(name, version - keep, part))
     return meta
 
 
