@@ -25,11 +25,35 @@ Keys = npt.NDArray[np.uint64]
 Floats = npt.NDArray[np.float32]
 Mask = npt.NDArray[np.bool_]
 
-SparseOptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad"]
+SparseOptimizerName = Literal[
+    "sgd", "adagrad", "rowwise_adagrad", "lazy_adam", "partial_rowwise_adam", "ftrl"
+]
+
+
+class AdmissionConfig(BaseModel):
+    """When a new id of a table gets a row (Kraken-style feature admission).
+
+    Until then it reads as the zero vector in training and serving alike, its
+    gradient is dropped (and counted), and it does not grow the store.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["always", "count_min", "probabilistic"] = Field(
+        "always",
+        description="always: every id; count_min: once seen `threshold` times (count-min "
+        "sketch); probabilistic: each sighting admits with `probability`.",
+    )
+    threshold: int = Field(2, ge=1, description="count_min: sightings before admission.")
+    probability: float = Field(
+        0.25, gt=0, le=1, description="probabilistic: chance that one sighting admits the id."
+    )
+    sketch_width: int = Field(1 << 20, ge=64, description="count_min: counters per row.")
+    sketch_depth: int = Field(4, ge=1, le=16, description="count_min: hash rows.")
 
 
 class TableConfig(BaseModel):
-    """One embedding table: its dimension and the sparse optimizer of its rows."""
+    """One embedding table: dimension, sparse optimizer, admission and expiry."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -39,8 +63,20 @@ class TableConfig(BaseModel):
     learning_rate: float = Field(0.05, gt=0)
     initial_accumulator: float = Field(0.0, ge=0, description="AdaGrad accumulator start value.")
     eps: float = Field(1e-8, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam variants: first-moment decay.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam variants: second-moment decay.")
+    ftrl_l1: float = Field(0.0, ge=0, description="FTRL-proximal: L1 strength.")
+    ftrl_l2: float = Field(0.0, ge=0, description="FTRL-proximal: L2 strength.")
+    ftrl_beta: float = Field(1.0, ge=0, description="FTRL-proximal: learning-rate smoothing.")
     init_scale: float = Field(
         0.01, ge=0, description="New rows start uniform in [-init_scale, init_scale]."
+    )
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    ttl_s: float | None = Field(
+        None, gt=0, description="Rows expire this long after their last update (None: never)."
+    )
+    min_l2_norm: float | None = Field(
+        None, gt=0, description="Rows whose embedding norm falls below this expire."
     )
 
 
@@ -63,7 +99,9 @@ class ReadOnlyStore(StoreError):
 @dataclass(frozen=True)
 class LookupResult:
     """``rows[i]`` is the embedding of ``keys[i]``; ``found[i]`` is False where the key
-    has no row (its embedding reads as the zero vector)."""
+    has no row, so its embedding reads as the zero vector. In a training lookup
+    (``create=True``) those are exactly the keys the admission policy has not
+    admitted (yet)."""
 
     rows: Floats
     found: Mask
@@ -140,6 +178,14 @@ class EmbeddingStore(ABC):
     @abstractmethod
     def update(self, table: str, keys: Keys, grads: Floats) -> None:
         """Apply the table's sparse optimizer to ``keys`` (unique) with ``grads`` (n, dim)."""
+
+    @abstractmethod
+    def admit(self, table: str, keys: Keys) -> None:
+        """Give ``keys`` rows now, whatever the admission policy says."""
+
+    @abstractmethod
+    def evict(self, table: str, keys: Keys) -> int:
+        """Remove ``keys`` from every tier (reason ``manual``); returns how many existed."""
 
     @abstractmethod
     def flush(self, position: Mapping[str, int] | None = None) -> None:
