@@ -259,6 +259,28 @@ class TieredStore(EmbeddingStore):
             self._count(rejected_gradients=rejected)
         metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
 
+    def admit(self, table: str, keys: Keys) -> None:
+        self._check_writable("admit")
+        codec = self._codec(table)
+        unique = np.unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
+        with self._lock:
+            self._fetch(codec, unique, create=True, record=False)
+
+    def evict(self, table: str, keys: Keys) -> int:
+        self._check_writable("evict")
+        self._codec(table)
+        unique = np.unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
+        with self._lock:
+            present = np.fromiter(
+                (v is not None for v in self.hot.get_many(table, unique)), np.bool_, len(unique)
+            )
+            self.hot.delete_many(table, unique)
+            if self.cold is not None:
+                in_cold = self.cold.get_many(table, unique)
+                present |= np.fromiter((v is not None for v in in_cold), np.bool_, len(unique))
+                self.cold.delete_many(table, unique)
+        return int(present.sum())
+
     def flush(self, position: Mapping[str, int] | None = None) -> None:
         self._check_writable("flush")
         blob = None
