@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.base import SparseOptimizerName
-
-
-class TableOverride(BaseModel):
-    """Per-table optimizer settings; unset fields fall back to the store defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    optimizer: SparseOptimizerName | None = None
-    learning_rate: float | None = Field(None, gt=0)
+from storage.base import AdmissionConfig, SparseOptimizerName
 
 
 class StoreConfig(BaseModel):
-    """Where sparse rows live: a hot tier (memory or Redis) over RocksDB on disk."""
+    """Where sparse rows live, and the defaults of every table.
+
+    A hot tier (memory or Redis) over RocksDB on disk. Table settings default to
+    the fields below; ``tables.<field>`` overrides any ``TableConfig`` field for one
+    table, e.g. ``[store.tables.user] optimizer = "ftrl"``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,8 +30,18 @@ class StoreConfig(BaseModel):
         "rowwise_adagrad", description="Default sparse optimizer of every table."
     )
     learning_rate: float = Field(0.05, gt=0, description="Default sparse learning rate.")
-    tables: dict[str, TableOverride] = Field(
-        default_factory=dict, description="Per-table overrides, by sparse feature name."
+    admission: AdmissionConfig = Field(
+        default_factory=AdmissionConfig, description="Default admission policy of every table."
+    )
+    ttl_s: float | None = Field(
+        None, gt=0, description="Default: rows expire this long after their last update."
+    )
+    min_l2_norm: float | None = Field(
+        None, gt=0, description="Default: rows whose embedding norm falls below this expire."
+    )
+    tables: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-table overrides of any TableConfig field, by sparse feature name.",
     )
 
     @property

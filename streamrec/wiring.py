@@ -29,22 +29,24 @@ log = logging.getLogger(__name__)
 
 
 def table_configs(spec: FeatureSpec, settings: Settings) -> list[TableConfig]:
-    """One table per sparse field, with the store defaults and per-table overrides."""
-    unknown = sorted(set(settings.store.tables) - set(spec.sparse_names))
+    """One table per sparse field: the store defaults, then per-table overrides."""
+    cfg = settings.store
+    unknown = sorted(set(cfg.tables) - set(spec.sparse_names))
     if unknown:
         raise ValueError(f"store.tables names fields the feature spec lacks: {unknown}")
-    tables = []
-    for field in spec.sparse:
-        override = settings.store.tables.get(field.name)
-        tables.append(
-            TableConfig(
-                name=field.name,
-                dim=field.dim,
-                optimizer=(override and override.optimizer) or settings.store.optimizer,
-                learning_rate=(override and override.learning_rate) or settings.store.learning_rate,
-            )
+    defaults = {
+        "optimizer": cfg.optimizer,
+        "learning_rate": cfg.learning_rate,
+        "admission": cfg.admission,
+        "ttl_s": cfg.ttl_s,
+        "min_l2_norm": cfg.min_l2_norm,
+    }
+    return [
+        TableConfig.model_validate(
+            {**defaults, **cfg.tables.get(field.name, {}), "name": field.name, "dim": field.dim}
         )
-    return tables
+        for field in spec.sparse
+    ]
 
 
 def build_store(settings: Settings, spec: FeatureSpec, *, read_only: bool = False) -> TieredStore:

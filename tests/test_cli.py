@@ -79,3 +79,33 @@ def test_embedded_run_trains_serves_and_stops_cleanly_on_sigterm(tmp_path: Path)
     assert time.monotonic() - started < 15
     assert "rate=" in output and "window_auc=" in output
     assert (tmp_path / "data" / "rocksdb").is_dir()
+
+
+def test_table_settings_default_then_override(tmp_path: Path) -> None:
+    from streaming.sources.synthetic import SyntheticConfig
+    from streamrec.wiring import table_configs
+
+    config = tmp_path / "s.toml"
+    config.write_text(
+        "[store]\noptimizer = 'adagrad'\nttl_s = 3600\n"
+        "[store.admission]\npolicy = 'count_min'\nthreshold = 3\n"
+        "[store.tables.c2]\noptimizer = 'ftrl'\nftrl_l1 = 0.5\n"
+        "[store.tables.c2.admission]\npolicy = 'always'\n"
+    )
+    spec = SyntheticConfig(num_sparse=2, num_dense=1, interaction_pairs=[(1, 2)]).feature_spec()
+    c1, c2 = table_configs(spec, load_settings(config))
+    assert (c1.optimizer, c1.ttl_s, c1.admission.policy, c1.admission.threshold) == (
+        "adagrad",
+        3600,
+        "count_min",
+        3,
+    )
+    assert (c2.optimizer, c2.ftrl_l1, c2.admission.policy, c2.ttl_s) == (
+        "ftrl",
+        0.5,
+        "always",
+        3600,
+    )
+    config.write_text("[store.tables.c1]\nlearning_rat = 1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        table_configs(spec, load_settings(config))
