@@ -5,10 +5,10 @@ from __future__ import annotations
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from test_service import trained_store
 
 from service.app import create_app
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
-from test_service import trained_store
 
 SOURCE = SyntheticSource(
     SyntheticConfig(num_sparse=3, num_dense=2, universe=200, interaction_pairs=[(1, 2)]), 3_000
