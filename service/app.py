@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -55,7 +54,6 @@ class ModelHolder:
     def __init__(self, store: EmbeddingStore, name: str) -> None:
         self._store = store
         self.name = name
-        self._lock = threading.Lock()
         self.current: tuple[VersionMeta, DLRM] | None = None
 
     def refresh(self) -> bool:
@@ -64,10 +62,10 @@ class ModelHolder:
         current = self.current
         if version is None or (current is not None and current[0].version == version):
             return False
-        with self._lock:
-            loaded = load_version(self._store, self.name, version)
-            self.current = loaded
+        loaded = load_version(self._store, self.name, version)
+        self.current = loaded
         metrics.MODEL_VERSION.set(version)
+        metrics.PUBLISH_LAG.observe(max(time.time() - loaded[0].created_at, 0.0))
         log.info("serving %s version %d", self.name, version)
         return True
 

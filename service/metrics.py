@@ -16,3 +16,8 @@ UNKNOWN_IDS = Counter(
 )
 MODEL_VERSION = Gauge("streamrec_service_model_version", "Model version being served.")
 MODEL_AGE = Gauge("streamrec_service_model_age_seconds", "Age of the served model version.")
+PUBLISH_LAG = Histogram(
+    "streamrec_service_publish_to_visible_seconds",
+    "From a version's publish by the trainer to this service serving it.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
