@@ -9,6 +9,9 @@ then commit that position to the log.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import threading
 import time
@@ -84,16 +87,56 @@ class StreamingTrainer:
         self.total_events = total_events
         torch.manual_seed(config.seed)
         self.model = DLRM(spec, config.model)
-        self._resume_dense()
         optimizer = torch.optim.AdamW if config.dense_optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer(self.model.parameters(), lr=config.dense_learning_rate)
         self.evaluator = ProgressiveEvaluator(config.eval_window)
         self.position: dict[str, int] = dict(store.position() or {})
+        self._checkpoint_blob: str | None = None
+        if not self._resume_checkpoint():
+            self._resume_published()
         self.bad_events = 0
         self.version: int | None = latest_version(store, config.model_name)
 
-    def _resume_dense(self) -> None:
-        """Continue from the newest published dense weights when the spec matches."""
+    # -- checkpoints ----------------------------------------------------------------------
+    def _checkpoint_name(self, position: dict[str, int]) -> str:
+        # Named by the position it belongs to: written before the store records that
+        # position, so whichever position a crash leaves recorded has its own blob.
+        digest = hashlib.sha1(json.dumps(position, sort_keys=True).encode()).hexdigest()[:16]
+        return f"trainer/{self.config.model_name}/checkpoint/{digest}"
+
+    def _resume_checkpoint(self) -> bool:
+        """Restore dense weights and optimizer state exactly as of the recorded position."""
+        name = self._checkpoint_name(self.position)
+        raw = self.store.get_blob(name)
+        if raw is None:
+            return False
+        state = torch.load(io.BytesIO(raw), weights_only=True)
+        if state["spec"] != self.spec.model_dump_json() or state["arch"] != (
+            self.config.model.model_dump_json()
+        ):
+            log.warning("checkpoint %s has another feature spec or architecture; ignored", name)
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._checkpoint_blob = name
+        log.info("resumed from checkpoint at position %s", self.position)
+        return True
+
+    def _dense_checkpoint(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "spec": self.spec.model_dump_json(),
+                "arch": self.config.model.model_dump_json(),
+            },
+            buffer,
+        )
+        return buffer.getvalue()
+
+    def _resume_published(self) -> None:
+        """Without a checkpoint, start from the newest published dense weights."""
         version = latest_version(self.store, self.config.model_name)
         if version is None:
             return
@@ -151,12 +194,24 @@ class StreamingTrainer:
         return events
 
     def checkpoint(self) -> None:
-        """Make the position durable with the rows it covers, then acknowledge it."""
+        """Make the position durable with the rows and dense state it covers, then
+        acknowledge it to the log.
+
+        Order matters for exactly-once: the dense checkpoint blob (named after the
+        position) is stored first, then the store records the position atomically
+        with the rows, and only then the log's offsets are committed.
+        """
         if self.dead_letters is not None:
             # A bad event is acknowledged only once its dead-letter copy is stored.
             self.dead_letters.flush()
-        self.store.flush(self.position)
-        self.consumer.commit(self.position)
+        position = dict(self.position)
+        name = self._checkpoint_name(position)
+        self.store.put_blob(name, self._dense_checkpoint())
+        self.store.flush(position)
+        if self._checkpoint_blob not in (None, name):
+            self.store.delete_blob(self._checkpoint_blob)
+        self._checkpoint_blob = name
+        self.consumer.commit(position)
         metrics.FLUSHES.inc()
 
     def publish(self) -> None:
