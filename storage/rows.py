@@ -7,7 +7,9 @@ field                 type                        meaning
 ====================  ==========================  =========================================
 ``emb``               float32[dim]                the embedding
 ``state``             float32[state_dim]          optimizer state (sgd 0, adagrad dim,
-                                                  rowwise_adagrad 1)
+                                                  rowwise_adagrad 1, lazy_adam 2*dim+1,
+                                                  partial_rowwise_adam dim+2, ftrl 2*dim;
+                                                  layouts in ``storage.optim``)
 ``updated_at``        uint32                      epoch seconds of creation / last update
 ``count``             uint32                      number of applied updates
 ====================  ==========================  =========================================
@@ -18,7 +20,8 @@ are one ``tobytes`` / ``frombuffer`` for the whole batch.
 A new row's embedding is a pure function of its key (the SplitMix64 stream seeded by the
 key, mapped to uniform ``[-init_scale, init_scale)``), so any process creates the same
 row for the same key without RNG state. Its optimizer state starts at
-``initial_accumulator``.
+``storage.optim.initial_state``: ``initial_accumulator`` for the AdaGrads, 0 for the
+Adam variants and FTRL.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy.typing as npt
 
 from storage.base import Floats, Keys, RowFormatError, TableConfig
 from storage.keys import splitmix64
-from storage.optim import state_dim
+from storage.optim import initial_state, state_dim
 
 Rows = npt.NDArray[np.void]
 """A batch of rows: a 1-d record array of ``RowCodec.dtype``."""
@@ -72,7 +75,7 @@ class RowCodec:
             # The top 24 bits are an exact float in [0, 1).
             u = (bits >> np.uint64(40)).astype(np.float64) * (1.0 / (1 << 24))
             rows["emb"] = ((2.0 * u - 1.0) * self.cfg.init_scale).astype(np.float32)
-        rows["state"] = np.float32(self.cfg.initial_accumulator)
+        rows["state"] = np.float32(initial_state(self.cfg))
         rows["updated_at"] = np.uint32(now)
         rows["count"] = 0
         return rows
