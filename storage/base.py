@@ -13,7 +13,7 @@ vocabulary and no fixed table size.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -130,6 +130,16 @@ class RowTier(ABC):
         """Number of rows this tier holds for ``table``."""
 
     @abstractmethod
+    def scan(self, table: str, batch: int = 4096) -> Iterator[tuple[Keys, list[bytes]]]:
+        """Every row of ``table`` as chunks of (keys, values), about ``batch`` rows each.
+
+        For expiry and start-up bookkeeping, not the hot path. Rows present for the whole
+        scan are returned at least once (a key may repeat, e.g. across a Redis rehash);
+        rows written or deleted meanwhile may or may not be. Writing or deleting rows
+        between chunks is allowed.
+        """
+
+    @abstractmethod
     def put_blob(self, name: str, data: bytes) -> None:
         """Store a named blob (model versions, positions)."""
 
@@ -186,6 +196,11 @@ class EmbeddingStore(ABC):
     @abstractmethod
     def evict(self, table: str, keys: Keys) -> int:
         """Remove ``keys`` from every tier (reason ``manual``); returns how many existed."""
+
+    @abstractmethod
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        """Remove rows past their table's ``ttl_s`` or below its ``min_l2_norm``;
+        returns how many went, by reason."""
 
     @abstractmethod
     def flush(self, position: Mapping[str, int] | None = None) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.base import AdmissionConfig, SparseOptimizerName
+from storage.eviction import EvictionConfig
 
 
 class StoreConfig(BaseModel):
@@ -25,6 +26,13 @@ class StoreConfig(BaseModel):
     )
     redis_url: str = "redis://127.0.0.1:16379/0"
     redis_prefix: str = Field("sr", description="Key prefix, so several stores share one Redis.")
+    expected_rows_per_table: int | None = Field(
+        None,
+        ge=1,
+        description="Sizes the Redis layout (about 64 rows per hash). Default: the hot "
+        "capacity shared evenly between tables, else 65,536 hashes per table. Fixed by "
+        "the first writer of a table.",
+    )
     data_dir: Path = Field(Path("streamrec-data"), description="RocksDB and local state.")
     optimizer: SparseOptimizerName = Field(
         "rowwise_adagrad", description="Default sparse optimizer of every table."
@@ -38,6 +46,11 @@ class StoreConfig(BaseModel):
     )
     min_l2_norm: float | None = Field(
         None, gt=0, description="Default: rows whose embedding norm falls below this expire."
+    )
+    eviction: EvictionConfig | None = Field(
+        None,
+        description="Hot-tier capacity (max_rows and/or max_bytes) and policy; "
+        "None: the hot tier holds every row.",
     )
     tables: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

@@ -9,7 +9,9 @@ of a concurrent write batch and not others.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+
+import numpy as np
 
 from storage.base import Keys, RowTier
 
@@ -67,6 +69,24 @@ class MemoryTier(RowTier):
 
     def count(self, table: str) -> int:
         return len(self._tables.get(table, ()))
+
+    def scan(self, table: str, batch: int = 4096) -> Iterator[tuple[Keys, list[bytes]]]:
+        """Chunks of a snapshot of the table's keys (so writes between chunks are safe);
+        a key deleted after the snapshot is skipped."""
+        rows = self._tables.get(table)
+        if rows is None:
+            return
+        with self._lock:
+            snapshot = list(rows)
+        step = max(1, batch)
+        for i in range(0, len(snapshot), step):
+            part = snapshot[i : i + step]
+            got = list(map(rows.get, part))
+            values = [v for v in got if v is not None]
+            if len(values) < len(part):  # deleted since the snapshot
+                part = [k for k, v in zip(part, got, strict=True) if v is not None]
+            if part:
+                yield np.array(part, dtype=np.uint64), values
 
     def put_blob(self, name: str, data: bytes) -> None:
         self._blobs[name] = bytes(data)

@@ -1,13 +1,18 @@
 """Prometheus metrics of the embedding store (default registry, process-wide).
 
-Labels are low-cardinality: ``tier`` in {hot, cold}, ``result`` in {hit, miss},
-``table`` from the configured tables, ``op`` in {lookup, update, flush}.
-Lookup hits and misses count distinct keys of a batch, per tier consulted.
+Labels are low-cardinality: ``tier`` in {hot, cold, spill}, ``table`` from the
+configured tables, ``result`` in {hit, miss} (lookups) or {admitted, rejected, forced}
+(admissions), ``reason`` in ``EVICTION_REASONS``, ``op`` in ``OPS``.
+Lookup hits and misses count distinct keys of a batch, per tier consulted. Row and byte
+gauges are set at ``flush`` and ``stats`` time, not per lookup.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+EVICTION_REASONS = ("capacity", "ttl", "l2_norm", "manual")
+OPS = ("lookup", "update", "admit", "flush", "expire", "evict", "demote")
 
 LOOKUPS = Counter(
     "streamrec_store_lookups",
@@ -29,6 +34,40 @@ FLUSH_SECONDS = Histogram(
     "Time to write dirty rows and the stream position to the cold tier.",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+ADMISSIONS = Counter(
+    "streamrec_store_admissions",
+    "Distinct ids without a row in a training call, by the admission policy's answer "
+    "(admitted, rejected), or given a row by admit() (forced).",
+    ["table", "result"],
+)
+DROPPED_GRADIENTS = Counter(
+    "streamrec_store_dropped_gradients",
+    "Row updates dropped because the key has no row (not admitted, or removed).",
+    ["table"],
+)
+EVICTIONS = Counter(
+    "streamrec_store_evictions",
+    "Rows evicted, by reason: capacity (out of the hot tier: demoted to the cold tier, or "
+    "deleted without one); ttl, l2_norm, manual (out of every tier).",
+    ["table", "reason"],
+)
+PROMOTIONS = Counter(
+    "streamrec_store_promotions",
+    "Rows copied from the cold tier into the hot tier by a lookup or update.",
+    ["table"],
+)
+DEMOTIONS = Counter(
+    "streamrec_store_demotions",
+    "Rows moved out of the hot tier into the cold tier for capacity (dirty ones written "
+    "back whole, optimizer state and metadata included).",
+    ["table"],
+)
+ROWS = Gauge("streamrec_store_rows", "Rows per tier and table.", ["tier", "table"])
+BYTES = Gauge(
+    "streamrec_store_bytes",
+    "Packed row bytes per tier and table (rows x row size; backend overhead excluded).",
+    ["tier", "table"],
+)
 OP_SECONDS = Histogram(
     "streamrec_store_op_seconds",
     "Time of one store call, by operation.",
@@ -43,3 +82,8 @@ COLD_MISS = LOOKUPS.labels(tier="cold", result="miss")
 LOOKUP_SECONDS = OP_SECONDS.labels(op="lookup")
 UPDATE_SECONDS = OP_SECONDS.labels(op="update")
 FLUSH_OP_SECONDS = OP_SECONDS.labels(op="flush")
+ADMIT_SECONDS = OP_SECONDS.labels(op="admit")
+EXPIRE_SECONDS = OP_SECONDS.labels(op="expire")
+EVICT_SECONDS = OP_SECONDS.labels(op="evict")
+DEMOTE_SECONDS = OP_SECONDS.labels(op="demote")
+"""One capacity eviction pass (choosing victims and moving them)."""

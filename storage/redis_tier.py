@@ -2,10 +2,20 @@
 
 Key layout (``prefix`` defaults to ``sr``):
 
-* rows: hash ``{prefix}:{<table>:<bucket hex>}`` (e.g. ``sr:{user:1f3a}``), field = the
-  8-byte little-endian key, value = the packed row. ``bucket = key % buckets``.
-  The braces are a Redis Cluster hash tag: a bucket is one key, so tagging table and
-  bucket spreads the buckets of a table over all slots.
+* rows of a table with ``B`` buckets: hash ``{prefix}:{<table>:<B>:<bucket hex>}``
+  (e.g. ``sr:{user:65536:1f3a}``; the bucket is zero-padded to the hex width of
+  ``B - 1``), ``bucket = key % B``, field = ``key // B`` little-endian in
+  ``field_bytes(B)`` bytes (the bucket already holds the rest of the key: 7 bytes for
+  256 <= B < 65536, 6 bytes up to 2**24), value = the packed row. The braces are a Redis
+  Cluster hash tag: a bucket is one key, so tagging table and bucket spreads the
+  buckets of a table over all slots. ``B`` is in the name, so two layouts of one table
+  can never read each other's fields as rows.
+* layout of a table: string ``{prefix}:layout:<table>`` = ``buckets=<B>``. The first
+  writer of a table sets it (``SET NX``) from its own hint; every later reader and writer
+  uses the stored one, whatever its own hint says. Every write re-asserts it (so a
+  ``FLUSHDB`` does not leave readers without it) and raises ``StoreError`` if another
+  writer stored a different one meanwhile. A reader that finds none reads the table as
+  empty.
 * row count of a table: string ``{prefix}:rows:<table>`` (an integer), kept by adding
   the replies of HSET/HDEL (new / removed fields), so ``count`` is one GET. It can drift
   only if a writer dies between a batch and its counter update, or a batch is resent
@@ -13,26 +23,51 @@ Key layout (``prefix`` defaults to ``sr``):
   for stale pooled connections); ``recount`` rebuilds it.
 * blobs: string ``{prefix}:blob:<name>``.
 
-Small per-bucket hashes let Redis keep them listpack-encoded (compact, no per-key
-overhead) while a hash has at most ``hash-max-listpack-entries`` fields (default 128/512)
-whose values are all at most ``hash-max-listpack-value`` bytes. That default is 64 bytes,
-smaller than most rows (dim 16 with row-wise AdaGrad is 76 bytes), so the server should
-run with e.g. ``hash-max-listpack-value 1024``; pick ``buckets`` around expected rows
-per table / 100. Both only affect memory, never results.
+Memory. A Redis key costs ~90 bytes of its own (dict entry, object, name, allocator
+rounding), so one key per row roughly doubles a 76-byte row. Here rows sit about
+``rows_per_bucket`` (default 64) to a hash, ``B = ceil(expected_rows / rows_per_bucket)``
+per table, from the ``expected_rows`` hint (one number for all tables or one per table;
+default ``DEFAULT_EXPECTED_ROWS``: 65536 buckets, like the old fixed layout); ``buckets``
+fixes ``B`` for every table instead. Hints only matter for tables this client creates.
+While a hash is *listpack* encoded a row costs its value plus ~12 bytes (the field,
+entry headers) plus its share of the hash (~1.5 bytes at 64 rows), and jemalloc rounds
+each listpack up to its next size class (+~9% on average). Measured (``bench/store.py``,
+Redis 7.0, 1M rows, dim 16): 97.7 bytes per 76-byte row-wise AdaGrad row and 236 per
+204-byte lazy Adam row, against 168 for one key per row. Larger buckets save little
+memory (~1 byte a row at 128) and cost speed: a field lookup scans its listpack.
 
-Batches are sent as raw pipelines (one packed write per ~``chunk`` commands, then the
-replies read back) on one pooled connection: redis-py's ``Pipeline`` costs ~3x more
-client CPU per command. ``commit`` wraps its commands in MULTI/EXEC, so it is atomic on a
-single Redis server. Cluster mode is not supported yet (the key layout is ready for it).
+**The server must keep the hashes listpack encoded**: Redis converts a hash to its
+hashtable encoding (~2x the memory per row; results unchanged, and it never converts
+back) once it has more than ``hash-max-listpack-entries`` fields or one value longer
+than ``hash-max-listpack-value`` bytes. The defaults, 128 and 64, are too small (a dim-16
+row-wise AdaGrad row is 76 bytes), so run it with ``hash-max-listpack-entries 512`` and
+``hash-max-listpack-value 1024`` (``deploy/local`` does; raise the value limit for rows
+over 1024 bytes, e.g. lazy Adam at dim 64 is 780 bytes, at dim 128 1548). At 64 rows
+per bucket on average a table can grow to ~6x its hint before buckets pass 512 fields.
+Check with ``OBJECT ENCODING <bucket>`` (``listpack``; ``ziplist`` before Redis 7).
+Settings and hints only affect memory and speed, never results.
+
+Wire: every batch is one pipeline on one pooled connection. The RESP bytes of all its
+commands (an HMGET/HSET/HDEL per bucket touched) are built with numpy in one go, with no
+Python loop per key (``_build``), and sent in chunks of ``chunk`` commands; the replies
+of each chunk are parsed by hiredis straight off the socket while Redis works on the
+next one (redis-py's per-reply machinery costs ~2 us a reply). ``commit`` wraps its
+commands in MULTI/EXEC, so it is atomic on a single Redis server. Cluster mode is not
+supported yet (the key layout is ready for it). The connection must speak RESP2
+(redis-py's default: no ``protocol=3`` in the URL).
 
 Any connection failure raises ``StoreUnavailable`` naming the server's address.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import chain, pairwise
 from typing import Any, cast
 
 import hiredis
@@ -45,18 +80,29 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.base import Keys, RowTier, StoreError, StoreUnavailable
 
-_Command = tuple[bytes, ...]
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+DEFAULT_EXPECTED_ROWS = 1 << 22
+"""Rows per table assumed without a hint: 65536 buckets at 64 rows per bucket."""
 
+_Command = tuple[bytes, ...]
+_Chunk = tuple[bytes | memoryview, int]  # RESP bytes to send in one go, commands in them
+_U8 = npt.NDArray[np.uint8]
+_I64 = npt.NDArray[np.int64]
+_Void = npt.NDArray[np.void]
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_U64_MAX = (1 << 64) - 1
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_RECV_BYTES = 1 << 18
+_FEED_BYTES = 1 << 14
+_MORE = object()  # what hiredis' gets() returns until a whole reply is buffered
 
 # hiredis' stub types pack_command's argument as a 1-tuple; it takes any arity.
 _hiredis_pack = cast(Callable[[_Command], bytes], hiredis.pack_command)
 
 
-def _pack(commands: Sequence[_Command]) -> list[bytes]:
-    """The RESP bytes of ``commands`` as one buffer (one send per chunk). Packed with
-    hiredis directly: redis-py's packer re-checks every argument, ours are all bytes."""
-    return [b"".join(map(_hiredis_pack, commands))]
+def _pack(commands: Sequence[_Command]) -> bytes:
+    """The RESP bytes of ``commands`` (hiredis directly: redis-py's packer re-checks
+    every argument, ours are all bytes)."""
+    return b"".join(map(_hiredis_pack, commands))
 
 
 def _address(pool: redis.ConnectionPool) -> str:
@@ -66,25 +112,227 @@ def _address(pool: redis.ConnectionPool) -> str:
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
+def field_bytes(buckets: int) -> int:
+    """Bytes of a field (``key // buckets``, little-endian) with ``buckets`` buckets."""
+    return max(1, ((_U64_MAX // buckets).bit_length() + 7) // 8)
+
+
+@lru_cache(maxsize=4)
+def _hex_table(digits: int) -> _Void:
+    """Zero-padded lowercase hex of 0 .. 16**digits - 1, one ``V<digits>`` item each."""
+    x = np.arange(16**digits, dtype=np.uint32)
+    shifts = np.arange(4 * (digits - 1), -1, -4, dtype=np.uint32)
+    table = np.ascontiguousarray(_HEX[(x[:, None] >> shifts) & np.uint32(15)])
+    return table.view(f"V{digits}").ravel()
+
+
+def _hex(values: npt.NDArray[np.uint64], digits: int) -> _Void:
+    """Zero-padded hex of each value (< 16**digits, digits <= 8) as ``V<digits>`` items."""
+    if digits <= 4:
+        return _hex_table(digits)[values]
+    out = np.empty(len(values), dtype=[("hi", f"V{digits - 4}"), ("lo", "V4")])
+    out["hi"] = _hex_table(digits - 4)[values >> np.uint64(16)]
+    out["lo"] = _hex_table(4)[values & np.uint64(0xFFFF)]
+    return out.view(f"V{digits}")
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """Where the rows of one table live (see the module docstring)."""
+
+    table: str
+    buckets: int
+    field_bytes: int
+    name_head: bytes
+    hex_digits: int
+
+    @classmethod
+    def of(cls, prefix: str, table: str, buckets: int) -> BucketLayout:
+        if not 1 <= buckets <= 1 << 32:
+            raise ValueError(f"table {table!r}: buckets must be in [1, 2**32], got {buckets}")
+        return cls(
+            table=table,
+            buckets=buckets,
+            field_bytes=field_bytes(buckets),
+            name_head=f"{prefix}:{{{table}:{buckets}:".encode(),
+            hex_digits=max(1, len(f"{buckets - 1:x}")),
+        )
+
+    @property
+    def tag(self) -> bytes:
+        """The value of the table's layout key."""
+        return b"buckets=%d" % self.buckets
+
+    def bucket_name(self, bucket: int) -> bytes:
+        return self.name_head + f"{bucket:0{self.hex_digits}x}}}".encode()
+
+    def fields(self, keys: Keys) -> _U8:
+        """The fields of ``keys`` as rows of a (n, field_bytes) byte matrix."""
+        q = keys // np.uint64(self.buckets) if self.buckets > 1 else keys
+        raw = np.ascontiguousarray(q, dtype="<u8").view(np.uint8).reshape(-1, 8)
+        return np.ascontiguousarray(raw[:, : self.field_bytes])
+
+    def keys_of(self, bucket: int, fields: Sequence[bytes]) -> Keys:
+        """The keys whose fields in ``bucket`` are ``fields`` (the inverse of the above)."""
+        raw = np.zeros((len(fields), 8), dtype=np.uint8)
+        if fields:
+            raw[:, : self.field_bytes] = np.frombuffer(b"".join(fields), np.uint8).reshape(
+                len(fields), self.field_bytes
+            )
+        q = raw.view("<u8").reshape(-1).astype(np.uint64)
+        keys: Keys = q * np.uint64(self.buckets) + np.uint64(bucket)
+        return keys
+
+
+@lru_cache(maxsize=64)
+def _void(data: bytes) -> np.void:
+    return np.void(data)
+
+
+@lru_cache(maxsize=64)
+def _items_dtype(field_size: int, value_size: int) -> np.dtype[np.void]:
+    """One key's arguments: ``$w\\r\\n<field>\\r\\n`` [+ ``$V\\r\\n<value>\\r\\n``]."""
+    spec = [("fh", f"V{len(b'$%d' % field_size) + 2}"), ("f", f"V{field_size}")]
+    if value_size:
+        spec += [("mid", f"V{len(b'$%d' % value_size) + 4}"), ("v", f"V{value_size}")]
+    return np.dtype([*spec, ("end", "V2")])
+
+
+@lru_cache(maxsize=256)
+def _part_dtype(head: int, hex_digits: int, item_size: int, items: int) -> np.dtype[np.void]:
+    """One command: head (through the bucket name's prefix), hex bucket, ``}\\r\\n``,
+    ``items`` keys' arguments."""
+    return np.dtype(
+        [
+            ("head", f"V{head}"),
+            ("hex", f"V{hex_digits}"),
+            ("tail", "V3"),
+            ("items", f"V{item_size}", (items,)),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The RESP bytes of the commands for a batch of keys, one or more per bucket.
+
+    ``parts`` are byte matrices, one command per row, to send in order; ``positions``
+    are the batch positions of the keys in the order the commands name them (so the
+    concatenated HMGET replies are the values of ``keys[positions]``).
+    """
+
+    parts: list[_U8]
+    commands: int
+    positions: npt.NDArray[np.intp]
+
+
+def _build(command: bytes, layout: BucketLayout, keys: Keys, values: _U8 | None) -> _Batch:
+    """``command <bucket> <field> [<value>] ...`` for every bucket that ``keys`` touch.
+
+    Vectorised (no Python loop per key or bucket): keys are sorted by bucket (stable), and
+    a bucket with ``c`` keys gets one command per set bit of ``c`` (24 keys: one with 16,
+    one with 8), so the commands of one size class all have one shape and are built as
+    one record array. Classes go out largest first, which keeps each bucket's keys in
+    batch order (the last write of a repeated key wins, as in a single HSET).
+    """
+    n = len(keys)
+    bucket = keys % np.uint64(layout.buckets)
+    # Both sorts are stable; 16-bit ids get numpy's radix sort.
+    order = np.argsort(
+        bucket.astype(np.uint16 if layout.buckets <= 1 << 16 else np.uint32), kind="stable"
+    )
+    sorted_buckets = bucket[order]
+    first_of_bucket = np.empty(n, dtype=np.bool_)
+    first_of_bucket[0] = True
+    np.not_equal(sorted_buckets[1:], sorted_buckets[:-1], out=first_of_bucket[1:])
+    starts = np.flatnonzero(first_of_bucket)
+    counts = np.diff(starts, append=n)
+    hexes = _hex(sorted_buckets[starts], layout.hex_digits)
+
+    # Each key's arguments as one opaque record: "$w\r\n<field>\r\n[$V\r\n<value>\r\n]".
+    w = layout.field_bytes
+    value_size = 0 if values is None else values.shape[1]
+    items = np.empty(n, dtype=_items_dtype(w, value_size))
+    items["fh"] = _void(b"$%d\r\n" % w)
+    items["f"] = layout.fields(keys[order]).view(f"V{w}").ravel()
+    if values is not None:
+        items["mid"] = _void(b"\r\n$%d\r\n" % value_size)
+        items["v"] = np.ascontiguousarray(values).view(f"V{value_size}").ravel()[order]
+    items["end"] = _void(b"\r\n")
+    flat = items.view(f"V{items.dtype.itemsize}")
+
+    args = 1 if values is None else 2
+    name_len = len(layout.name_head) + layout.hex_digits + 1
+    parts: list[_U8] = []
+    positions: list[npt.NDArray[np.intp]] = []
+    top = int(counts.max())
+    for bit in range(top.bit_length() - 1, -1, -1):
+        size = 1 << bit
+        if top == 1:  # every bucket has one key (big tables): no selection
+            hex_sel, first = hexes, starts
+        else:
+            sel = np.flatnonzero(counts & size)
+            if len(sel) == 0:
+                continue
+            # This piece's keys follow those of the bucket's larger pieces.
+            hex_sel = hexes[sel]
+            first = starts[sel] + ((counts[sel] >> (bit + 1)) << (bit + 1))
+        idx = first[:, None] + np.arange(size)
+        head = b"*%d\r\n$%d\r\n%s\r\n$%d\r\n" % (
+            2 + args * size,
+            len(command),
+            command,
+            name_len,
+        )
+        head += layout.name_head
+        part = np.empty(
+            len(first), dtype=_part_dtype(len(head), layout.hex_digits, flat.dtype.itemsize, size)
+        )
+        part["head"] = _void(head)
+        part["hex"] = hex_sel
+        part["tail"] = _void(b"}\r\n")
+        part["items"] = flat[idx]
+        parts.append(part.view(np.uint8).reshape(len(first), -1))
+        positions.append(order[idx].ravel())
+    return _Batch(parts, sum(len(p) for p in parts), np.concatenate(positions))
+
+
 class RedisTier(RowTier):
-    """Rows in bucketed Redis hashes (see the module docstring for the key layout)."""
+    """Rows in bucketed Redis hashes (see the module docstring for the key layout).
+
+    ``buckets`` fixes the bucket count of every table this client creates; otherwise it
+    is ``ceil(expected_rows / rows_per_bucket)`` per table, ``expected_rows`` being one
+    number for every table or a mapping by table name (missing tables, and ``None``:
+    ``DEFAULT_EXPECTED_ROWS``). ``chunk`` is the number of commands per socket send.
+    """
 
     def __init__(
         self,
         url: str,
         prefix: str = "sr",
-        buckets: int = 1 << 16,
+        buckets: int | None = None,
         *,
+        rows_per_bucket: int = 64,
+        expected_rows: int | Mapping[str, int] | None = None,
         chunk: int = 1000,
         socket_timeout: float = 10.0,
         connect_timeout: float = 5.0,
     ) -> None:
-        if buckets < 1:
-            raise ValueError(f"buckets must be >= 1, got {buckets}")
+        if buckets is not None and not 1 <= buckets <= 1 << 32:
+            raise ValueError(f"buckets must be in [1, 2**32], got {buckets}")
+        if buckets is not None and expected_rows is not None:
+            raise ValueError("pass buckets or expected_rows, not both")
+        if rows_per_bucket < 1:
+            raise ValueError(f"rows_per_bucket must be >= 1, got {rows_per_bucket}")
+        hints = expected_rows.values() if isinstance(expected_rows, Mapping) else [expected_rows]
+        if any(n is not None and n < 0 for n in hints):
+            raise ValueError(f"expected_rows must be >= 0, got {expected_rows}")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.prefix = prefix
         self.buckets = buckets
+        self.rows_per_bucket = rows_per_bucket
+        self.expected_rows = expected_rows
         self.chunk = chunk
         self._client = redis.Redis.from_url(
             url,
@@ -94,8 +342,8 @@ class RedisTier(RowTier):
         )
         self._pool = self._client.connection_pool
         self.address = _address(self._pool)
-        self._names: dict[str, dict[int, bytes]] = {}
-        self._names_lock = threading.Lock()
+        self._layouts: dict[str, BucketLayout] = {}
+        self._layouts_lock = threading.Lock()
         try:
             self._execute([(b"PING",)])  # fail fast, naming the address
         except BaseException:
@@ -104,45 +352,68 @@ class RedisTier(RowTier):
 
     # -- key layout ---------------------------------------------------------------------
 
-    def _bucket_names(self, table: str) -> dict[int, bytes]:
-        names = self._names.get(table)
-        if names is None:
-            with self._names_lock:
-                names = self._names.setdefault(table, {})
-        return names
-
-    def _bucket_name(self, names: dict[int, bytes], table: str, bucket: int) -> bytes:
-        name = names.get(bucket)
-        if name is None:
-            name = names[bucket] = f"{self.prefix}:{{{table}:{bucket:x}}}".encode()
-        return name
-
     def _count_key(self, table: str) -> bytes:
         return f"{self.prefix}:rows:{table}".encode()
 
     def _blob_key(self, name: str) -> bytes:
         return f"{self.prefix}:blob:{name}".encode()
 
-    def _grouped(
-        self, table: str, keys: Keys
-    ) -> tuple[npt.NDArray[np.intp], list[bytes], list[tuple[bytes, int, int]]]:
-        """Keys sorted by bucket (stable): the order, the 8-byte fields in that order and
-        one (bucket name, start, end) per bucket."""
-        order = np.argsort(keys % np.uint64(self.buckets), kind="stable")
-        sorted_keys = keys[order]
-        buckets = sorted_keys % np.uint64(self.buckets)
-        n = len(keys)
-        bounds = np.flatnonzero(buckets[1:] != buckets[:-1]) + 1
-        starts = [0, *bounds.tolist()]
-        ends = [*bounds.tolist(), n]
-        raw = sorted_keys.astype("<u8").tobytes()
-        fields = [raw[i : i + 8] for i in range(0, 8 * n, 8)]
-        names = self._bucket_names(table)
-        groups = [
-            (self._bucket_name(names, table, b), s, e)
-            for b, s, e in zip(buckets[starts].tolist(), starts, ends, strict=True)
-        ]
-        return order, fields, groups
+    def _layout_key(self, table: str) -> bytes:
+        return f"{self.prefix}:layout:{table}".encode()
+
+    def planned_buckets(self, table: str) -> int:
+        """The bucket count this client gives ``table`` if it is the first to write it."""
+        if self.buckets is not None:
+            return self.buckets
+        hint = self.expected_rows
+        rows = hint.get(table) if isinstance(hint, Mapping) else hint
+        if rows is None:
+            rows = DEFAULT_EXPECTED_ROWS
+        return min(max(1, math.ceil(rows / self.rows_per_bucket)), 1 << 32)
+
+    def _parse_layout(self, table: str, raw: object) -> BucketLayout:
+        try:
+            assert isinstance(raw, bytes)
+            key, _, value = raw.partition(b"=")
+            assert key == b"buckets"
+            return BucketLayout.of(self.prefix, table, int(value))
+        except (AssertionError, ValueError) as e:
+            raise StoreError(
+                f"Redis at {self.address}: bad layout {raw!r} at {self._layout_key(table)!r}"
+            ) from e
+
+    def layout(self, table: str, *, create: bool = False) -> BucketLayout | None:
+        """The table's layout as stored in Redis (cached once known). Without one: None,
+        or with ``create`` this client's plan, stored unless another writer won the race.
+        """
+        layout = self._layouts.get(table)
+        if layout is not None:
+            return layout
+        key = self._layout_key(table)
+        if create:
+            plan = BucketLayout.of(self.prefix, table, self.planned_buckets(table))
+            _, raw = self._execute([(b"SET", key, plan.tag, b"NX"), (b"GET", key)])
+        else:
+            (raw,) = self._execute([(b"GET", key)])
+            if raw is None:
+                return None
+        layout = self._parse_layout(table, raw)
+        with self._layouts_lock:
+            return self._layouts.setdefault(table, layout)
+
+    def _assert_layout(self, layout: BucketLayout) -> list[_Command]:
+        """Commands that re-store the layout if it is gone (their 2 replies: see
+        ``_check_layout``)."""
+        key = self._layout_key(layout.table)
+        return [(b"SET", key, layout.tag, b"NX"), (b"GET", key)]
+
+    def _check_layout(self, layout: BucketLayout, stored: object) -> None:
+        if stored != layout.tag:
+            raise StoreError(
+                f"Redis at {self.address}: table {layout.table!r} is stored with layout "
+                f"{stored!r} but this client wrote {layout.tag!r} (another writer re-created "
+                "the table with other buckets?); the rows just written are unreachable"
+            )
 
     # -- wire ---------------------------------------------------------------------------
 
@@ -162,31 +433,96 @@ class RedisTier(RowTier):
         finally:
             self._pool.release(conn)
 
-    def _execute_once(self, commands: Sequence[_Command]) -> list[Any]:
-        replies: list[Any] = []
+    def _roundtrip_once(self, chunks: Sequence[_Chunk]) -> list[Any]:
+        out: list[Any] = []
         with self._connection() as conn:
-            for i in range(0, len(commands), self.chunk):
-                part = commands[i : i + self.chunk]
-                conn.send_packed_command(_pack(part), check_health=i == 0)
-                replies.extend(conn.read_response() for _ in part)
-        return replies
+            if conn._sock is None:
+                conn.connect()
+            sock = conn._sock
+            reader = hiredis.Reader(notEnoughData=_MORE)
+            sent = 0
+            for data, commands in chunks:
+                sock.sendall(data)
+                # Parse the previous chunk's replies while Redis works on this one: both
+                # sides busy, and Redis never buffers more than ~2 chunks of replies.
+                self._read(sock, reader, out, sent)
+                sent += commands
+            self._read(sock, reader, out, sent)
+        return out
 
-    def _execute(self, commands: Sequence[_Command], *, retry: bool = True) -> list[Any]:
-        """Send ``commands`` pipelined on one connection; their replies, in order."""
-        if not commands:
+    @staticmethod
+    def _read(sock: Any, reader: hiredis.Reader, out: list[Any], replies: int) -> None:
+        """Read replies off ``sock`` into ``out`` until it holds ``replies``."""
+        while len(out) < replies:
+            data = sock.recv(_RECV_BYTES)
+            if not data:
+                raise RedisConnectionError("connection closed by server")
+            # Small feeds: hiredis moves its unread buffer down every ~1 KiB parsed.
+            for at in range(0, len(data), _FEED_BYTES):
+                reader.feed(data, at, min(_FEED_BYTES, len(data) - at))
+                out.extend(iter(reader.gets, _MORE))
+
+    def _roundtrip(self, chunks: Sequence[_Chunk], *, retry: bool = True) -> list[Any]:
+        """Send ``chunks`` (RESP bytes, number of commands) pipelined on one connection;
+        the replies in order (error replies as ``hiredis.ReplyError`` objects)."""
+        if not chunks:
             return []
         try:
             try:
-                return self._execute_once(commands)
+                return self._roundtrip_once(chunks)
             except _UNREACHABLE:
                 if not retry:
                     raise
                 # A pooled connection may have gone stale (server restart, idle timeout).
-                return self._execute_once(commands)
+                return self._roundtrip_once(chunks)
         except _UNREACHABLE as e:
             raise StoreUnavailable(f"Redis at {self.address} is unreachable: {e}") from e
-        except RedisError as e:
+        except (RedisError, hiredis.HiredisError) as e:
             raise StoreError(f"Redis at {self.address}: {e}") from e
+
+    def _raise_errors(self, replies: Sequence[Any]) -> None:
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise StoreError(f"Redis at {self.address}: {reply}")
+
+    def _execute(self, commands: Sequence[_Command], *, retry: bool = True) -> list[Any]:
+        """Send ``commands`` pipelined on one connection; their replies, in order."""
+        replies = self._roundtrip(self._packed(commands), retry=retry)
+        self._raise_errors(replies)
+        return replies
+
+    def _packed(self, commands: Sequence[_Command]) -> list[_Chunk]:
+        """``commands`` packed in chunks of ``chunk``."""
+        return [
+            (_pack(commands[i : i + self.chunk]), len(commands[i : i + self.chunk]))
+            for i in range(0, len(commands), self.chunk)
+        ]
+
+    def _chunks(self, batch: _Batch) -> list[_Chunk]:
+        """The commands of ``batch`` as one buffer, cut into sends of ``chunk`` commands
+        (one send per part would cost a syscall each)."""
+        buf = np.concatenate([part.ravel() for part in batch.parts])
+        cuts = [0]
+        offset = done = 0
+        for part in batch.parts:
+            rows, width = part.shape
+            # Cut after every chunk-th command that falls in this part.
+            first = -done % self.chunk or self.chunk
+            cuts += range(offset + first * width, offset + rows * width + 1, self.chunk * width)
+            offset += rows * width
+            done += rows
+        if cuts[-1] != len(buf):
+            cuts.append(len(buf))
+        view = buf.data.cast("B")
+        sizes = [self.chunk] * (len(cuts) - 2) + [batch.commands - self.chunk * (len(cuts) - 2)]
+        return [(view[a:b], n) for (a, b), n in zip(pairwise(cuts), sizes, strict=True)]
+
+    def _sum_replies(self, replies: Sequence[Any]) -> int:
+        try:
+            return int(sum(replies))
+        except TypeError:  # an error reply among the integers
+            self._raise_errors(replies)
+            raise
 
     # -- RowTier ------------------------------------------------------------------------
 
@@ -194,33 +530,64 @@ class RedisTier(RowTier):
         n = len(keys)
         if n == 0:
             return []
-        order, fields, groups = self._grouped(table, keys)
-        replies = self._execute([(b"HMGET", name, *fields[s:e]) for name, s, e in groups])
-        flat: list[bytes | None] = [v for reply in replies for v in reply]
+        layout = self.layout(table)
+        if layout is None:
+            return [None] * n  # nobody ever wrote the table
+        batch = _build(b"HMGET", layout, np.asarray(keys, dtype=np.uint64), None)
+        replies = self._roundtrip(self._chunks(batch))
+        try:
+            flat: list[bytes | None] = list(chain.from_iterable(replies))
+        except TypeError:  # an error reply is not a list
+            self._raise_errors(replies)
+            raise
         inverse = np.empty(n, dtype=np.intp)
-        inverse[order] = np.arange(n)
+        inverse[batch.positions] = np.arange(n)
         return list(map(flat.__getitem__, inverse.tolist()))
 
-    def _put_commands(self, table: str, keys: Keys, values: list[bytes]) -> list[_Command]:
+    def _put_chunks(self, layout: BucketLayout, keys: Keys, values: list[bytes]) -> list[_Chunk]:
+        """The HSETs of a batch, packed."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        n = len(keys)
+        size = len(values[0])
+        joined = b"".join(values)
+        # No value longer than the first and n of them in all: all of one (nonzero) size.
+        if size and len(joined) == n * size and max(map(len, values)) == size:
+            rows = np.frombuffer(joined, dtype=np.uint8).reshape(n, size)
+            return self._chunks(_build(b"HSET", layout, keys, rows))
+        # Values of several sizes (not rows of one table): the generic packer.
+        order = np.argsort(keys % np.uint64(layout.buckets), kind="stable")
+        buckets = (keys[order] % np.uint64(layout.buckets)).tolist()
+        raw = layout.fields(keys[order]).tobytes()
+        w = layout.field_bytes
+        commands: list[_Command] = []
+        for i, bucket in zip(order.tolist(), buckets, strict=True):
+            field = raw[len(commands) * w : (len(commands) + 1) * w]
+            commands.append((b"HSET", layout.bucket_name(bucket), field, values[i]))
+        return self._packed(commands)
+
+    def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
         if len(keys) != len(values):
             raise ValueError(f"table {table!r}: {len(keys)} keys but {len(values)} values")
         if len(keys) == 0:
-            return []
-        order, fields, groups = self._grouped(table, keys)
-        ordered = list(map(values.__getitem__, order.tolist()))
-        pairs = [x for pair in zip(fields, ordered, strict=True) for x in pair]
-        return [(b"HSET", name, *pairs[2 * s : 2 * e]) for name, s, e in groups]
-
-    def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
-        added = sum(self._execute(self._put_commands(table, keys, values)))
+            return
+        layout = self.layout(table, create=True)
+        assert layout is not None
+        chunks = self._put_chunks(layout, keys, values)
+        replies = self._roundtrip([*self._packed(self._assert_layout(layout)), *chunks])
+        self._raise_errors(replies[:2])
+        added = self._sum_replies(replies[2:])
         if added:
             self._execute([(b"INCRBY", self._count_key(table), str(added).encode())])
+        self._check_layout(layout, replies[1])
 
     def delete_many(self, table: str, keys: Keys) -> None:
         if len(keys) == 0:
             return
-        _, fields, groups = self._grouped(table, keys)
-        removed = sum(self._execute([(b"HDEL", name, *fields[s:e]) for name, s, e in groups]))
+        layout = self.layout(table)
+        if layout is None:
+            return
+        batch = _build(b"HDEL", layout, np.asarray(keys, dtype=np.uint64), None)
+        removed = self._sum_replies(self._roundtrip(self._chunks(batch)))
         if removed:
             self._execute([(b"DECRBY", self._count_key(table), str(removed).encode())])
 
@@ -230,11 +597,11 @@ class RedisTier(RowTier):
 
     def recount(self, table: str) -> int:
         """Rebuild the row counter of ``table`` from HLEN of every bucket (O(buckets))."""
-        names = self._bucket_names(table)
-        lens = self._execute(
-            [(b"HLEN", self._bucket_name(names, table, b)) for b in range(self.buckets)]
-        )
-        total = int(sum(lens))
+        layout = self.layout(table)
+        total = 0
+        if layout is not None:
+            lens = self._execute([(b"HLEN", layout.bucket_name(b)) for b in range(layout.buckets)])
+            total = int(sum(lens))
         self._execute([(b"SET", self._count_key(table), str(total).encode())])
         return total
 
@@ -254,28 +621,75 @@ class RedisTier(RowTier):
         blobs: Mapping[str, bytes],
     ) -> None:
         """Rows and blobs in one MULTI/EXEC (atomic on one server); counters after."""
-        per_table: dict[str, int] = {}
-        body: list[_Command] = []
         for table, (keys, values) in rows.items():
-            commands = self._put_commands(table, keys, values)
-            per_table[table] = len(commands)
-            body.extend(commands)
-        body.extend((b"SET", self._blob_key(name), bytes(data)) for name, data in blobs.items())
-        if not body:
+            if len(keys) != len(values):
+                raise ValueError(f"table {table!r}: {len(keys)} keys but {len(values)} values")
+        # (layout, HSET count) per table; the body is layout asserts, HSETs, blob SETs.
+        parts: list[tuple[BucketLayout, int]] = []
+        chunks: list[_Chunk] = []
+        for table, (keys, values) in rows.items():
+            if len(keys) == 0:
+                continue
+            layout = self.layout(table, create=True)
+            assert layout is not None
+            table_chunks = self._put_chunks(layout, keys, values)
+            chunks += [*self._packed(self._assert_layout(layout)), *table_chunks]
+            parts.append((layout, sum(n for _, n in table_chunks)))
+        sets = [(b"SET", self._blob_key(name), bytes(data)) for name, data in blobs.items()]
+        chunks += self._packed(sets)
+        if not chunks:
             return
+        chunks = [*self._packed([(b"MULTI",)]), *chunks, *self._packed([(b"EXEC",)])]
         # Not retried: a half-read EXEC reply would double-count rows on a retry.
-        replies = self._execute([(b"MULTI",), *body, (b"EXEC",)], retry=False)
+        replies = self._roundtrip(chunks, retry=False)
         results = replies[-1]
         if not isinstance(results, list):
+            self._raise_errors(replies)
             raise StoreError(f"Redis at {self.address}: commit aborted ({results!r})")
+        self._raise_errors(results)
         counters: list[_Command] = []
+        stored: list[tuple[BucketLayout, object]] = []
         at = 0
-        for table, n in per_table.items():
-            added = sum(results[at : at + n])
-            at += n
+        for layout, count in parts:
+            stored.append((layout, results[at + 1]))
+            added = int(sum(results[at + 2 : at + 2 + count]))
+            at += 2 + count
             if added:
-                counters.append((b"INCRBY", self._count_key(table), str(added).encode()))
-        self._execute(counters)
+                counters.append((b"INCRBY", self._count_key(layout.table), str(added).encode()))
+        if counters:
+            self._execute(counters)
+        for layout, tag in stored:  # after the counters: the rows are in Redis either way
+            self._check_layout(layout, tag)
 
     def close(self) -> None:
         self._client.close()
+
+    def scan(self, table: str, batch: int = 4096) -> Iterator[tuple[Keys, list[bytes]]]:
+        """HSCAN over every bucket hash of ``table`` (its stored layout; none: no rows),
+        pipelined ``chunk`` buckets a round; a bucket whose cursor is not done goes again
+        in a later round. Listpack buckets answer whole in one call; a key may repeat if
+        Redis rehashes a big bucket meanwhile."""
+        layout = self.layout(table)
+        if layout is None:
+            return
+        step = max(1, batch)
+        count = str(min(step, 1000)).encode()
+        todo = [(b, b"0") for b in range(layout.buckets)]
+        keys: list[Keys] = []
+        values: list[bytes] = []
+        while todo:
+            group, todo = todo[: self.chunk], todo[self.chunk :]
+            replies = self._execute(
+                [(b"HSCAN", layout.bucket_name(b), c, b"COUNT", count) for b, c in group]
+            )
+            for (bucket, _), (cursor, flat) in zip(group, replies, strict=True):
+                if flat:
+                    keys.append(layout.keys_of(bucket, flat[0::2]))
+                    values.extend(flat[1::2])
+                if bytes(cursor) != b"0":
+                    todo.append((bucket, bytes(cursor)))
+            if len(values) >= step or (values and not todo):
+                joined = np.concatenate(keys)
+                for i in range(0, len(values), step):
+                    yield joined[i : i + step], values[i : i + step]
+                keys, values = [], []

@@ -30,12 +30,12 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from hashlib import blake2b
 from typing import Any, cast
 
 import numpy as np
-from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import AccessType, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
 from storage.base import Keys, ReadOnlyStore, RowTier, StoreUnavailable
 
@@ -203,6 +203,29 @@ class RocksDBTier(RowTier):
             return self._stored_count(table)
         with self._lock:
             return self._count_locked(table)
+
+    def scan(self, table: str, batch: int = 4096) -> Iterator[tuple[Keys, list[bytes]]]:
+        """The table's key range in key order, from an implicit snapshot taken when the
+        scan starts (writes meanwhile are not seen); skips the block cache."""
+        self._maybe_catch_up()
+        prefix = self._prefix(table)
+        # Upper bound: the prefix + 1 (no overflow: it starts with b"r").
+        upper = (int.from_bytes(prefix, "big") + 1).to_bytes(len(prefix), "big")
+        opts = ReadOptions()
+        opts.set_iterate_upper_bound(upper)
+        cast(Any, opts).fill_cache(False)  # the stub wrongly takes no argument
+        step = max(1, batch)
+        raw: list[bytes] = []
+        values: list[bytes] = []
+        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=prefix, read_opt=opts))
+        for k, v in items:
+            raw.append(k[len(prefix) :])
+            values.append(v)
+            if len(raw) >= step:
+                yield np.frombuffer(b"".join(raw), dtype=">u8").astype(np.uint64), values
+                raw, values = [], []
+        if raw:
+            yield np.frombuffer(b"".join(raw), dtype=">u8").astype(np.uint64), values
 
     def put_blob(self, name: str, data: bytes) -> None:
         self._check_writable()

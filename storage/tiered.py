@@ -1,29 +1,76 @@
 """``TieredStore``: the embedding store over a hot tier and an optional durable cold tier.
 
-Policy (thin path: no admission, no eviction yet):
+Reads and writes:
 
 * ``lookup``: hot, then cold for hot misses (found rows are promoted into hot unless the
-  store is read-only), then for keys still missing either a new row (``create=True``,
-  written to hot, dirty, ``found`` True) or zeros with ``found`` False (nothing written).
-  Duplicate keys are fine: each distinct key is fetched once.
-* ``update``: fetches like ``lookup(create=True)``, applies the table's sparse optimizer,
-  stamps time and update count, writes hot, marks the rows dirty. Rows whose gradient
-  holds NaN/inf are left unchanged and counted.
-* ``flush``: dirty rows (read back from hot) and the stream position go to the cold tier
-  in one ``commit`` (atomic in RocksDB); without a cold tier the position is recorded in
-  hot. Dirty rows stay dirty if the commit fails.
+  store is read-only), then for keys still missing: with ``create=True`` (training) the
+  table's admission policy (``storage.admission``) sees them, with each key's
+  occurrences in the batch as its sightings; admitted keys get a new row (written to
+  hot, dirty, ``found`` True), the others read as zeros with ``found`` False and nothing
+  is written. With ``create=False`` (serving) missing keys read as zeros and nothing is
+  admitted. Duplicate keys are fine: each distinct key is fetched once.
+* ``update``: fetches like a training lookup, applies the table's sparse optimizer,
+  stamps time and update count, writes hot, marks the rows dirty. A key without a row
+  gets one only under the ``always`` policy (every id is admitted); under the others its
+  gradient is dropped and counted (``dropped_gradients``), so an unadmitted id never
+  grows the store. Rows whose gradient holds NaN/inf are left unchanged and counted.
+* ``admit``: rows for the keys now, whatever the policy says (counted as ``forced``).
+* ``flush``: dirty rows (read back from hot) and spilled rows (below) go to the cold tier
+  with the stream position in one ``commit`` (atomic in RocksDB); without a cold tier the
+  position is recorded in hot. Dirty rows stay dirty if the commit fails.
 * ``position``: cold first (durable), else hot. Blobs: written to both, read hot first.
 
+Capacity (``eviction``, see ``storage.eviction``): the store keeps an in-process index of
+the hot tier's keys with the step each was last accessed in and a count. Training
+lookups, updates, ``admit`` and serving lookups (these buffered and applied by the next
+writer call) all count as accesses.
+A step starts when a training lookup comes back to a table already looked up in the
+current step, i.e. once per trainer batch however many tables it has. When a write
+takes the hot tier over capacity, one pass evicts the least recently (``lru``) or least
+often (``lfu``) accessed rows down to ``low_water`` of capacity, never rows accessed in
+the last ``protect_steps`` steps and at most ``max_evict_fraction`` of capacity per step
+unless the hot tier is more than ``overshoot`` above capacity (the floor against eviction
+storms; capacity is soft while it binds).
+
+* With a cold tier an evicted row is *demoted*: a clean row (identical in the cold tier
+  already) is deleted from hot; a dirty one is first written whole (packed bytes,
+  optimizer state and metadata included) to the table's *spill* space in the cold tier.
+  The next ``flush`` moves spilled rows into the table with the position, so the cold
+  tier's rows always match its recorded position (crash recovery stays exactly-once);
+  spill left behind by a crash is deleted when the next writer opens the store. Lookups
+  and updates read spill before the cold table and promote from it (such rows stay
+  dirty). A *read-only* store (another process) does not see spill: it reads a demoted
+  row's last flushed value until the trainer's next flush.
+  With ``write_back="direct"`` dirty rows go straight into the cold table instead:
+  flushes are cheaper (no second write), but the cold tier may run ahead of its recorded
+  position, so a replay after a crash applies those rows' recent updates twice.
+* Without a cold tier an evicted row is deleted (reason ``capacity``): its next training
+  lookup starts it afresh.
+
+When the writer opens the store, rows already in the hot tier (e.g. Redis) are indexed
+as the oldest and dirty (with a cold tier), so the next flush makes them durable and
+none is ever dropped by a demotion.
+
+``expire(now)`` (the trainer calls it at flush time) removes from every tier the rows
+whose last update is older than the table's ``ttl_s`` (reason ``ttl``) or whose
+embedding norm is below ``min_l2_norm`` (``l2_norm``), judging each key by its newest
+copy (hot, then spill, then cold). It scans every tier: O(rows), under the writer lock.
+``evict(table, keys)`` removes keys from every tier (``manual``). A removed row goes
+whole, embedding and optimizer state together, so it never comes back half reset. Both
+delete from the cold tier at once, not at the next flush: a crash before that flush does
+not bring the rows back (their next admitted sighting starts them afresh).
+
 Threads (the embedded mode: one trainer thread, many HTTP reader threads): every
-mutation (``update``, ``lookup(create=True)``, ``flush``, promotion, dirty set) runs under
-one re-entrant lock. Readers with ``create=False`` read hot without it and take it only
-to handle hot misses when there is a cold tier, re-reading hot under the lock so an
-older cold row never overwrites a newer hot one. Tiers replace a row's value whole, so
-a reader never sees a half-written row.
+mutation (``update``, ``lookup(create=True)``, ``admit``, ``evict``, ``expire``,
+``flush``, promotion, demotion, the index) runs under one re-entrant lock. Readers with
+``create=False`` read hot without it and take it only to handle hot misses when there
+is a cold tier, re-reading hot under the lock so an older cold row never overwrites a
+newer hot one. Tiers replace a row's value whole, so a reader never sees a half-written
+row; a demoted row is in the cold tier before it leaves hot.
 
 ``read_only=True`` is for a separate serving process: lookups never write, create or
-promote; ``update``/``flush``/``put_blob`` and ``lookup(create=True)`` raise
-``ReadOnlyStore``.
+promote (no index, no eviction); ``update``/``flush``/``put_blob``/``admit``/``evict``/
+``expire`` and ``lookup(create=True)`` raise ``ReadOnlyStore``.
 
 The store owns its tiers: ``close`` closes them.
 """
@@ -34,12 +81,17 @@ import json
 import threading
 import time
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from itertools import repeat
+from operator import is_not
+from typing import Literal, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from storage import metrics
+from storage.admission import AdmissionPolicy, AlwaysAdmit, make_policy
 from storage.base import (
     EmbeddingStore,
     Floats,
@@ -50,18 +102,97 @@ from storage.base import (
     RowTier,
     TableConfig,
 )
+from storage.eviction import EvictionConfig, HotIndex, Positions, choose_victims
 from storage.optim import apply_sparse
 from storage.rows import RowCodec, Rows
 
 POSITION_BLOB = "streamrec.store.position"
 """Blob name under which ``flush`` records the stream position (JSON object)."""
 
+SPILL_BLOB = "streamrec.store.spill"
+"""Cold-tier blob listing the tables with spilled rows not yet flushed (JSON list)."""
+
 _DIRTY_COMPACT = 1 << 20  # dedupe a table's dirty key list beyond this many entries
 _U32_MAX = 0xFFFFFFFF
+_SCAN_BATCH = 8192
+_READ_TOUCHES = 256  # serving accesses buffered for the writer; older ones are dropped
+_EMPTY_KEYS: Keys = np.zeros(0, dtype=np.uint64)
+
+_COUNTERS = (
+    "hot_hits",
+    "cold_hits",
+    "misses",
+    "created_rows",
+    "admissions",
+    "admission_rejections",
+    "forced_admissions",
+    "rejected_gradients",
+    "dropped_gradients",
+    "promotions",
+    "demotions",
+    *(f"evictions.{reason}" for reason in metrics.EVICTION_REASONS),
+    "eviction_passes",
+    "eviction_floor_hits",
+    "lost_dirty_rows",
+)
+
+
+def spill_table(table: str) -> str:
+    """The cold-tier table holding ``table``'s demoted dirty rows until the next flush."""
+    return "\x00spill\x00" + table
+
+
+def _unique(keys: Keys) -> Keys:
+    """Sorted distinct keys (a sort beats numpy 2's hash-based ``np.unique`` here)."""
+    s = np.sort(keys)
+    if len(s) > 1:
+        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
+    return s
+
+
+def _merge(sorted_keys: Keys, keys: Keys) -> Keys:
+    """``sorted_keys`` (sorted, distinct) with ``keys`` added, sorted and distinct."""
+    both = np.concatenate([sorted_keys, np.sort(keys)])
+    both.sort(kind="stable")  # timsort: a linear merge of the two sorted runs
+    if len(both) > 1:
+        both = both[np.concatenate(([True], both[1:] != both[:-1]))]
+    return both
+
+
+def _isin_sorted(keys: Keys, sorted_keys: Keys) -> Mask:
+    """Which ``keys`` occur in ``sorted_keys`` (sorted, distinct)."""
+    if len(sorted_keys) == 0 or len(keys) == 0:
+        return np.zeros(len(keys), dtype=np.bool_)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    found: Mask = sorted_keys[at] == keys
+    return found
+
+
+def _present(values: list[bytes | None]) -> Mask:
+    return np.fromiter(map(is_not, values, repeat(None)), dtype=np.bool_, count=len(values))
+
+
+class _Touched(NamedTuple):
+    """A training lookup's distinct keys and their index positions, so the update of the
+    same keys in the same step can skip finding them again."""
+
+    keys: Keys
+    pos: Positions
+    step: int
+    epoch: int
+
+
+class _Loaded(NamedTuple):
+    rows: Rows
+    found: Mask
+    pos: Positions | None  # hot-index positions of found keys (-1 elsewhere), if indexed
+    hot_misses: int
+    cold_hits: int
 
 
 class TieredStore(EmbeddingStore):
-    """Embedding rows in ``hot`` (always) and ``cold`` (durable, optional)."""
+    """Embedding rows in ``hot`` (always) and ``cold`` (durable, optional); see the module
+    docstring for admission, capacity, expiry and threads."""
 
     def __init__(
         self,
@@ -71,7 +202,16 @@ class TieredStore(EmbeddingStore):
         *,
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
+        eviction: EvictionConfig | None = None,
+        hot_capacity_rows: int | None = None,
+        admission_seed: int = 0,
+        discard_hot_rows: bool = False,
     ) -> None:
+        """``eviction``: hot-tier capacity and policy (None: unbounded).
+        ``hot_capacity_rows``: shorthand for ``eviction.max_rows`` (LRU, defaults
+        otherwise). ``admission_seed`` seeds every table's admission policy (mixed with
+        the table name). ``discard_hot_rows``: a restarting single writer over a shared
+        hot tier drops its rows first (see ``_discard_hot_rows``)."""
         self._tables: dict[str, TableConfig] = {}
         for cfg in tables:
             if cfg.name in self._tables:
@@ -83,14 +223,60 @@ class TieredStore(EmbeddingStore):
         self.read_only = read_only
         self._clock = clock
         self._lock = threading.RLock()
-        self._dirty: dict[str, list[Keys]] = {}
+        self._dirty: dict[str, list[Keys]] = {}  # without an index (no eviction)
         self._dirty_len: dict[str, int] = {}
         self._tally: Tally[str] = Tally()
         self._tally_lock = threading.Lock()
+        self._policies: dict[str, AdmissionPolicy] = {
+            name: make_policy(cfg.admission, name, seed=admission_seed)
+            for name, cfg in self._tables.items()
+        }
+        self._admit_all = {n: isinstance(p, AlwaysAdmit) for n, p in self._policies.items()}
         self._created = {name: metrics.ROWS_CREATED.labels(table=name) for name in self._tables}
         self._rejected = {
             name: metrics.REJECTED_GRADIENTS.labels(table=name) for name in self._tables
         }
+        self._dropped = {
+            name: metrics.DROPPED_GRADIENTS.labels(table=name) for name in self._tables
+        }
+        self._admissions = {
+            (name, result): metrics.ADMISSIONS.labels(table=name, result=result)
+            for name in self._tables
+            for result in ("admitted", "rejected", "forced")
+        }
+        self._promoted = {name: metrics.PROMOTIONS.labels(table=name) for name in self._tables}
+        self._demoted = {name: metrics.DEMOTIONS.labels(table=name) for name in self._tables}
+        self._evicted = {
+            (name, reason): metrics.EVICTIONS.labels(table=name, reason=reason)
+            for name in self._tables
+            for reason in metrics.EVICTION_REASONS
+        }
+
+        if hot_capacity_rows is not None:
+            base = eviction.model_dump() if eviction is not None else {}
+            eviction = EvictionConfig.model_validate({**base, "max_rows": hot_capacity_rows})
+        self.eviction = eviction
+        # Index, steps and spill exist only in a writer with a capacity.
+        self._index: dict[str, HotIndex] | None = None
+        self._step = 1  # bootstrapped rows are step 0, the oldest
+        self._step_tables: set[str] = set()
+        self._budget_step = 0
+        self._budget_rows = 0
+        self._budget_bytes = 0
+        self._idle_step = 0  # every unprotected row is gone: no more passes this step
+        self._floor_step = 0  # the floor held eviction back in this step
+        self._reads: deque[tuple[str, Keys]] = deque(maxlen=_READ_TOUCHES)
+        self._spilled: dict[str, Keys] = {}  # sorted distinct keys per table
+        self._touched: dict[str, _Touched] = {}  # the last training lookup per table
+        if not read_only:
+            with self._lock:
+                if discard_hot_rows:
+                    self._discard_hot_rows()
+                if cold is not None:
+                    self._clear_stale_spill()
+                if eviction is not None:
+                    self._index = {name: HotIndex() for name in self._tables}
+                    self._bootstrap_index()
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -107,11 +293,64 @@ class TieredStore(EmbeddingStore):
         with self._tally_lock:
             self._tally.update(deltas)
 
+    def _count_named(self, name: str, delta: int) -> None:
+        with self._tally_lock:
+            self._tally[name] += delta
+
     def _check_writable(self, what: str) -> None:
         if self.read_only:
             raise ReadOnlyStore(f"{what} through a read-only store")
 
+    def _discard_hot_rows(self) -> None:
+        """A shared hot tier (Redis) outlives a crashed writer and may hold rows updated
+        after the position the cold tier recorded; replaying from that position would
+        apply those updates twice. A restarting writer drops them, and rows come back
+        from the cold tier exactly as of the recorded position."""
+        for table in self._tables:
+            for keys, _ in self.hot.scan(table, _SCAN_BATCH):
+                self.hot.delete_many(table, keys)
+
+    def _clear_stale_spill(self) -> None:
+        """Spill left by a writer that died before flushing is ahead of the recorded
+        position: drop it."""
+        assert self.cold is not None
+        raw = self.cold.get_blob(SPILL_BLOB)
+        if raw is None:
+            return
+        for table in json.loads(raw):
+            name = spill_table(str(table))
+            for keys, _ in self.cold.scan(name, _SCAN_BATCH):
+                self.cold.delete_many(name, keys)
+        self.cold.delete_blob(SPILL_BLOB)
+
+    def _bootstrap_index(self) -> None:
+        assert self._index is not None
+        for table, index in self._index.items():
+            if self.hot.count(table) == 0:
+                continue  # skip the scan (for Redis, one HSCAN per bucket)
+            for keys, _ in self.hot.scan(table, _SCAN_BATCH):
+                pos = index.touch(_unique(keys), 0)
+                if self.cold is not None:
+                    index.dirty[pos] = True  # unknown to the cold tier: flush them
+
+    def _advance(self, table: str) -> None:
+        """A training lookup: a new step when ``table`` was already looked up in this one."""
+        if table in self._step_tables:
+            self._step += 1
+            self._step_tables = {table}
+        else:
+            self._step_tables.add(table)
+
+    def _drain_reads(self) -> None:
+        """Apply buffered serving hits to the index (keys evicted since are ignored)."""
+        if self._index is None:
+            return
+        while self._reads:
+            table, keys = self._reads.popleft()
+            self._index[table].touch(keys, self._step, add=False)
+
     def _mark_dirty(self, table: str, keys: Keys) -> None:
+        """Without an index: remember ``keys`` for the next flush."""
         if self.cold is None or len(keys) == 0:
             return  # nothing to flush rows to
         parts = self._dirty.setdefault(table, [])
@@ -119,7 +358,7 @@ class TieredStore(EmbeddingStore):
         size = self._dirty_len.get(table, 0) + len(keys)
         # Dedupe when the list doubles past its last deduped size: amortised O(1) per key.
         if size > max(_DIRTY_COMPACT, 2 * len(parts[0])) and len(parts) > 1:
-            merged = np.unique(np.concatenate(parts))
+            merged = _unique(np.concatenate(parts))
             parts[:] = [merged]
             size = len(merged)
         self._dirty_len[table] = size
@@ -129,7 +368,11 @@ class TieredStore(EmbeddingStore):
     ) -> npt.NDArray[np.intp]:
         """Fill ``rows[idx]`` from hot where present; return the positions still missing."""
         values = self.hot.get_many(codec.table, keys[idx])
-        hit = np.fromiter((v is not None for v in values), dtype=np.bool_, count=len(values))
+        if None not in values:
+            rows[idx] = codec.unpack(keys[idx], cast(list[bytes], values))
+            found[idx] = True
+            return idx[:0]
+        hit = _present(values)
         if hit.any():
             at = idx[hit]
             rows[at] = codec.unpack(keys[at], [v for v in values if v is not None])
@@ -146,30 +389,138 @@ class TieredStore(EmbeddingStore):
         idx: npt.NDArray[np.intp],
         *,
         promote: bool,
-    ) -> npt.NDArray[np.intp]:
-        """Fill ``rows[idx]`` from cold where present (promoting those values into hot);
-        return the positions still missing."""
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """Fill ``rows[idx]`` from the cold tier where present, spill first (promoting
+        those values into hot with ``promote``, caller holding the lock); return the
+        positions still missing and those promoted from spill (still dirty)."""
         assert self.cold is not None
-        values = self.cold.get_many(codec.table, keys[idx])
-        hit = np.fromiter((v is not None for v in values), dtype=np.bool_, count=len(values))
+        table = codec.table
+        from_spill = idx[:0]
+        spilled = self._spilled.get(table)
+        if spilled is not None and len(spilled) and len(idx):
+            in_spill = _isin_sorted(keys[idx], spilled)
+            if in_spill.any():
+                at = idx[in_spill]
+                values = self.cold.get_many(spill_table(table), keys[at])
+                hit = _present(values)
+                from_spill = at[hit]
+                present = [v for v in values if v is not None]
+                if len(present):
+                    rows[from_spill] = codec.unpack(keys[from_spill], present)
+                    found[from_spill] = True
+                    if promote:
+                        self.hot.put_many(table, keys[from_spill], present)
+                idx = np.concatenate([idx[~in_spill], at[~hit]])
+        values = self.cold.get_many(table, keys[idx])
+        hit = _present(values)
         if hit.any():
             at = idx[hit]
             present = [v for v in values if v is not None]
             rows[at] = codec.unpack(keys[at], present)
             found[at] = True
             if promote:
-                self.hot.put_many(codec.table, keys[at], present)
+                self.hot.put_many(table, keys[at], present)
+        promoted = len(from_spill) + int(hit.sum()) if promote else 0
+        if promoted:
+            self._promoted[table].inc(promoted)
+            self._count(promotions=promoted)
         missing: npt.NDArray[np.intp] = idx[~hit]
-        return missing
+        return missing, from_spill
 
-    def _fetch(
-        self, codec: RowCodec, keys: Keys, *, create: bool, record: bool
-    ) -> tuple[Rows, Mask]:
-        """Rows of distinct ``keys`` and which of them exist(ed).
+    def _load(
+        self,
+        codec: RowCodec,
+        keys: Keys,
+        *,
+        admit: Literal["never", "policy", "force"],
+        counts: npt.NDArray[np.intp] | None = None,
+        known: Positions | None = None,
+    ) -> _Loaded:
+        """Writer path, lock held: rows of distinct ``keys`` from hot, then cold
+        (promoted), then new rows for the missing keys ``admit`` lets in (``counts``:
+        sightings per key for the policy). Records the access in the index, except for
+        keys with a ``known`` position (accessed in this step already)."""
+        table = codec.table
+        n = len(keys)
+        rows = codec.zeros(n)
+        found = np.zeros(n, dtype=np.bool_)
+        missing = self._from_hot(codec, keys, rows, found, np.arange(n, dtype=np.intp))
+        hot_misses = len(missing)
+        dirty_idx: list[npt.NDArray[np.intp]] = []
+        if hot_misses and self.cold is not None:
+            missing, from_spill = self._from_cold(codec, keys, rows, found, missing, promote=True)
+            dirty_idx.append(from_spill)
+        cold_hits = hot_misses - len(missing)
+        if len(missing) and admit != "never":
+            if admit == "force" or self._admit_all[table]:
+                take = missing
+                result = "forced" if admit == "force" else "admitted"
+            else:
+                sightings = counts[missing] if counts is not None else None
+                ok = self._policies[table].admit(keys[missing], sightings)
+                take = missing[ok]
+                result = "admitted"
+                rejected = len(missing) - len(take)
+                if rejected:
+                    self._admissions[table, "rejected"].inc(rejected)
+                    self._count(admission_rejections=rejected)
+            if len(take):
+                new = codec.new_rows(keys[take], self._now())
+                rows[take] = new
+                self.hot.put_many(table, keys[take], codec.pack(new))
+                found[take] = True
+                dirty_idx.append(take)
+                self._created[table].inc(len(take))
+                self._admissions[table, result].inc(len(take))
+                self._count_named(
+                    "forced_admissions" if admit == "force" else "admissions", len(take)
+                )
+                self._count(created_rows=len(take))
+        pos: Positions | None = None
+        if self._index is not None:
+            index = self._index[table]
+            if known is None:
+                pos = np.full(n, -1, dtype=np.int64)
+                at = np.flatnonzero(found)
+            else:
+                pos = known.copy()
+                at = np.flatnonzero(found & (known < 0))
+            if len(at):
+                pos[at] = index.touch(keys[at], self._step)
+            for d in dirty_idx:
+                if self.cold is not None and len(d):
+                    index.dirty[pos[d]] = True
+        else:
+            for d in dirty_idx:
+                self._mark_dirty(table, keys[d])
+        return _Loaded(rows, found, pos, hot_misses, cold_hits)
 
-        With ``create`` the caller holds the lock and missing rows are created, written
-        to hot and marked dirty; without it the lock is taken here only for promotion.
-        """
+    def _known(self, table: str, keys: Keys) -> Positions | None:
+        """Index positions of ``keys`` if they are exactly the distinct keys of this
+        step's training lookup of ``table`` and none has moved since (capacity eviction
+        never takes rows of the current step)."""
+        touched = self._touched.get(table)
+        if (
+            self._index is None
+            or touched is None
+            or touched.step != self._step
+            or touched.epoch != self._index[table].epoch
+            or len(touched.keys) != len(keys)
+            or not np.array_equal(touched.keys, keys)
+        ):
+            return None
+        return touched.pos
+
+    def _record(self, n: int, hot_misses: int, cold_hits: int, misses: int) -> None:
+        metrics.HOT_HIT.inc(n - hot_misses)
+        metrics.HOT_MISS.inc(hot_misses)
+        if hot_misses and self.cold is not None:
+            metrics.COLD_HIT.inc(cold_hits)
+            metrics.COLD_MISS.inc(misses)
+        self._count(hot_hits=n - hot_misses, cold_hits=cold_hits, misses=misses)
+
+    def _read(self, codec: RowCodec, keys: Keys) -> tuple[Rows, Mask]:
+        """Serving path: rows of distinct ``keys``; creates nothing."""
         n = len(keys)
         rows = codec.zeros(n)
         found = np.zeros(n, dtype=np.bool_)
@@ -177,33 +528,145 @@ class TieredStore(EmbeddingStore):
         hot_misses = len(missing)
         if hot_misses and self.cold is not None:
             if self.read_only:
-                missing = self._from_cold(codec, keys, rows, found, missing, promote=False)
-            elif create:
-                missing = self._from_cold(codec, keys, rows, found, missing, promote=True)
+                missing, _ = self._from_cold(codec, keys, rows, found, missing, promote=False)
             else:
                 with self._lock:
                     # Re-read hot under the lock: the writer may have stored the row since,
                     # and promoting the older cold value would overwrite it.
                     missing = self._from_hot(codec, keys, rows, found, missing)
                     hot_misses = len(missing)
-                    missing = self._from_cold(codec, keys, rows, found, missing, promote=True)
-        cold_hits = hot_misses - len(missing)
-        if create and len(missing):
-            new = codec.new_rows(keys[missing], self._now())
-            rows[missing] = new
-            self.hot.put_many(codec.table, keys[missing], codec.pack(new))
-            self._mark_dirty(codec.table, keys[missing])
-            self._created[codec.table].inc(len(missing))
-            self._count(created_rows=len(missing))
-            found[missing] = True
-        if record:
-            metrics.HOT_HIT.inc(n - hot_misses)
-            metrics.HOT_MISS.inc(hot_misses)
-            if hot_misses and self.cold is not None:
-                metrics.COLD_HIT.inc(cold_hits)
-                metrics.COLD_MISS.inc(len(missing))
-            self._count(hot_hits=n - hot_misses, cold_hits=cold_hits, misses=len(missing))
+                    missing, from_spill = self._from_cold(
+                        codec, keys, rows, found, missing, promote=True
+                    )
+                    if self._index is not None:  # else there is no spill either
+                        have = np.flatnonzero(found)
+                        index = self._index[codec.table]
+                        pos = index.touch(keys[have], self._step)
+                        if len(from_spill):
+                            index.dirty[pos[np.isin(have, from_spill)]] = True
+                        self._maybe_evict()
+        elif self._index is not None and n:
+            self._reads.append((codec.table, keys))  # recency from serving, applied later
+        self._record(n, hot_misses, hot_misses - len(missing), len(missing))
         return rows, found
+
+    # -- capacity -----------------------------------------------------------------------
+
+    def _hot_size(self) -> tuple[int, int]:
+        """Rows and packed bytes in the hot tier, from the index."""
+        assert self._index is not None
+        rows = nbytes = 0
+        for table, index in self._index.items():
+            rows += index.live
+            nbytes += index.live * self._codecs[table].nbytes
+        return rows, nbytes
+
+    def _maybe_evict(self) -> None:
+        """Lock held: one eviction pass if the hot tier is over capacity (see
+        ``storage.eviction`` for the choice and the floor)."""
+        if self._index is None or self.eviction is None or self._idle_step == self._step:
+            return
+        cfg = self.eviction
+        rows, nbytes = self._hot_size()
+        over_rows = cfg.max_rows is not None and rows > cfg.max_rows
+        over_bytes = cfg.max_bytes is not None and nbytes > cfg.max_bytes
+        if not (over_rows or over_bytes):
+            return
+        start = time.perf_counter()
+        if self._budget_step != self._step:
+            self._budget_step = self._step
+            self._budget_rows = self._budget_bytes = 0
+        # The per-step budget, lifted by whatever exceeds the overshoot ceiling.
+        budget_rows = budget_bytes = None
+        if cfg.max_rows is not None:
+            budget_rows = max(
+                int(cfg.max_rows * cfg.max_evict_fraction) - self._budget_rows,
+                rows - int(cfg.max_rows * (1 + cfg.overshoot)),
+            )
+        if cfg.max_bytes is not None:
+            budget_bytes = max(
+                int(cfg.max_bytes * cfg.max_evict_fraction) - self._budget_bytes,
+                nbytes - int(cfg.max_bytes * (1 + cfg.overshoot)),
+            )
+        names = list(self._index)
+        indexes = [self._index[t] for t in names]
+        victims = choose_victims(
+            indexes,
+            [self._codecs[t].nbytes for t in names],
+            cfg,
+            self._step,
+            budget_rows=budget_rows,
+            budget_bytes=budget_bytes,
+        )
+        for t, pos in victims.positions.items():
+            self._demote(names[t], indexes[t], pos)
+        self._budget_rows += victims.rows
+        self._budget_bytes += victims.nbytes
+        if victims.rows:
+            self._count(eviction_passes=1)
+            if cfg.policy == "lfu":
+                for index in indexes:
+                    index.age()
+        if victims.short_by == "protected":
+            self._idle_step = self._step  # nothing else can become evictable this step
+        if victims.short_by is not None and self._floor_step != self._step:
+            self._floor_step = self._step
+            self._count(eviction_floor_hits=1)
+        metrics.DEMOTE_SECONDS.observe(time.perf_counter() - start)
+
+    def _demote(self, table: str, index: HotIndex, pos: Positions) -> None:
+        """Lock held: move the rows at ``pos`` of ``table``'s index out of hot; dirty
+        ones are written to the cold tier first (spill or table, per ``write_back``)."""
+        keys = index.keys[pos]
+        if self.cold is not None:
+            moving = keys[index.dirty[pos]]
+            if len(moving):
+                values = self.hot.get_many(table, moving)
+                kept = _present(values)
+                moving = moving[kept]
+                present = [v for v in values if v is not None]
+                assert self.eviction is not None
+                if self.eviction.write_back == "direct":
+                    self.cold.put_many(table, moving, present)
+                elif len(moving):
+                    self._note_spill(table)
+                    self.cold.put_many(spill_table(table), moving, present)
+                    spilled = self._spilled.get(table, _EMPTY_KEYS)
+                    self._spilled[table] = _merge(spilled, moving)
+            self._demoted[table].inc(len(keys))
+            self._count(demotions=len(keys))
+        self.hot.delete_many(table, keys)
+        index.discard_at(pos)
+        self._evicted[table, "capacity"].inc(len(keys))
+        self._count_named("evictions.capacity", len(keys))
+
+    def _note_spill(self, table: str) -> None:
+        """Record in the cold tier that ``table`` has spill, before writing any."""
+        assert self.cold is not None
+        if table not in self._spilled:
+            self._spilled[table] = _EMPTY_KEYS
+            self.cold.put_blob(SPILL_BLOB, json.dumps(sorted(self._spilled)).encode())
+
+    def _remove(self, table: str, keys: Keys) -> None:
+        """Lock held: delete distinct ``keys`` from every tier and all bookkeeping."""
+        if len(keys) == 0:
+            return
+        self.hot.delete_many(table, keys)
+        if self.cold is not None:
+            self.cold.delete_many(table, keys)
+            spilled = self._spilled.get(table)
+            if spilled is not None and len(spilled):
+                gone = _isin_sorted(spilled, _unique(keys))
+                if gone.any():
+                    self.cold.delete_many(spill_table(table), spilled[gone])
+                    self._spilled[table] = spilled[~gone]
+        if self._index is not None:
+            self._index[table].discard(keys)
+        elif self._dirty.get(table):
+            merged = _unique(np.concatenate(self._dirty[table]))
+            merged = merged[~_isin_sorted(merged, _unique(keys))]
+            self._dirty[table] = [merged]
+            self._dirty_len[table] = len(merged)
 
     # -- EmbeddingStore -----------------------------------------------------------------
 
@@ -211,7 +674,8 @@ class TieredStore(EmbeddingStore):
         return dict(self._tables)
 
     def lookup(self, table: str, keys: Keys, *, create: bool = False) -> LookupResult:
-        """See ``EmbeddingStore.lookup``; with ``create=True`` created rows are ``found``."""
+        """See ``EmbeddingStore.lookup`` and the module docstring; with ``create=True``
+        created rows are ``found``, unadmitted keys are not."""
         start = time.perf_counter()
         codec = self._codec(table)
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
@@ -220,15 +684,32 @@ class TieredStore(EmbeddingStore):
         unique, inverse = np.unique(keys, return_inverse=True)
         if create:
             with self._lock:
-                rows, found = self._fetch(codec, unique, create=True, record=True)
+                self._advance(table)
+                self._drain_reads()
+                counts = None
+                if not self._admit_all[table]:
+                    counts = np.bincount(inverse, minlength=len(unique))
+                loaded = self._load(codec, unique, admit="policy", counts=counts)
+                if loaded.pos is not None and self._index is not None:
+                    epoch = self._index[table].epoch
+                    self._touched[table] = _Touched(unique, loaded.pos, self._step, epoch)
+                self._maybe_evict()
+            rows, found = loaded.rows, loaded.found
+            self._record(
+                len(unique),
+                loaded.hot_misses,
+                loaded.cold_hits,
+                loaded.hot_misses - loaded.cold_hits,
+            )
         else:
-            rows, found = self._fetch(codec, unique, create=False, record=True)
+            rows, found = self._read(codec, unique)
         emb: Floats = np.ascontiguousarray(rows["emb"][inverse], dtype=np.float32)
         result = LookupResult(rows=emb, found=found[inverse])
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
         return result
 
     def update(self, table: str, keys: Keys, grads: Floats) -> None:
+        """See ``EmbeddingStore.update`` and the module docstring (which keys get rows)."""
         start = time.perf_counter()
         self._check_writable("update")
         codec = self._codec(table)
@@ -240,46 +721,147 @@ class TieredStore(EmbeddingStore):
             )
         if len(keys) == 0:
             return
-        if len(np.unique(keys)) != len(keys):
+        if len(_unique(keys)) != len(keys):
             raise ValueError(f"table {table!r}: update keys must be unique")
         with self._lock:
-            rows, _ = self._fetch(codec, keys, create=True, record=False)
-            ok = apply_sparse(codec.cfg, rows["emb"], rows["state"], grads)
-            applied = np.flatnonzero(ok)
-            rejected = len(keys) - len(applied)
+            self._drain_reads()
+            admit: Literal["policy", "never"] = "policy" if self._admit_all[table] else "never"
+            loaded = self._load(codec, keys, admit=admit, known=self._known(table, keys))
+            rows, found = loaded.rows, loaded.found
+            have = np.flatnonzero(found)
+            if len(have) == len(keys):
+                ok = apply_sparse(codec.cfg, rows["emb"], rows["state"], grads)
+                applied = np.flatnonzero(ok)
+            elif len(have):
+                sub = rows[have]
+                ok = apply_sparse(codec.cfg, sub["emb"], sub["state"], grads[have])
+                rows[have] = sub
+                applied = have[ok]
+            else:
+                ok, applied = np.zeros(0, dtype=np.bool_), have
+            rejected = len(ok) - len(applied)
             if len(applied):
                 RowCodec.touch(rows, applied, self._now())
-                if rejected:
-                    self.hot.put_many(table, keys[applied], codec.pack(rows[applied]))
-                else:
+                if len(applied) == len(keys):
                     self.hot.put_many(table, keys, codec.pack(rows))
-                self._mark_dirty(table, keys[applied])
+                else:
+                    self.hot.put_many(table, keys[applied], codec.pack(rows[applied]))
+                if self._index is None:
+                    self._mark_dirty(table, keys[applied])
+                elif self.cold is not None and loaded.pos is not None:
+                    self._index[table].dirty[loaded.pos[applied]] = True
+            self._maybe_evict()
+        dropped = len(keys) - len(have)
+        if dropped:
+            self._dropped[table].inc(dropped)
+            self._count(dropped_gradients=dropped)
         if rejected:
             self._rejected[table].inc(rejected)
             self._count(rejected_gradients=rejected)
         metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
 
     def admit(self, table: str, keys: Keys) -> None:
+        """Rows for ``keys`` now, whatever the policy (``forced`` admissions)."""
+        start = time.perf_counter()
         self._check_writable("admit")
         codec = self._codec(table)
-        unique = np.unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
+        unique = _unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
         with self._lock:
-            self._fetch(codec, unique, create=True, record=False)
+            self._drain_reads()
+            self._load(codec, unique, admit="force")
+            self._maybe_evict()
+        metrics.ADMIT_SECONDS.observe(time.perf_counter() - start)
 
     def evict(self, table: str, keys: Keys) -> int:
+        """Remove ``keys`` from every tier (hot, spill, cold) and from the dirty set, so no
+        later flush writes them back; returns how many had a row."""
+        start = time.perf_counter()
         self._check_writable("evict")
         self._codec(table)
-        unique = np.unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
+        unique = _unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
         with self._lock:
-            present = np.fromiter(
-                (v is not None for v in self.hot.get_many(table, unique)), np.bool_, len(unique)
-            )
-            self.hot.delete_many(table, unique)
+            present = _present(self.hot.get_many(table, unique))
             if self.cold is not None:
-                in_cold = self.cold.get_many(table, unique)
-                present |= np.fromiter((v is not None for v in in_cold), np.bool_, len(unique))
-                self.cold.delete_many(table, unique)
-        return int(present.sum())
+                present |= _present(self.cold.get_many(table, unique))
+                present |= _isin_sorted(unique, self._spilled.get(table, _EMPTY_KEYS))
+            self._remove(table, unique)
+        existed = int(present.sum())
+        if existed:
+            self._evicted[table, "manual"].inc(existed)
+            self._count_named("evictions.manual", existed)
+        metrics.EVICT_SECONDS.observe(time.perf_counter() - start)
+        return existed
+
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        """Remove rows past their table's ``ttl_s`` or below its ``min_l2_norm`` from every
+        tier (see the module docstring); ``now`` defaults to the store's clock. Returns
+        how many were removed, by reason (``ttl``, ``l2_norm``)."""
+        start = time.perf_counter()
+        self._check_writable("expire")
+        at = float(self._clock() if now is None else now)
+        out = {"ttl": 0, "l2_norm": 0}
+        with self._lock:
+            for table, cfg in self._tables.items():
+                if cfg.ttl_s is None and cfg.min_l2_norm is None:
+                    continue
+                for reason, n in self._expire_table(self._codecs[table], at).items():
+                    out[reason] += n
+                    if n:
+                        self._evicted[table, reason].inc(n)
+                        self._count_named(f"evictions.{reason}", n)
+        metrics.EXPIRE_SECONDS.observe(time.perf_counter() - start)
+        return out
+
+    def _expired(
+        self, codec: RowCodec, keys: Keys, values: list[bytes], at: float
+    ) -> npt.NDArray[np.int8]:
+        """Per row: 0 keep, 1 expired by ttl, 2 by l2 norm (ttl wins when both)."""
+        rows = codec.unpack(keys, values)
+        why = np.zeros(len(keys), dtype=np.int8)
+        if codec.cfg.min_l2_norm is not None:
+            emb = rows["emb"].astype(np.float64)
+            why[np.sqrt(np.einsum("ij,ij->i", emb, emb)) < codec.cfg.min_l2_norm] = 2
+        if codec.cfg.ttl_s is not None:
+            why[rows["updated_at"].astype(np.float64) + codec.cfg.ttl_s < at] = 1
+        return why
+
+    def _expire_table(self, codec: RowCodec, at: float) -> dict[str, int]:
+        """Lock held: expire one table. Each key is judged by its newest copy: hot, else
+        spill, else cold."""
+        table = codec.table
+        doomed: list[Keys] = []
+        reasons: list[npt.NDArray[np.int8]] = []
+
+        def sweep(tier: RowTier, name: str, shadowed: Callable[[Keys], Mask]) -> None:
+            if tier.count(name) == 0:
+                return
+            for keys, values in tier.scan(name, _SCAN_BATCH):
+                why = self._expired(codec, keys, values, at)
+                cand = np.flatnonzero(why)
+                if len(cand) == 0:
+                    continue
+                keep = ~shadowed(keys[cand])
+                doomed.append(keys[cand[keep]])
+                reasons.append(why[cand[keep]])
+
+        sweep(self.hot, table, lambda k: np.zeros(len(k), dtype=np.bool_))
+        if self.cold is not None:
+            spilled = self._spilled.get(table, _EMPTY_KEYS)
+
+            def in_hot(k: Keys) -> Mask:
+                return _present(self.hot.get_many(table, k))
+
+            if len(spilled):
+                sweep(self.cold, spill_table(table), in_hot)
+            sweep(self.cold, table, lambda k: in_hot(k) | _isin_sorted(k, spilled))
+        if not doomed:
+            return {"ttl": 0, "l2_norm": 0}
+        keys_all = np.concatenate(doomed)
+        why_all = np.concatenate(reasons)
+        keys_u, first = np.unique(keys_all, return_index=True)  # a key counts once
+        why_u = why_all[first]
+        self._remove(table, keys_u)
+        return {"ttl": int((why_u == 1).sum()), "l2_norm": int((why_u == 2).sum())}
 
     def flush(self, position: Mapping[str, int] | None = None) -> None:
         self._check_writable("flush")
@@ -292,25 +874,76 @@ class TieredStore(EmbeddingStore):
                 if blob is not None:
                     self.hot.put_blob(POSITION_BLOB, blob.encode())
             else:
-                rows: dict[str, tuple[Keys, list[bytes]]] = {}
-                lost = 0
-                for table, parts in self._dirty.items():
-                    keys = np.unique(np.concatenate(parts))
-                    values = self.hot.get_many(table, keys)
-                    keep = np.fromiter((v is not None for v in values), np.bool_, len(values))
-                    # A row gone from hot (e.g. Redis flushed) cannot be written back.
-                    lost += len(keys) - int(keep.sum())
-                    rows[table] = (keys[keep], [v for v in values if v is not None])
-                blobs = {POSITION_BLOB: blob.encode()} if blob is not None else {}
-                if rows or blobs:
-                    self.cold.commit(rows, blobs)
-                self._dirty.clear()
-                self._dirty_len.clear()
-                if lost:
-                    self._count(lost_dirty_rows=lost)
+                self._flush_to_cold(blob)
+            self._set_gauges()
         elapsed = time.perf_counter() - start
         metrics.FLUSH_SECONDS.observe(elapsed)
         metrics.FLUSH_OP_SECONDS.observe(elapsed)
+
+    def _flush_to_cold(self, blob: str | None) -> None:
+        """Lock held: dirty rows from hot and spilled rows (not in hot) with the position
+        in one commit; then the spill is dropped."""
+        assert self.cold is not None
+        rows: dict[str, tuple[Keys, list[bytes]]] = {}
+        cleaned: dict[str, Positions] = {}
+        lost = 0
+        for table in self._tables:
+            if self._index is not None:
+                index = self._index[table]
+                pos = index.dirty_positions()
+                keys = index.keys[pos]
+                cleaned[table] = pos
+            elif self._dirty.get(table):
+                keys = _unique(np.concatenate(self._dirty[table]))
+            else:
+                keys = _EMPTY_KEYS
+            values = self.hot.get_many(table, keys) if len(keys) else []
+            keep = _present(values)
+            keys = keys[keep]
+            present = [v for v in values if v is not None]
+            spilled = self._spilled.get(table, _EMPTY_KEYS)
+            if len(spilled):
+                # Rows in hot are newer than their spill copy (promoted rows stay dirty).
+                rest = spilled[~_isin_sorted(spilled, _unique(keys))]
+                more = self.cold.get_many(spill_table(table), rest)
+                ok = _present(more)
+                keys = np.concatenate([keys, rest[ok]])
+                present.extend(v for v in more if v is not None)
+                keep = np.concatenate([keep, ok])
+            # A row gone from hot (e.g. Redis flushed) cannot be written back.
+            lost += len(keep) - int(keep.sum())
+            if len(keys):
+                rows[table] = (keys, present)
+        blobs = {POSITION_BLOB: blob.encode()} if blob is not None else {}
+        if rows or blobs:
+            self.cold.commit(rows, blobs)
+        if self._index is not None:
+            for table, pos in cleaned.items():
+                self._index[table].dirty[pos] = False
+        self._dirty.clear()
+        self._dirty_len.clear()
+        if self._spilled:
+            for table, spilled in self._spilled.items():
+                if len(spilled):
+                    self.cold.delete_many(spill_table(table), spilled)
+            self._spilled.clear()
+            self.cold.delete_blob(SPILL_BLOB)
+        if lost:
+            self._count(lost_dirty_rows=lost)
+
+    def _set_gauges(self) -> dict[str, int]:
+        """Rows and bytes per tier and table into the gauges; returns the row counts."""
+        out: dict[str, int] = {}
+        for table, codec in self._codecs.items():
+            tiers = {"hot": self.hot.count(table)}
+            if self.cold is not None:
+                tiers["cold"] = self.cold.count(table)
+                tiers["spill"] = len(self._spilled.get(table, _EMPTY_KEYS))
+            for tier, n in tiers.items():
+                metrics.ROWS.labels(tier=tier, table=table).set(n)
+                metrics.BYTES.labels(tier=tier, table=table).set(n * codec.nbytes)
+                out[f"{tier}_rows.{table}"] = n
+        return out
 
     def position(self) -> dict[str, int] | None:
         raw = self.cold.get_blob(POSITION_BLOB) if self.cold is not None else None
@@ -342,25 +975,26 @@ class TieredStore(EmbeddingStore):
         return data
 
     def stats(self) -> dict[str, int]:
-        """``hot_rows.<table>``, ``cold_rows.<table>``, ``dirty_rows`` (upper bound) and
-        the counters ``hot_hits``, ``cold_hits``, ``misses`` (distinct keys of lookups),
-        ``created_rows``, ``rejected_gradients``, ``lost_dirty_rows``."""
-        out: dict[str, int] = {}
-        for table in self._tables:
-            out[f"hot_rows.{table}"] = self.hot.count(table)
-            if self.cold is not None:
-                out[f"cold_rows.{table}"] = self.cold.count(table)
+        """Row counts: ``hot_rows.<table>``, ``cold_rows.<table>``, ``spill_rows.<table>``
+        (demoted dirty rows awaiting flush), ``hot_bytes`` (packed), ``dirty_rows`` (an
+        upper bound without eviction); counters: ``hot_hits``, ``cold_hits``, ``misses``
+        (distinct keys of lookups), ``created_rows``, ``admissions``,
+        ``admission_rejections`` (distinct keys per call), ``forced_admissions``,
+        ``rejected_gradients`` (NaN/inf), ``dropped_gradients`` (no row),
+        ``promotions``, ``demotions``, ``evictions.<reason>`` for capacity, ttl, l2_norm
+        and manual, ``eviction_passes``, ``eviction_floor_hits`` (steps where the floor held
+        eviction back), ``lost_dirty_rows``. Also refreshes the row and byte gauges."""
+        with self._lock:
+            out = self._set_gauges()
+            out["hot_bytes"] = sum(out[f"hot_rows.{t}"] * c.nbytes for t, c in self._codecs.items())
+            if self._index is not None:
+                out["dirty_rows"] = sum(len(ix.dirty_positions()) for ix in self._index.values())
+            else:
+                out["dirty_rows"] = sum(self._dirty_len.values())
+            out["step"] = self._step
         with self._tally_lock:
-            for name in (
-                "hot_hits",
-                "cold_hits",
-                "misses",
-                "created_rows",
-                "rejected_gradients",
-                "lost_dirty_rows",
-            ):
+            for name in _COUNTERS:
                 out[name] = self._tally[name]
-        out["dirty_rows"] = sum(self._dirty_len.copy().values())  # copy: atomic vs writer
         return out
 
     def close(self) -> None:

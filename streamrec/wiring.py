@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from storage.base import TableConfig
+from storage.base import RowTier, TableConfig
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
@@ -57,9 +57,25 @@ def build_store(settings: Settings, spec: FeatureSpec, *, read_only: bool = Fals
     """
     cfg = settings.store
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    hot = RedisTier(cfg.redis_url, prefix=cfg.redis_prefix) if cfg.hot == "redis" else MemoryTier()
+    tables = table_configs(spec, settings)
+    hot: RowTier
+    if cfg.hot == "redis":
+        expected = cfg.expected_rows_per_table
+        if expected is None and cfg.eviction is not None and cfg.eviction.max_rows:
+            expected = max(cfg.eviction.max_rows // len(tables), 1)
+        hot = RedisTier(cfg.redis_url, prefix=cfg.redis_prefix, expected_rows=expected)
+    else:
+        hot = MemoryTier()
     cold = RocksDBTier(cfg.rocksdb_path, read_only=read_only)
-    return TieredStore(table_configs(spec, settings), hot, cold, read_only=read_only)
+    return TieredStore(
+        tables,
+        hot,
+        cold,
+        read_only=read_only,
+        eviction=cfg.eviction,
+        # Redis outlives a crashed trainer; its rows may be ahead of the recorded position.
+        discard_hot_rows=cfg.hot == "redis" and not read_only,
+    )
 
 
 def resolve_spec(settings: Settings) -> FeatureSpec:

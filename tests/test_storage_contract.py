@@ -140,6 +140,33 @@ def test_large_batch(tier: RowTier) -> None:
     assert tier.count("t") == len(keys)
 
 
+def test_scan_returns_every_row_of_the_table(tier: RowTier) -> None:
+    rng = np.random.default_rng(5)
+    keys = np.unique(rng.integers(0, 2**64 - 1, 500, dtype=np.uint64, endpoint=True))
+    values = blobs_of(rng, len(keys))
+    tier.put_many("t", keys, values)
+    tier.put_many("other", u64(1), [b"not in t"])
+    tier.put_blob("t", b"a blob is not a row")
+    seen: dict[int, bytes] = {}
+    for chunk_keys, chunk_values in tier.scan("t", batch=64):
+        assert chunk_keys.dtype == np.uint64
+        assert 0 < len(chunk_keys) == len(chunk_values) <= 64
+        seen.update(zip(chunk_keys.tolist(), chunk_values, strict=True))
+    assert seen == dict(zip(keys.tolist(), values, strict=True))
+    assert list(tier.scan("never-written")) == []
+
+
+def test_scan_while_deleting(tier: RowTier) -> None:
+    keys = np.arange(1, 301, dtype=np.uint64) * np.uint64(2**40 + 7)
+    tier.put_many("t", keys, [b"v%d" % i for i in range(300)])
+    seen: set[int] = set()
+    for chunk_keys, _ in tier.scan("t", batch=50):
+        seen.update(chunk_keys.tolist())
+        tier.delete_many("t", chunk_keys)
+    assert seen == set(keys.tolist())
+    assert tier.count("t") == 0
+
+
 def test_commit_writes_rows_and_blobs(tier: RowTier) -> None:
     tier.commit({"a": (u64(1, 2), [b"a1", b"a2"]), "b": (u64(1), [b"b1"])}, {"pos": b"7"})
     assert tier.get_many("a", u64(1, 2)) == [b"a1", b"a2"]

@@ -52,6 +52,9 @@ class TrainerConfig(BaseModel):
     )
     publish_every_s: float = Field(5.0, gt=0, description="Publish a model version this often.")
     keep_versions: int = Field(10, ge=1, description="Published versions kept in the store.")
+    expire_every_s: float = Field(
+        60.0, gt=0, description="Expire rows by the tables' ttl_s and min_l2_norm this often."
+    )
     progress_every_s: float = Field(5.0, gt=0, description="Print a progress line this often.")
     eval_window: int = Field(50_000, ge=100, description="Events in the windowed metrics.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -236,6 +239,7 @@ class StreamingTrainer:
         batch_started = time.monotonic()
         now = time.monotonic()
         next_flush, next_publish = now + cfg.flush_every_s, now + cfg.publish_every_s
+        next_expire = now + cfg.expire_every_s
         progress = _Progress(cfg.progress_every_s, self.total_events)
         trained = 0
         while not stop.is_set() and (max_events is None or trained < max_events):
@@ -259,6 +263,11 @@ class StreamingTrainer:
             if now >= next_flush:
                 self.checkpoint()
                 next_flush = now + cfg.flush_every_s
+            if now >= next_expire:
+                expired = self.store.expire()
+                if any(expired.values()):
+                    log.info("expired rows: %s", expired)
+                next_expire = now + cfg.expire_every_s
             if now >= next_publish and self.evaluator.events:
                 self.publish()
                 next_publish = now + cfg.publish_every_s

@@ -1,0 +1,327 @@
+"""Hot-tier capacity: the configuration, the in-process recency index and victim choice.
+
+``TieredStore`` keeps one ``HotIndex`` per table: which keys its hot tier holds, with the
+*step* each was last accessed in, an access count and a dirty flag (written since the
+last flush). A step is the store's logical clock (see ``TieredStore``: it advances when a
+training lookup comes back to a table already looked up in the current step, i.e. once
+per trainer batch). The index is a numpy open-addressing hash table (linear probing,
+tombstones, rebuilt at half load to a quarter load), so every per-batch operation is a
+handful of vectorised passes over the batch's keys, not a Python loop per key. It costs
+22 bytes a slot, 2 to 8 slots per hot row, in the process that writes the store.
+
+Victims (``choose_victims``) are exact at step granularity: among all rows of all tables
+that are not protected, the least recently accessed (``lru``; ties broken arbitrarily)
+or the least often accessed, older first among equal counts (``lfu``). Choosing is one
+O(hot rows) vectorised pass (``argpartition``, no sort of the whole set), which the
+store amortises by evicting in chunks down to ``low_water``.
+
+The floor against eviction storms (both rules always hold):
+
+* rows accessed in the current step or the ``protect_steps - 1`` steps before it are
+  never chosen, so a burst of new ids never pushes out the rows the trainer is using;
+* at most ``max_evict_fraction`` of the capacity is evicted per step, so a burst of new
+  ids is absorbed over several batches instead of pushing out the warm set at once;
+  the budget is lifted only while the hot tier is more than ``overshoot`` above
+  capacity (so a sustained overload cannot grow it without bound).
+
+Capacity is therefore soft: while the protected rows alone exceed it, or a burst outruns
+the per-step budget, the hot tier stays above it (the store counts the steps where that
+happened as ``eviction_floor_hits``) and catches up in later steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from storage.base import Keys
+
+Positions = npt.NDArray[np.int64]
+
+_EMPTY, _LIVE, _TOMB = 0, 1, 2
+_PHI = np.uint64(0x9E3779B97F4A7C15)
+_MIN_SIZE = 1024
+_FREQ_BITS = 22  # LFU score: count (capped) above 40 bits of step
+_STEP_BITS = 40
+
+
+class EvictionConfig(BaseModel):
+    """Capacity of the hot tier (all tables together) and how rows leave it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["lru", "lfu"] = Field(
+        "lru",
+        description="lru: least recently accessed first; lfu: least often accessed first "
+        "(counts halve after every eviction pass, so old popularity fades).",
+    )
+    max_rows: int | None = Field(None, ge=1, description="Rows in the hot tier, all tables.")
+    max_bytes: int | None = Field(
+        None, ge=1, description="Packed row bytes in the hot tier (rows x row size), all tables."
+    )
+    low_water: float = Field(
+        0.9, gt=0, lt=1, description="An eviction pass evicts down to this share of capacity."
+    )
+    protect_steps: int = Field(
+        2, ge=1, description="Rows accessed in the last this many steps are never evicted."
+    )
+    max_evict_fraction: float = Field(
+        0.25, gt=0, le=1, description="At most this share of capacity is evicted per step."
+    )
+    overshoot: float = Field(
+        0.5,
+        ge=0,
+        description="Past capacity x (1 + overshoot) the per-step budget no longer holds "
+        "eviction back (protected rows still stay).",
+    )
+
+    write_back: Literal["spill", "direct"] = Field(
+        "spill",
+        description="spill: demoted dirty rows wait in the cold tier's spill space until "
+        "the next flush, so the cold tier never runs ahead of its recorded position; "
+        "direct: written straight into the cold table (no second write at flush, but "
+        "after a crash their updates since the last flush are replayed twice).",
+    )
+
+    @model_validator(mode="after")
+    def _some_capacity(self) -> EvictionConfig:
+        if self.max_rows is None and self.max_bytes is None:
+            raise ValueError("eviction needs max_rows and/or max_bytes")
+        return self
+
+
+class HotIndex:
+    """The keys of one table in the hot tier, with last-access step and access count.
+
+    ``touch`` and ``discard`` take distinct keys. A key's position stays valid while
+    ``epoch`` is unchanged and the key is not removed: ``epoch`` advances when a rebuild
+    moves every key and when ``discard`` removes keys (``discard_at`` does not: its
+    caller knows which positions it removed).
+    """
+
+    def __init__(self, expected: int = 0) -> None:
+        self.epoch = 0
+        self._alloc(_size_for(expected))
+
+    def _alloc(self, size: int) -> None:
+        self._mask = size - 1
+        self._shift = np.uint64(64 - (size.bit_length() - 1))
+        self.keys = np.zeros(size, dtype=np.uint64)
+        self.state = np.zeros(size, dtype=np.uint8)
+        self.step = np.zeros(size, dtype=np.int32)  # 2**31 steps: years of batches
+        self.freq = np.zeros(size, dtype=np.uint32)
+        self.dirty = np.zeros(size, dtype=np.bool_)
+        self._owner = np.zeros(size, dtype=np.int32)  # scratch for _insert
+        self.live = 0
+        self._used = 0  # live + tombstones
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def _home(self, keys: Keys) -> Positions:
+        # Fibonacci hashing: the top bits of key * 2**64/phi, so patterned keys spread too.
+        with np.errstate(over="ignore"):
+            return ((keys * _PHI) >> self._shift).astype(np.int64)
+
+    def find(self, keys: Keys) -> Positions:
+        """Position of each key, -1 where absent."""
+        n = len(keys)
+        out = np.full(n, -1, dtype=np.int64)
+        if n == 0 or self.live == 0:
+            return out
+        active = np.arange(n)
+        pos = self._home(keys)
+        want = keys
+        while len(active):
+            st = self.state[pos]
+            hit = (st == _LIVE) & (self.keys[pos] == want)
+            out[active[hit]] = pos[hit]
+            go = ~hit & (st != _EMPTY)
+            active, pos, want = active[go], (pos[go] + 1) & self._mask, want[go]
+        return out
+
+    def _reserve(self, extra: int) -> None:
+        """Rebuild first if adding ``extra`` keys would pass half load."""
+        if 2 * (self._used + extra) <= self.size:
+            return
+        live = self.state == _LIVE
+        keys, step, freq = self.keys[live], self.step[live], self.freq[live]
+        dirty = self.dirty[live]
+        self.epoch += 1
+        self._alloc(_size_for(len(keys) + extra))
+        pos = self._insert(keys)
+        self.step[pos] = step
+        self.freq[pos] = freq
+        self.dirty[pos] = dirty
+
+    def _insert(self, keys: Keys) -> Positions:
+        """Place distinct absent keys (room reserved); their positions."""
+        n = len(keys)
+        out = np.empty(n, dtype=np.int64)
+        active = np.arange(n)
+        pos = self._home(keys)
+        while len(active):
+            free = self.state[pos] != _LIVE
+            cand, slot = active[free], pos[free]
+            # Keys probing the same free slot: the last scattered owns it, the rest retry.
+            self._owner[slot] = cand
+            won = self._owner[slot] == cand
+            cand, slot = cand[won], slot[won]
+            self._used += int(np.count_nonzero(self.state[slot] == _EMPTY))
+            self.state[slot] = _LIVE
+            self.keys[slot] = keys[cand]
+            out[cand] = slot
+            retry = ~free
+            retry[free] = ~won
+            # Blocked keys probe on; losers stay (the slot is live on their next look).
+            pos = np.where(free, pos, (pos + 1) & self._mask)[retry]
+            active = active[retry]
+        self.live += n
+        return out
+
+    def touch(self, keys: Keys, step: int, *, add: bool = True) -> Positions:
+        """Record an access at ``step`` (count + 1) of each key: a key's step never goes
+        back. Absent keys are added (clean, count 1) or with ``add=False`` ignored.
+        Returns each key's position (-1 for an ignored one)."""
+        if len(keys) == 0:
+            return np.zeros(0, dtype=np.int64)
+        if add:
+            self._reserve(len(keys))
+        pos = self.find(keys)
+        absent = pos < 0
+        seen = pos[~absent] if absent.any() else pos
+        self.step[seen] = np.maximum(self.step[seen], step)
+        self.freq[seen] += np.uint32(1)
+        if add and absent.any():
+            pos[absent] = new = self._insert(keys[absent])
+            self.step[new] = step
+            self.freq[new] = 1
+            self.dirty[new] = False
+        return pos
+
+    def discard(self, keys: Keys) -> int:
+        """Forget the keys (and their dirty flags); returns how many were present."""
+        pos = self.find(keys)
+        pos = pos[pos >= 0]
+        self.epoch += 1
+        self.state[pos] = _TOMB
+        self.dirty[pos] = False
+        self.live -= len(pos)
+        return len(pos)
+
+    def discard_at(self, pos: Positions) -> None:
+        """Forget the keys at ``pos`` (distinct live positions from this index)."""
+        self.state[pos] = _TOMB
+        self.dirty[pos] = False
+        self.live -= len(pos)
+
+    def dirty_positions(self) -> Positions:
+        """Positions of live keys marked dirty."""
+        out: Positions = np.flatnonzero(self.dirty & (self.state == _LIVE))
+        return out
+
+    def candidates(self, before_step: int) -> Positions:
+        """Positions of live keys last accessed before ``before_step``."""
+        out: Positions = np.flatnonzero((self.state == _LIVE) & (self.step < before_step))
+        return out
+
+    def age(self) -> None:
+        """Halve every access count (LFU aging)."""
+        self.freq >>= np.uint32(1)
+
+
+def _size_for(n: int) -> int:
+    """A power of two at least 4n (load <= 1/4 right after a rebuild)."""
+    return max(_MIN_SIZE, 1 << max(0, math.ceil(math.log2(max(1, 4 * n)))))
+
+
+@dataclass(frozen=True)
+class Victims:
+    """The rows one pass evicts: per table (its position in ``indexes``), positions in
+    that table's ``HotIndex``; and why the pass fell short of its target, if it did."""
+
+    positions: dict[int, Positions]
+    rows: int
+    nbytes: int
+    short_by: Literal["protected", "budget"] | None
+
+
+def choose_victims(
+    indexes: list[HotIndex],
+    row_bytes: list[int],
+    cfg: EvictionConfig,
+    step: int,
+    *,
+    budget_rows: int | None = None,
+    budget_bytes: int | None = None,
+) -> Victims:
+    """The rows one eviction pass removes at ``step`` (see the module docstring): none
+    while the hot tier is within capacity, else the lowest-scored unprotected rows down
+    to ``low_water``, at most ``budget_rows`` rows and ``budget_bytes`` bytes."""
+    rows = sum(ix.live for ix in indexes)
+    nbytes = sum(ix.live * b for ix, b in zip(indexes, row_bytes, strict=True))
+    need_rows = need_bytes = 0
+    if cfg.max_rows is not None and rows > cfg.max_rows:
+        need_rows = rows - int(cfg.max_rows * cfg.low_water)
+    if cfg.max_bytes is not None and nbytes > cfg.max_bytes:
+        need_bytes = nbytes - int(cfg.max_bytes * cfg.low_water)
+    if need_rows == 0 and need_bytes == 0:
+        return Victims({}, 0, 0, short_by=None)
+    if (budget_rows is not None and budget_rows <= 0) or (
+        budget_bytes is not None and budget_bytes <= 0
+    ):
+        return Victims({}, 0, 0, short_by="budget")
+
+    protect_from = step - cfg.protect_steps + 1
+    pos_parts, table_parts, score_parts = [], [], []
+    for t, ix in enumerate(indexes):
+        pos = ix.candidates(protect_from)
+        if len(pos) == 0:
+            continue
+        score = ix.step[pos].astype(np.int64)
+        if cfg.policy == "lfu":
+            freq = np.minimum(ix.freq[pos], (1 << _FREQ_BITS) - 1).astype(np.int64)
+            score = (freq << _STEP_BITS) | (score & ((1 << _STEP_BITS) - 1))
+        pos_parts.append(pos)
+        table_parts.append(np.full(len(pos), t, dtype=np.int64))
+        score_parts.append(score)
+    if not pos_parts:
+        return Victims({}, 0, 0, short_by="protected")
+    pos_all = np.concatenate(pos_parts)
+    table_all = np.concatenate(table_parts)
+    score_all = np.concatenate(score_parts)
+    size_all = np.asarray(row_bytes, dtype=np.int64)[table_all]
+    n = len(pos_all)
+
+    # The k lowest scores in order, k grown until that prefix frees enough (row sizes
+    # differ per table); then the prefix is cut at the target or at the budget.
+    k = min(n, max(need_rows, math.ceil(need_bytes / float(size_all.mean())), 1))
+    while True:
+        part = np.argpartition(score_all, k - 1)[:k] if k < n else np.arange(n)
+        part = part[np.argsort(score_all[part], kind="stable")]
+        cum = np.cumsum(size_all[part])
+        enough = (np.arange(1, k + 1) >= need_rows) & (cum >= need_bytes)
+        if enough.any() or k == n:
+            break
+        k = min(n, 2 * k)
+    short_by: Literal["protected", "budget"] | None = None
+    if enough.any():
+        take = int(np.argmax(enough)) + 1
+    else:
+        take, short_by = k, "protected"
+    if budget_rows is not None and take > budget_rows:
+        take, short_by = budget_rows, "budget"
+    if budget_bytes is not None and cum[take - 1] > budget_bytes:
+        take, short_by = int(np.searchsorted(cum, budget_bytes, side="right")), "budget"
+    chosen = part[:take]
+    chosen_tables = table_all[chosen]
+    by_table: dict[int, Positions] = {}
+    for t in np.unique(chosen_tables).tolist():
+        by_table[int(t)] = pos_all[chosen[chosen_tables == t]]
+    return Victims(by_table, take, int(cum[take - 1]) if take else 0, short_by=short_by)

@@ -1,0 +1,166 @@
+"""Exactly-once through a crash: `kill -9` a trainer reading Kafka mid-stream,
+restart it, and compare with an uninterrupted run on the same events."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from storage.keys import feature_keys
+from storage.rocksdb_tier import RocksDBTier
+from storage.rows import RowCodec
+from storage.tiered import TieredStore
+from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
+from streamrec.config import load_settings
+from streamrec.runtime import TrainerRuntime
+from streamrec.wiring import table_configs
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BATCH = 256
+EVENTS = 120 * BATCH
+SOURCE = SyntheticSource(
+    SyntheticConfig(num_sparse=8, num_dense=4, interaction_pairs=[(1, 2)]), EVENTS
+)
+
+
+def write_config(path: Path, kafka: str, redis_url: str, topic: str, name: str) -> Path:
+    path.mkdir(parents=True)
+    config = path / "streamrec.toml"
+    sparse = ", ".join(f'{{name = "{f.name}", dim = {f.dim}}}' for f in SOURCE.spec.sparse)
+    dense = ", ".join(f'"{name}"' for name in SOURCE.spec.dense)
+    config.write_text(
+        f"""
+features = {{sparse = [{sparse}], dense = [{dense}]}}
+[log]
+kind = "kafka"
+bootstrap_servers = "{kafka}"
+topic = "{topic}"
+group_id = "{name}"
+[store]
+hot = "redis"
+redis_url = "{redis_url}"
+redis_prefix = "{name}"
+data_dir = "{path / "data"}"
+[trainer]
+batch_size = {BATCH}
+max_batch_wait_s = 60
+flush_every_s = 0.25
+publish_every_s = 3600
+"""
+    )
+    return config
+
+
+def train_in_process(config: Path, max_events: int) -> TrainerRuntime:
+    runtime = TrainerRuntime.start(load_settings(config), max_events=max_events)
+    deadline = time.monotonic() + 300
+    while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert runtime.report is not None, "trainer did not finish"
+    return runtime
+
+
+def stored_rows(store: TieredStore) -> dict[str, np.ndarray]:
+    """Embedding and optimizer state of every row the events touch (metadata holds
+    wall-clock times, so it is left out)."""
+    out = {}
+    assert store.cold is not None
+    for table, cfg in store.tables().items():
+        ids = sorted({e.features[table] for e in SOURCE}, key=str)
+        keys = feature_keys(table, ids)  # type: ignore[arg-type]
+        values = [
+            h if h is not None else c
+            for h, c in zip(
+                store.hot.get_many(table, keys), store.cold.get_many(table, keys), strict=True
+            )
+        ]
+        assert all(v is not None for v in values)
+        rows = RowCodec(cfg).unpack(keys, values)  # type: ignore[arg-type]
+        out[table] = np.concatenate([rows["emb"], rows["state"]], axis=1)
+    return out
+
+
+def test_kill_9_then_restart_matches_an_uninterrupted_run(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    topic = f"eo-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20)
+    for event in SOURCE:
+        producer.send(topic, event.to_json())
+    producer.flush()
+    producer.close()
+    run = uuid.uuid4().hex[:6]
+
+    reference_config = write_config(
+        tmp_path / "reference", kafka_bootstrap, redis_url, topic, f"ref{run}"
+    )
+    reference = train_in_process(reference_config, EVENTS)
+    expected_dense = {k: v.clone() for k, v in reference.trainer.model.state_dict().items()}
+    expected_rows = stored_rows(reference.store)
+    assert reference.stop() == 0
+
+    crash_config = write_config(
+        tmp_path / "crash", kafka_bootstrap, redis_url, topic, f"crash{run}"
+    )
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamrec.cli",
+            "train",
+            "--config",
+            str(crash_config),
+            "--max-events",
+            str(EVENTS),
+        ],
+        env={
+            **os.environ,
+            "STREAMREC_METRICS_PORT": "0",
+            "STREAMREC_TRAINER__PROGRESS_EVERY_S": "0.05",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert trainer.stdout is not None
+    trained = 0
+    deadline = time.monotonic() + 120
+    while trained < EVENTS // 2 and time.monotonic() < deadline:
+        line = trainer.stdout.readline()
+        if "events=" in line:
+            trained = int(line.split("events=")[1].split()[0])
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait(10)
+    assert EVENTS // 2 <= trained < EVENTS, "the crash must land mid-stream"
+
+    settings = load_settings(crash_config)
+    recorded = RocksDBTier(settings.store.rocksdb_path)  # the primary is gone
+    position = TieredStore(table_configs(SOURCE.spec, settings), recorded).position()
+    recorded.close()
+    assert position is not None
+    done = position[f"{topic}:0"]
+    assert 0 < done < EVENTS and done % BATCH == 0
+    assert done < trained, "the crash must lose work done after the last checkpoint"
+    resumed = train_in_process(crash_config, EVENTS - done)
+
+    for name, tensor in expected_dense.items():
+        assert torch.equal(tensor, resumed.trainer.model.state_dict()[name]), name
+    actual_rows = stored_rows(resumed.store)
+    for table, rows in expected_rows.items():
+        assert np.array_equal(rows, actual_rows[table]), table
+    assert resumed.stop() == 0
