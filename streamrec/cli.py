@@ -12,8 +12,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
 
 from streamrec.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
 log = logging.getLogger("streamrec")
 
@@ -45,24 +52,13 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Trainer and service in one process, sharing one store."""
-    import uvicorn
-
     from service.app import create_app
     from streamrec.runtime import TrainerRuntime
 
     settings = _settings(args)
     runtime = TrainerRuntime.start(settings, max_events=args.max_events, rate=args.rate)
     app = create_app(runtime.store, settings.service)
-    _Server = _uvicorn_server()
-    server = _Server(
-        uvicorn.Config(
-            app,
-            host=settings.service.host,
-            port=settings.service.port,
-            log_level="warning",
-            timeout_graceful_shutdown=5,
-        )
-    )
+    server = _http_server(app, settings)
     runtime.on_failure = lambda: setattr(server, "should_exit", True)
     log.info(
         "serving on http://%s:%d (docs at /docs, metrics at /metrics); Ctrl-C to stop",
@@ -73,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return runtime.stop()
 
 
-def _uvicorn_server() -> type:
+def _http_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -86,7 +82,14 @@ def _uvicorn_server() -> type:
                 signal.signal(sig, self.handle_exit)
             yield
 
-    return Server
+    config = uvicorn.Config(
+        app,
+        host=settings.service.host,
+        port=settings.service.port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+    return Server(config)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -111,22 +114,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The service alone, reading the store the trainer writes."""
-    import uvicorn
-
     from service.app import create_app
     from streamrec.wiring import build_store, resolve_spec
 
     settings = _settings(args)
     store = build_store(settings, resolve_spec(settings), read_only=True)
-    server = _uvicorn_server()(
-        uvicorn.Config(
-            create_app(store, settings.service),
-            host=settings.service.host,
-            port=settings.service.port,
-            log_level="warning",
-            timeout_graceful_shutdown=5,
-        )
-    )
+    server = _http_server(create_app(store, settings.service), settings)
     try:
         server.run()
     finally:
@@ -264,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
-        log.error("%s", exc)
+    except (ConfigError, ValidationError) as exc:
+        log.error("invalid configuration: %s", exc)
         return 2
     return code
 
