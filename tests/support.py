@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+import uuid
 
 import httpx
 
@@ -24,3 +25,14 @@ def wait_ready(base_url: str, timeout_s: float = 60.0) -> bool:
                 return True
         time.sleep(0.5)
     return False
+
+
+def new_topic(bootstrap: str, prefix: str, partitions: int) -> str:
+    """Create a topic with a unique name on the test broker."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    admin.close()
+    return topic

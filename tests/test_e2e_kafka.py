@@ -13,9 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
-from support import free_port, wait_ready
+from support import free_port, new_topic, wait_ready
 
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import load_settings
@@ -58,10 +57,7 @@ publish_every_s = 2.0
 def test_events_to_predictions_through_kafka_redis_rocksdb(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:
-    topic = f"e2e-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
-    admin.close()
+    topic = new_topic(kafka_bootstrap, "e2e", partitions=2)
     config = tmp_path / "streamrec.toml"
     write_config(config, kafka_bootstrap, redis_url, topic, tmp_path / "data")
     cli = [sys.executable, "-m", "streamrec.cli"]

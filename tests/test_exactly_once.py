@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
+from support import new_topic
 
 from storage.keys import feature_keys
 from storage.rocksdb_tier import RocksDBTier
@@ -95,10 +95,7 @@ def stored_rows(store: TieredStore) -> dict[str, np.ndarray]:
 def test_kill_9_then_restart_matches_an_uninterrupted_run(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:
-    topic = f"eo-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    admin.close()
+    topic = new_topic(kafka_bootstrap, "eo", partitions=1)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20)
     for event in SOURCE:
         producer.send(topic, event.to_json())
