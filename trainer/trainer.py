@@ -240,6 +240,7 @@ class StreamingTrainer:
         now = time.monotonic()
         next_flush, next_publish = now + cfg.flush_every_s, now + cfg.publish_every_s
         next_expire = now + cfg.expire_every_s
+        checkpointed, published = dict(self.position), 0
         progress = _Progress(cfg.progress_every_s, self.total_events)
         trained = 0
         while not stop.is_set() and (max_events is None or trained < max_events):
@@ -261,21 +262,24 @@ class StreamingTrainer:
                 pending = []
             now = time.monotonic()
             if now >= next_flush:
-                self.checkpoint()
+                if self.position != checkpointed:  # an idle stream writes nothing
+                    self.checkpoint()
+                    checkpointed = dict(self.position)
                 next_flush = now + cfg.flush_every_s
             if now >= next_expire:
                 expired = self.store.expire()
                 if any(expired.values()):
                     log.info("expired rows: %s", expired)
                 next_expire = now + cfg.expire_every_s
-            if now >= next_publish and self.evaluator.events:
+            if now >= next_publish and self.evaluator.events > published:
                 self.publish()
+                published = self.evaluator.events
                 next_publish = now + cfg.publish_every_s
             progress.maybe_log(self, now)
         if pending:
             self.train_step(pending)
         self.checkpoint()
-        if self.evaluator.events:
+        if self.evaluator.events > published:
             self.publish()
         progress.maybe_log(self, time.monotonic(), force=True)
         return TrainerReport(
