@@ -152,7 +152,8 @@ def test_kill_9_then_restart_matches_an_uninterrupted_run(
     assert position is not None
     done = position[f"{topic}:0"]
     assert 0 < done < EVENTS and done % BATCH == 0
-    assert done < trained, "the crash must lose work done after the last checkpoint"
+    # Usually some batches trained after the last checkpoint are lost with the process
+    # (and sit in Redis); test_store_durability covers that case deterministically.
     resumed = train_in_process(crash_config, EVENTS - done)
 
     for name, tensor in expected_dense.items():

@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from storage.base import TableConfig
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
+from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.tiered import TieredStore
 
@@ -81,3 +83,34 @@ def test_kill_9_leaves_rows_matching_the_recorded_position(tmp_path: Path) -> No
     on_disk = crashed.cold.get_many("a", KEYS)
     expected = replayed.hot.get_many("a", KEYS)
     assert on_disk == expected  # packed rows: embedding, optimizer state, metadata
+
+
+@pytest.mark.integration
+def test_restarted_writer_drops_redis_rows_ahead_of_the_recorded_position(
+    clean_redis: str, tmp_path: Path
+) -> None:
+    def open_store(discard: bool) -> TieredStore:
+        return TieredStore(
+            [TABLE],
+            RedisTier(clean_redis, prefix="dur", buckets=8),
+            RocksDBTier(tmp_path / "db"),
+            clock=lambda: 1000.0,
+            discard_hot_rows=discard,
+        )
+
+    store = open_store(discard=False)
+    apply_events(store, 0, 300)
+    store.flush({"t:0": 300})
+    apply_events(store, 300, 450)  # reaches Redis, never recorded: lost with a crash
+    store.cold.close()  # type: ignore[union-attr]
+
+    restarted = open_store(discard=True)
+    assert restarted.position() == {"t:0": 300}
+    assert restarted.hot.count("a") == 0
+    apply_events(restarted, 300, 450)  # the replay from the recorded position
+
+    reference = TieredStore([TABLE], MemoryTier(), clock=lambda: 1000.0)
+    apply_events(reference, 0, 450)
+    replayed = restarted.lookup("a", KEYS)
+    assert np.array_equal(replayed.rows, reference.lookup("a", KEYS).rows)
+    assert restarted.hot.get_many("a", KEYS) == reference.hot.get_many("a", KEYS)
