@@ -93,7 +93,10 @@ class StreamingTrainer:
         optimizer = torch.optim.AdamW if config.dense_optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer(self.model.parameters(), lr=config.dense_learning_rate)
         self.evaluator = ProgressiveEvaluator(config.eval_window)
+        # `position` covers what the model has learned (or dead-lettered); `_read` runs
+        # ahead of it by the events buffered for the next batch.
         self.position: dict[str, int] = dict(store.position() or {})
+        self._read: dict[str, int] = dict(self.position)
         self._checkpoint_blob: str | None = None
         if not self._resume_checkpoint():
             self._resume_published()
@@ -193,7 +196,7 @@ class StreamingTrainer:
                         record.value,
                         headers={"reason": bad.reason, "detail": bad.detail[:500]},
                     )
-            self.position[record.slot] = record.offset + 1
+            self._read[record.slot] = record.offset + 1
         return events
 
     def checkpoint(self) -> None:
@@ -260,6 +263,9 @@ class StreamingTrainer:
                 self.train_step(pending)
                 trained += len(pending)
                 pending = []
+            if not pending:
+                # Never record buffered, untrained events: a crash would skip them.
+                self.position = dict(self._read)
             now = time.monotonic()
             if now >= next_flush:
                 if self.position != checkpointed:  # an idle stream writes nothing
@@ -278,6 +284,7 @@ class StreamingTrainer:
             progress.maybe_log(self, now)
         if pending:
             self.train_step(pending)
+        self.position = dict(self._read)
         self.checkpoint()
         if self.evaluator.events > published:
             self.publish()
