@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from storage.base import Floats, Keys, RowFormatError, TableConfig
+from storage.base import Keys, RowFormatError, TableConfig
 from storage.keys import splitmix64
 from storage.optim import initial_state, state_dim
 
@@ -112,9 +112,3 @@ class RowCodec:
         rows["updated_at"][idx] = np.uint32(now)
         count = rows["count"][idx]
         rows["count"][idx] = np.where(count < _U32_MAX, count + np.uint32(1), count)
-
-    @staticmethod
-    def embeddings(rows: Rows) -> Floats:
-        """The (n, dim) float32 embeddings of ``rows`` (a view)."""
-        emb: Floats = rows["emb"]
-        return emb

@@ -96,9 +96,8 @@ def check_fields(
                     "wrong_type",
                 )
             )
-    dense_names = set(spec.dense)
     for name, value in dense.items():
-        if name not in dense_names:
+        if name not in spec.dense_names:
             errors.append(FieldError(name, f"unknown dense feature {name!r}", "unknown_field"))
         elif isinstance(value, bool) or not isinstance(value, int | float):
             errors.append(
@@ -121,9 +120,8 @@ def split_instance(
     Names the spec does not know stay on the sparse side, where ``check_fields``
     reports them as unknown.
     """
-    dense_names = set(spec.dense)
-    features = {k: v for k, v in instance.items() if k not in dense_names}
-    dense = {k: v for k, v in instance.items() if k in dense_names}
+    features = {k: v for k, v in instance.items() if k not in spec.dense_names}
+    dense = {k: v for k, v in instance.items() if k in spec.dense_names}
     return features, dense
 
 

@@ -22,8 +22,6 @@ import orjson
 
 log = logging.getLogger(__name__)
 
-Position = dict[str, int]
-
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -114,10 +112,6 @@ class InMemoryLog:
         with self._cond:
             self._topic(topic)
             return self._base[topic]
-
-    def end_offset(self, topic: str) -> int:
-        with self._cond:
-            return self._base.get(topic, 0) + len(self._topics.get(topic, ()))
 
     def read(self, topic: str, offset: int, max_records: int, timeout_s: float) -> list[Record]:
         deadline = time.monotonic() + timeout_s

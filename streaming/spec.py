@@ -6,6 +6,7 @@ writing a TOML/JSON file (see README "Configuration").
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,8 +48,14 @@ class FeatureSpec(BaseModel):
     def sparse_names(self) -> list[str]:
         return [f.name for f in self.sparse]
 
+    @cached_property
+    def _sparse_by_name(self) -> dict[str, SparseFeature]:
+        # Validation looks fields up for every event and instance: keep it O(1).
+        return {f.name: f for f in self.sparse}
+
+    @cached_property
+    def dense_names(self) -> frozenset[str]:
+        return frozenset(self.dense)
+
     def sparse_field(self, name: str) -> SparseFeature | None:
-        for field in self.sparse:
-            if field.name == name:
-                return field
-        return None
+        return self._sparse_by_name.get(name)

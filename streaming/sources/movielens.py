@@ -51,7 +51,6 @@ RECBOLE_REQUIREMENT = "recbole==1.2.1"
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
 # Pinned so a tampered or different wheel is refused rather than silently loaded.
 RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
-RECBOLE_DATA_PREFIX = "recbole/dataset_example/ml-100k/"
 
 # u.genre order; the 19 flags in u.item follow it.
 GENRES: tuple[str, ...] = (
