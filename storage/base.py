@@ -129,6 +129,11 @@ class RowTier(ABC):
     def count(self, table: str) -> int:
         """Number of rows this tier holds for ``table``."""
 
+    def clear(self, table: str) -> None:
+        """Remove every row of ``table``."""
+        for keys, _ in self.scan(table):
+            self.delete_many(table, keys)
+
     @abstractmethod
     def scan(self, table: str, batch: int = 4096) -> Iterator[tuple[Keys, list[bytes]]]:
         """Every row of ``table`` as chunks of (keys, values), about ``batch`` rows each.
@@ -186,8 +191,13 @@ class EmbeddingStore(ABC):
         """
 
     @abstractmethod
-    def update(self, table: str, keys: Keys, grads: Floats) -> None:
-        """Apply the table's sparse optimizer to ``keys`` (unique) with ``grads`` (n, dim)."""
+    def update(self, table: str, keys: Keys, grads: Floats) -> Floats:
+        """Apply the table's sparse optimizer to ``keys`` (unique) with ``grads`` (n, dim);
+        returns their embeddings after the update (zeros where a key has no row)."""
+
+    def prefetch(self, table: str, keys: Keys) -> None:  # noqa: B027 - optional hook
+        """A hint that ``keys`` are about to be looked up: stores with slow tiers move
+        their rows closer. Changes no row and counts no sighting."""
 
     @abstractmethod
     def admit(self, table: str, keys: Keys) -> None:

@@ -60,3 +60,8 @@ class StoreConfig(BaseModel):
     @property
     def rocksdb_path(self) -> Path:
         return self.data_dir / "rocksdb"
+
+    @property
+    def spill_path(self) -> Path:
+        """The writer's scratch RocksDB for demoted rows awaiting a flush."""
+        return self.data_dir / "spill"

@@ -67,6 +67,10 @@ class MemoryTier(RowTier):
                 targets[table].update(zip(keys.tolist(), values, strict=True))
             self._blobs.update({name: bytes(data) for name, data in blobs.items()})
 
+    def clear(self, table: str) -> None:
+        with self._lock:
+            self._tables.pop(table, None)
+
     def count(self, table: str) -> int:
         return len(self._tables.get(table, ()))
 

@@ -9,6 +9,11 @@ Key layout, all tables in the default column family:
   ``count`` is one point read and always exact.
 * blob: ``b"b" + name`` (UTF-8).
 
+Whole-key bloom filters and a block cache make reads of absent keys (first sightings of
+ids, the most common cold read) cheap. ``exact_counts=False`` skips the existence reads
+that keep counts exact (``count`` then scans); ``wal=False`` writes without the
+write-ahead log. ``RocksDBTier.scratch`` is both, for spill that a crash discards anyway.
+
 ``put_many``, ``delete_many`` and ``commit`` each apply one WriteBatch, so a commit of
 rows and blobs (the trainer's stream position) is atomic, including across a crash.
 ``commit`` writes with ``sync=True`` by default (survives power loss); other writes
@@ -35,13 +40,43 @@ from hashlib import blake2b
 from typing import Any, cast
 
 import numpy as np
-from rocksdict import AccessType, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    Cache,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch,
+    WriteOptions,
+)
 
 from storage.base import Keys, ReadOnlyStore, RowTier, StoreUnavailable
 
 
 def _table_id(table: str) -> bytes:
     return blake2b(table.encode(), digest_size=8).digest()
+
+
+def _options(block_cache_bytes: int) -> Options:
+    """Point-lookup tuning: most cold reads are of keys the tier does not hold (first
+    sightings of ids), which whole-key bloom filters answer from memory."""
+    opts = Options(raw_mode=True)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    table.set_block_cache(Cache(block_cache_bytes))
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    opts.set_block_based_table_factory(table)
+    opts.set_memtable_whole_key_filtering(True)
+    opts.set_memtable_prefix_bloom_ratio(0.1)
+    return opts
+
+
+def _after(prefix: bytes) -> bytes:
+    """The first key past every key starting with ``prefix`` (no overflow: row prefixes
+    start with b"r")."""
+    return (int.from_bytes(prefix, "big") + 1).to_bytes(len(prefix), "big")
 
 
 class RocksDBTier(RowTier):
@@ -55,6 +90,9 @@ class RocksDBTier(RowTier):
         secondary_path: str | os.PathLike[str] | None = None,
         catch_up_interval: float = 0.1,
         sync_commits: bool = True,
+        block_cache_bytes: int = 256 << 20,
+        wal: bool = True,
+        exact_counts: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
@@ -65,9 +103,14 @@ class RocksDBTier(RowTier):
         self._last_catch_up = 0.0
         self._own_secondary: str | None = None
         self._closed = False
+        self.exact_counts = exact_counts
         self._commit_opts = WriteOptions()
         self._commit_opts.sync = sync_commits
-        opts = Options(raw_mode=True)
+        self._write_opts = WriteOptions()
+        # The stub declares disable_wal a method; at runtime it is a property.
+        cast(Any, self._write_opts).disable_wal = not wal
+        cast(Any, self._commit_opts).disable_wal = not wal and not sync_commits
+        opts = _options(block_cache_bytes)
         try:
             if read_only:
                 if secondary_path is None:
@@ -89,6 +132,13 @@ class RocksDBTier(RowTier):
             self._remove_own_secondary()
             mode = "as a read-only secondary" if read_only else "read-write"
             raise StoreUnavailable(f"RocksDB at {self.path}: cannot open {mode}: {e}") from e
+
+    @classmethod
+    def scratch(cls, path: str | os.PathLike[str]) -> RocksDBTier:
+        """A tier for rows that need not survive a crash (the tiered store's spill):
+        emptied on open, no write-ahead log, ``count`` scans."""
+        shutil.rmtree(path, ignore_errors=True)
+        return cls(path, sync_commits=False, wal=False, exact_counts=False)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -150,9 +200,10 @@ class RocksDBTier(RowTier):
         if len(keys) == 0:
             return
         row_keys = self._row_keys(table, keys)
-        unique = np.unique(keys)
-        existing = self._multi_get(self._row_keys(table, unique))
-        added = sum(v is None for v in existing)
+        added = 0
+        if self.exact_counts:
+            existing = self._multi_get(self._row_keys(table, np.unique(keys)))
+            added = sum(v is None for v in existing)
         for k, v in zip(row_keys, values, strict=True):
             wb.put(k, v)
         if added:
@@ -161,10 +212,7 @@ class RocksDBTier(RowTier):
     def _write(self, wb: WriteBatch, counts: dict[str, int], *, sync: bool) -> None:
         for table, count in counts.items():
             wb.put(b"n" + _table_id(table), count.to_bytes(8, "little"))
-        if sync:
-            self._db.write(wb, self._commit_opts)
-        else:
-            self._db.write(wb)
+        self._db.write(wb, self._commit_opts if sync else self._write_opts)
         self._counts.update(counts)
 
     # -- RowTier ------------------------------------------------------------------------
@@ -188,16 +236,29 @@ class RocksDBTier(RowTier):
         if len(keys) == 0:
             return
         with self._lock:
-            unique = np.unique(keys)
-            row_keys = self._row_keys(table, unique)
-            removed = sum(v is not None for v in self._multi_get(row_keys))
+            row_keys = self._row_keys(table, np.unique(keys))
+            removed = 0
+            if self.exact_counts:
+                removed = sum(v is not None for v in self._multi_get(row_keys))
             wb = WriteBatch(raw_mode=True)
             for k in row_keys:
                 wb.delete(k)
             counts = {table: self._count_locked(table) - removed} if removed else {}
             self._write(wb, counts, sync=False)
 
+    def clear(self, table: str) -> None:
+        """One range deletion, however many rows."""
+        self._check_writable()
+        prefix = self._prefix(table)
+        with self._lock:
+            self._db.delete_range(prefix, _after(prefix), self._write_opts)
+            if self.exact_counts:
+                wb = WriteBatch(raw_mode=True)
+                self._write(wb, {table: 0}, sync=False)
+
     def count(self, table: str) -> int:
+        if not self.exact_counts:
+            return sum(len(keys) for keys, _ in self.scan(table))
         if self.read_only:
             self._maybe_catch_up()
             return self._stored_count(table)
@@ -209,10 +270,8 @@ class RocksDBTier(RowTier):
         scan starts (writes meanwhile are not seen); skips the block cache."""
         self._maybe_catch_up()
         prefix = self._prefix(table)
-        # Upper bound: the prefix + 1 (no overflow: it starts with b"r").
-        upper = (int.from_bytes(prefix, "big") + 1).to_bytes(len(prefix), "big")
         opts = ReadOptions()
-        opts.set_iterate_upper_bound(upper)
+        opts.set_iterate_upper_bound(_after(prefix))
         cast(Any, opts).fill_cache(False)  # the stub wrongly takes no argument
         step = max(1, batch)
         raw: list[bytes] = []

@@ -173,11 +173,11 @@ def _present(values: list[bytes | None]) -> Mask:
 
 
 class _Touched(NamedTuple):
-    """A training lookup's distinct keys and their index positions, so the update of the
-    same keys in the same step can skip finding them again."""
+    """A training lookup's distinct keys, rows and index positions, so the update of the
+    same keys in the same step neither reads them again nor finds them in the index."""
 
     keys: Keys
-    pos: Positions
+    loaded: _Loaded
     step: int
     epoch: int
 
@@ -206,12 +206,15 @@ class TieredStore(EmbeddingStore):
         hot_capacity_rows: int | None = None,
         admission_seed: int = 0,
         discard_hot_rows: bool = False,
+        spill: RowTier | None = None,
     ) -> None:
         """``eviction``: hot-tier capacity and policy (None: unbounded).
         ``hot_capacity_rows``: shorthand for ``eviction.max_rows`` (LRU, defaults
         otherwise). ``admission_seed`` seeds every table's admission policy (mixed with
         the table name). ``discard_hot_rows``: a restarting single writer over a shared
-        hot tier drops its rows first (see ``_discard_hot_rows``)."""
+        hot tier drops its rows first (see ``_discard_hot_rows``). ``spill``: where demoted
+        dirty rows wait for the next flush (default: the cold tier); it need not survive
+        a crash, so a scratch tier without a write-ahead log is the fast choice."""
         self._tables: dict[str, TableConfig] = {}
         for cfg in tables:
             if cfg.name in self._tables:
@@ -220,6 +223,7 @@ class TieredStore(EmbeddingStore):
         self._codecs = {name: RowCodec(cfg) for name, cfg in self._tables.items()}
         self.hot = hot
         self.cold = cold
+        self.spill = spill if spill is not None else cold
         self.read_only = read_only
         self._clock = clock
         self._lock = threading.RLock()
@@ -313,15 +317,13 @@ class TieredStore(EmbeddingStore):
     def _clear_stale_spill(self) -> None:
         """Spill left by a writer that died before flushing is ahead of the recorded
         position: drop it."""
-        assert self.cold is not None
-        raw = self.cold.get_blob(SPILL_BLOB)
+        assert self.spill is not None
+        raw = self.spill.get_blob(SPILL_BLOB)
         if raw is None:
             return
         for table in json.loads(raw):
-            name = spill_table(str(table))
-            for keys, _ in self.cold.scan(name, _SCAN_BATCH):
-                self.cold.delete_many(name, keys)
-        self.cold.delete_blob(SPILL_BLOB)
+            self.spill.clear(spill_table(str(table)))
+        self.spill.delete_blob(SPILL_BLOB)
 
     def _bootstrap_index(self) -> None:
         assert self._index is not None
@@ -393,7 +395,7 @@ class TieredStore(EmbeddingStore):
         """Fill ``rows[idx]`` from the cold tier where present, spill first (promoting
         those values into hot with ``promote``, caller holding the lock); return the
         positions still missing and those promoted from spill (still dirty)."""
-        assert self.cold is not None
+        assert self.cold is not None and self.spill is not None
         table = codec.table
         from_spill = idx[:0]
         spilled = self._spilled.get(table)
@@ -401,7 +403,7 @@ class TieredStore(EmbeddingStore):
             in_spill = _isin_sorted(keys[idx], spilled)
             if in_spill.any():
                 at = idx[in_spill]
-                values = self.cold.get_many(spill_table(table), keys[at])
+                values = self.spill.get_many(spill_table(table), keys[at])
                 hit = _present(values)
                 from_spill = at[hit]
                 present = [v for v in values if v is not None]
@@ -434,12 +436,10 @@ class TieredStore(EmbeddingStore):
         *,
         admit: Literal["never", "policy", "force"],
         counts: npt.NDArray[np.intp] | None = None,
-        known: Positions | None = None,
     ) -> _Loaded:
         """Writer path, lock held: rows of distinct ``keys`` from hot, then cold
         (promoted), then new rows for the missing keys ``admit`` lets in (``counts``:
-        sightings per key for the policy). Records the access in the index, except for
-        keys with a ``known`` position (accessed in this step already)."""
+        sightings per key for the policy). Records the access in the index."""
         table = codec.table
         n = len(keys)
         rows = codec.zeros(n)
@@ -479,12 +479,8 @@ class TieredStore(EmbeddingStore):
         pos: Positions | None = None
         if self._index is not None:
             index = self._index[table]
-            if known is None:
-                pos = np.full(n, -1, dtype=np.int64)
-                at = np.flatnonzero(found)
-            else:
-                pos = known.copy()
-                at = np.flatnonzero(found & (known < 0))
+            pos = np.full(n, -1, dtype=np.int64)
+            at = np.flatnonzero(found)
             if len(at):
                 pos[at] = index.touch(keys[at], self._step)
             for d in dirty_idx:
@@ -495,21 +491,21 @@ class TieredStore(EmbeddingStore):
                 self._mark_dirty(table, keys[d])
         return _Loaded(rows, found, pos, hot_misses, cold_hits)
 
-    def _known(self, table: str, keys: Keys) -> Positions | None:
-        """Index positions of ``keys`` if they are exactly the distinct keys of this
-        step's training lookup of ``table`` and none has moved since (capacity eviction
-        never takes rows of the current step)."""
-        touched = self._touched.get(table)
+    def _known(self, table: str, keys: Keys) -> _Loaded | None:
+        """What this step's training lookup of ``table`` loaded, if ``keys`` are exactly
+        its distinct keys and none has moved since: capacity eviction never takes rows of
+        the current step, and ``evict``, ``expire`` and ``admit`` forget the lookup. Only
+        this writer changes rows of the current step, so the rows are still current."""
+        touched = self._touched.pop(table, None)
         if (
-            self._index is None
-            or touched is None
+            touched is None
             or touched.step != self._step
-            or touched.epoch != self._index[table].epoch
+            or (self._index is not None and touched.epoch != self._index[table].epoch)
             or len(touched.keys) != len(keys)
             or not np.array_equal(touched.keys, keys)
         ):
             return None
-        return touched.pos
+        return touched.loaded
 
     def _record(self, n: int, hot_misses: int, cold_hits: int, misses: int) -> None:
         metrics.HOT_HIT.inc(n - hot_misses)
@@ -519,8 +515,9 @@ class TieredStore(EmbeddingStore):
             metrics.COLD_MISS.inc(misses)
         self._count(hot_hits=n - hot_misses, cold_hits=cold_hits, misses=misses)
 
-    def _read(self, codec: RowCodec, keys: Keys) -> tuple[Rows, Mask]:
-        """Serving path: rows of distinct ``keys``; creates nothing."""
+    def _read(self, codec: RowCodec, keys: Keys, *, record: bool = True) -> tuple[Rows, Mask]:
+        """Serving path: rows of distinct ``keys``; creates nothing. ``record``: count the
+        hits and misses (not for prefetches)."""
         n = len(keys)
         rows = codec.zeros(n)
         found = np.zeros(n, dtype=np.bool_)
@@ -547,7 +544,8 @@ class TieredStore(EmbeddingStore):
                         self._maybe_evict()
         elif self._index is not None and n:
             self._reads.append((codec.table, keys))  # recency from serving, applied later
-        self._record(n, hot_misses, hot_misses - len(missing), len(missing))
+        if record:
+            self._record(n, hot_misses, hot_misses - len(missing), len(missing))
         return rows, found
 
     # -- capacity -----------------------------------------------------------------------
@@ -629,8 +627,9 @@ class TieredStore(EmbeddingStore):
                 if self.eviction.write_back == "direct":
                     self.cold.put_many(table, moving, present)
                 elif len(moving):
+                    assert self.spill is not None
                     self._note_spill(table)
-                    self.cold.put_many(spill_table(table), moving, present)
+                    self.spill.put_many(spill_table(table), moving, present)
                     spilled = self._spilled.get(table, _EMPTY_KEYS)
                     self._spilled[table] = _merge(spilled, moving)
             self._demoted[table].inc(len(keys))
@@ -642,15 +641,16 @@ class TieredStore(EmbeddingStore):
 
     def _note_spill(self, table: str) -> None:
         """Record in the cold tier that ``table`` has spill, before writing any."""
-        assert self.cold is not None
+        assert self.spill is not None
         if table not in self._spilled:
             self._spilled[table] = _EMPTY_KEYS
-            self.cold.put_blob(SPILL_BLOB, json.dumps(sorted(self._spilled)).encode())
+            self.spill.put_blob(SPILL_BLOB, json.dumps(sorted(self._spilled)).encode())
 
     def _remove(self, table: str, keys: Keys) -> None:
         """Lock held: delete distinct ``keys`` from every tier and all bookkeeping."""
         if len(keys) == 0:
             return
+        self._touched.pop(table, None)
         self.hot.delete_many(table, keys)
         if self.cold is not None:
             self.cold.delete_many(table, keys)
@@ -658,7 +658,8 @@ class TieredStore(EmbeddingStore):
             if spilled is not None and len(spilled):
                 gone = _isin_sorted(spilled, _unique(keys))
                 if gone.any():
-                    self.cold.delete_many(spill_table(table), spilled[gone])
+                    assert self.spill is not None
+                    self.spill.delete_many(spill_table(table), spilled[gone])
                     self._spilled[table] = spilled[~gone]
         if self._index is not None:
             self._index[table].discard(keys)
@@ -690,9 +691,8 @@ class TieredStore(EmbeddingStore):
                 if not self._admit_all[table]:
                     counts = np.bincount(inverse, minlength=len(unique))
                 loaded = self._load(codec, unique, admit="policy", counts=counts)
-                if loaded.pos is not None and self._index is not None:
-                    epoch = self._index[table].epoch
-                    self._touched[table] = _Touched(unique, loaded.pos, self._step, epoch)
+                epoch = self._index[table].epoch if self._index is not None else 0
+                self._touched[table] = _Touched(unique, loaded, self._step, epoch)
                 self._maybe_evict()
             rows, found = loaded.rows, loaded.found
             self._record(
@@ -708,7 +708,18 @@ class TieredStore(EmbeddingStore):
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
         return result
 
-    def update(self, table: str, keys: Keys, grads: Floats) -> None:
+    def prefetch(self, table: str, keys: Keys) -> None:
+        """Promote the cold rows of ``keys`` into hot (a writer) ahead of their training
+        lookup; creates nothing and counts no sightings."""
+        codec = self._codec(table)
+        keys = _unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
+        if self.read_only or self.cold is None or len(keys) == 0:
+            return
+        start = time.perf_counter()
+        self._read(codec, keys, record=False)
+        metrics.PREFETCH_SECONDS.observe(time.perf_counter() - start)
+
+    def update(self, table: str, keys: Keys, grads: Floats) -> Floats:
         """See ``EmbeddingStore.update`` and the module docstring (which keys get rows)."""
         start = time.perf_counter()
         self._check_writable("update")
@@ -720,13 +731,15 @@ class TieredStore(EmbeddingStore):
                 f"table {table!r}: gradient shape {grads.shape} != ({len(keys)}, {codec.dim})"
             )
         if len(keys) == 0:
-            return
+            return codec.zeros(0)["emb"]
         if len(_unique(keys)) != len(keys):
             raise ValueError(f"table {table!r}: update keys must be unique")
         with self._lock:
             self._drain_reads()
-            admit: Literal["policy", "never"] = "policy" if self._admit_all[table] else "never"
-            loaded = self._load(codec, keys, admit=admit, known=self._known(table, keys))
+            loaded = self._known(table, keys)
+            if loaded is None:
+                admit: Literal["policy", "never"] = "policy" if self._admit_all[table] else "never"
+                loaded = self._load(codec, keys, admit=admit)
             rows, found = loaded.rows, loaded.found
             have = np.flatnonzero(found)
             if len(have) == len(keys):
@@ -759,6 +772,8 @@ class TieredStore(EmbeddingStore):
             self._rejected[table].inc(rejected)
             self._count(rejected_gradients=rejected)
         metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
+        emb: Floats = np.ascontiguousarray(rows["emb"], dtype=np.float32)
+        return emb
 
     def admit(self, table: str, keys: Keys) -> None:
         """Rows for ``keys`` now, whatever the policy (``forced`` admissions)."""
@@ -768,6 +783,7 @@ class TieredStore(EmbeddingStore):
         unique = _unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
         with self._lock:
             self._drain_reads()
+            self._touched.pop(table, None)
             self._load(codec, unique, admit="force")
             self._maybe_evict()
         metrics.ADMIT_SECONDS.observe(time.perf_counter() - start)
@@ -852,7 +868,8 @@ class TieredStore(EmbeddingStore):
                 return _present(self.hot.get_many(table, k))
 
             if len(spilled):
-                sweep(self.cold, spill_table(table), in_hot)
+                assert self.spill is not None
+                sweep(self.spill, spill_table(table), in_hot)
             sweep(self.cold, table, lambda k: in_hot(k) | _isin_sorted(k, spilled))
         if not doomed:
             return {"ttl": 0, "l2_norm": 0}
@@ -902,10 +919,10 @@ class TieredStore(EmbeddingStore):
             keys = keys[keep]
             present = [v for v in values if v is not None]
             spilled = self._spilled.get(table, _EMPTY_KEYS)
-            if len(spilled):
+            if len(spilled) and self.spill is not None:
                 # Rows in hot are newer than their spill copy (promoted rows stay dirty).
                 rest = spilled[~_isin_sorted(spilled, _unique(keys))]
-                more = self.cold.get_many(spill_table(table), rest)
+                more = self.spill.get_many(spill_table(table), rest)
                 ok = _present(more)
                 keys = np.concatenate([keys, rest[ok]])
                 present.extend(v for v in more if v is not None)
@@ -923,11 +940,11 @@ class TieredStore(EmbeddingStore):
         self._dirty.clear()
         self._dirty_len.clear()
         if self._spilled:
-            for table, spilled in self._spilled.items():
-                if len(spilled):
-                    self.cold.delete_many(spill_table(table), spilled)
+            assert self.spill is not None
+            for table in self._spilled:
+                self.spill.clear(spill_table(table))
             self._spilled.clear()
-            self.cold.delete_blob(SPILL_BLOB)
+            self.spill.delete_blob(SPILL_BLOB)
         if lost:
             self._count(lost_dirty_rows=lost)
 
@@ -998,7 +1015,9 @@ class TieredStore(EmbeddingStore):
         return out
 
     def close(self) -> None:
-        """Close both tiers (unflushed dirty rows stay only in hot)."""
+        """Close every tier (unflushed dirty rows stay only in hot)."""
         self.hot.close()
         if self.cold is not None:
             self.cold.close()
+        if self.spill is not None and self.spill is not self.cold:
+            self.spill.close()

@@ -67,12 +67,16 @@ def build_store(settings: Settings, spec: FeatureSpec, *, read_only: bool = Fals
     else:
         hot = MemoryTier()
     cold = RocksDBTier(cfg.rocksdb_path, read_only=read_only)
+    spill = None
+    if cfg.eviction is not None and not read_only:
+        spill = RocksDBTier.scratch(cfg.spill_path)
     return TieredStore(
         tables,
         hot,
         cold,
         read_only=read_only,
         eviction=cfg.eviction,
+        spill=spill,
         # Redis outlives a crashed trainer; its rows may be ahead of the recorded position.
         discard_hot_rows=cfg.hot == "redis" and not read_only,
     )

@@ -37,6 +37,11 @@ def u64(*values: int) -> Keys:
     return np.array(values, dtype=np.uint64)
 
 
+def keys_of(rng: np.random.Generator, n: int) -> Keys:
+    """``n`` distinct random 64-bit keys."""
+    return np.unique(rng.integers(0, 2**64 - 1, n * 2, dtype=np.uint64))[:n]
+
+
 def blobs_of(rng: np.random.Generator, n: int, size: int = 24) -> list[bytes]:
     return [rng.bytes(size) for _ in range(n)]
 
@@ -106,6 +111,18 @@ def test_delete(tier: RowTier) -> None:
     assert tier.get_many("t", u64(1, 2, 3)) == [b"a", None, b"c"]
     tier.delete_many("other", u64(1))
     assert tier.get_many("t", u64(1)) == [b"a"]
+
+
+def test_clear_empties_only_that_table(tier: RowTier) -> None:
+    rng = np.random.default_rng(5)
+    keys = keys_of(rng, 50)
+    tier.put_many("a", keys, blobs_of(rng, 50))
+    tier.put_many("b", keys, blobs_of(rng, 50))
+    tier.clear("a")
+    assert tier.count("a") == 0 and tier.get_many("a", keys) == [None] * 50
+    assert tier.count("b") == 50 and None not in tier.get_many("b", keys)
+    tier.put_many("a", keys[:3], blobs_of(rng, 3))
+    assert tier.count("a") == 3
 
 
 def test_tables_are_separate(tier: RowTier) -> None:
@@ -268,6 +285,20 @@ def test_rocksdb_secondary_follows_primary(tmp_path: Path) -> None:
         secondary.close()
         primary.close()
     primary.close()  # idempotent
+
+
+def test_rocksdb_scratch_starts_empty_and_counts_by_scanning(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    keys = keys_of(rng, 40)
+    tier = RocksDBTier.scratch(tmp_path / "scratch")
+    tier.put_many("t", keys, blobs_of(rng, 40))
+    tier.put_many("t", keys[:10], blobs_of(rng, 10))  # overwrites are not new rows
+    tier.delete_many("t", keys[30:])
+    assert tier.count("t") == 30
+    tier.close()
+    reopened = RocksDBTier.scratch(tmp_path / "scratch")
+    assert reopened.count("t") == 0 and reopened.get_many("t", keys[:1]) == [None]
+    reopened.close()
 
 
 def test_rocksdb_count_survives_reopen(tmp_path: Path) -> None:

@@ -185,7 +185,8 @@ Factory = Callable[..., TieredStore]
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     """``make_store(tables, cold=True, hot_name="main", **store_kwargs)``: a TieredStore
     over a hot tier of the parametrised kind (same ``hot_name``: the same hot rows) and
-    RocksDB under ``tmp_path``; ``clock`` defaults to a fixed ``Clock``."""
+    RocksDB under ``tmp_path``, with spill in a scratch RocksDB as ``build_store`` wires
+    it (``spill=None`` keeps it in the cold tier); ``clock`` defaults to a fixed ``Clock``."""
     redis_url = request.getfixturevalue("clean_redis") if request.param == "redis" else None
     memory_hots: dict[str, MemoryTier] = {}
     opened: list[TieredStore] = []
@@ -203,6 +204,8 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Facto
         else:
             hot = memory_hots.setdefault(hot_name, MemoryTier())
         cold_tier = RocksDBTier(tmp_path / "db") if cold else None
+        if cold_tier is not None and "spill" not in kwargs:
+            kwargs["spill"] = RocksDBTier.scratch(tmp_path / "spill")
         kwargs.setdefault("clock", Clock())
         store = TieredStore(tables, hot, cold_tier, **kwargs)
         opened.append(store)
@@ -308,9 +311,14 @@ T8 = TableConfig(name="t8", dim=8, optimizer="lazy_adam")
 
 
 @pytest.mark.parametrize("flush_first", [False, True])
-def test_demoted_then_promoted_row_is_bit_identical(make_store: Factory, flush_first: bool) -> None:
+@pytest.mark.parametrize("spill_in_cold", [False, True])
+def test_demoted_then_promoted_row_is_bit_identical(
+    make_store: Factory, flush_first: bool, spill_in_cold: bool
+) -> None:
     clock = Clock()
-    store = make_store([T4, T8], eviction=lru(40), clock=clock)
+    extra: dict[str, Any] = {"spill": None} if spill_in_cold else {}
+    store = make_store([T4, T8], eviction=lru(40), clock=clock, **extra)
+    assert (store.spill is store.cold) == spill_in_cold
     victims = {"t4": ids(0, 10), "t8": ids(50, 60)}
     for step in range(3):
         clock.now += 7
@@ -332,7 +340,7 @@ def test_demoted_then_promoted_row_is_bit_identical(make_store: Factory, flush_f
             assert packed(store.cold, name, keys) == before[name]
         else:  # dirty rows wait in spill; the cold table only changes at flush
             assert packed(store.cold, name, keys) == [None] * len(keys)
-            assert packed(store.cold, spill_table(name), keys) == before[name]
+            assert packed(store.spill, spill_table(name), keys) == before[name]
     # A serving lookup promotes; the promoted rows are the demoted ones, bit for bit.
     for name, keys in victims.items():
         result = store.lookup(name, keys)
@@ -346,7 +354,7 @@ def test_demoted_then_promoted_row_is_bit_identical(make_store: Factory, flush_f
     store.flush({"p": 2})
     for name, keys in victims.items():
         assert packed(store.cold, name, keys) == before[name]
-        assert packed(store.cold, spill_table(name), keys) == [None] * len(keys)
+        assert packed(store.spill, spill_table(name), keys) == [None] * len(keys)
     assert store.stats()["spill_rows.t4"] == 0
 
 
@@ -376,14 +384,14 @@ def test_spill_is_never_ahead_of_the_position_after_a_crash(
     for step in range(3):
         train(store, "t4", ids(100 + 10 * step, 110 + 10 * step))
     assert store.stats()["spill_rows.t4"] > 0
-    assert store.cold is not None and store.cold.get_blob(SPILL_BLOB) is not None
+    assert store.spill is not None and store.spill.get_blob(SPILL_BLOB) is not None
     # "Crash": no flush. The cold table still matches position 1.
     assert packed(store.cold, "t4", ids(0, 10)) == flushed
     store.close()
     reopened = make_store([T4], hot_name="after-crash", eviction=lru(10))
     assert reopened.position() == {"p": 1}
-    assert reopened.cold is not None and reopened.cold.get_blob(SPILL_BLOB) is None
-    assert packed(reopened.cold, spill_table("t4"), ids(0, 10)) == [None] * 10
+    assert reopened.spill is not None and reopened.spill.get_blob(SPILL_BLOB) is None
+    assert packed(reopened.spill, spill_table("t4"), ids(0, 10)) == [None] * 10
     assert reopened.lookup("t4", ids(0, 10)).found.all()
     assert packed(reopened.hot, "t4", ids(0, 10)) == flushed
 
