@@ -1,0 +1,179 @@
+"""The trainer's bounded-staleness cache (HET) over a real tiered store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from storage.base import AdmissionConfig, Keys, TableConfig
+from storage.memory_tier import MemoryTier
+from storage.tiered import TieredStore
+from trainer.cache import CacheConfig, CachedStore
+
+T = TableConfig(name="t", dim=4, optimizer="rowwise_adagrad", learning_rate=0.1)
+SGD = TableConfig(name="s", dim=4, optimizer="sgd", learning_rate=0.5)
+
+
+def ids(*values: int) -> Keys:
+    return np.array(values, dtype=np.uint64)
+
+
+def store_of(*tables: TableConfig) -> TieredStore:
+    return TieredStore(list(tables), MemoryTier())
+
+
+def step(store: TieredStore | CachedStore, table: str, keys: Keys, grad: float) -> np.ndarray:
+    """One training step on ``keys``: lookup with create, then update; returns the rows
+    the lookup served."""
+    rows = store.lookup(table, keys, create=True).rows
+    dim = store.tables()[table].dim
+    store.update(table, keys, np.full((len(keys), dim), grad, dtype=np.float32))
+    return rows
+
+
+def metric(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_synchronous_cache_trains_bit_identically() -> None:
+    plain, inner = store_of(T), store_of(T)
+    cached = CachedStore(inner, CacheConfig())
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        keys = np.unique(rng.integers(0, 50, 30).astype(np.uint64))
+        grads = rng.standard_normal((len(keys), 4)).astype(np.float32)
+        a = plain.lookup("t", keys, create=True).rows
+        b = cached.lookup("t", keys, create=True).rows
+        assert a.tobytes() == b.tobytes()
+        plain.update("t", keys, grads)
+        cached.update("t", keys, grads)
+    everything = ids(*range(50))
+    assert (
+        plain.lookup("t", everything).rows.tobytes() == inner.lookup("t", everything).rows.tobytes()
+    )
+
+
+def test_write_bound_accumulates_then_pushes_the_sum() -> None:
+    inner = store_of(SGD)
+    cached = CachedStore(inner, CacheConfig(read_staleness=10, write_staleness=2))
+    key = ids(7)
+    start = step(cached, "s", key, 1.0)
+    for _ in range(2):  # two pending updates: nothing reaches the store yet
+        assert inner.lookup("s", key).rows.tobytes() == start.tobytes()
+        step(cached, "s", key, 1.0)
+    # The third pending update exceeds s_w = 2: one push of the summed gradient.
+    assert np.allclose(inner.lookup("s", key).rows, start - 0.5 * 3.0)
+    assert cached.stats()["cache_pending_rows"] == 0
+
+
+def test_flush_pushes_every_pending_update_before_recording_the_position() -> None:
+    inner = store_of(SGD)
+    cached = CachedStore(inner, CacheConfig(read_staleness=8, write_staleness=8))
+    keys = ids(1, 2, 3)
+    start = step(cached, "s", keys, 2.0)
+    assert cached.stats()["cache_pending_rows"] == 3
+    cached.flush({"log:0": 5})
+    assert inner.position() == {"log:0": 5}
+    assert np.allclose(inner.lookup("s", keys).rows, start - 1.0)
+    assert cached.stats()["cache_pending_rows"] == 0
+
+
+def test_read_bound_sees_another_writer_after_s_r_lookups() -> None:
+    shared = store_of(SGD)
+    mine = CachedStore(shared, CacheConfig(read_staleness=2, write_staleness=0))
+    key = ids(9)
+    first = mine.lookup("s", key, create=True).rows
+    shared.update("s", key, np.ones((1, 4), dtype=np.float32))  # another trainer
+    # Two lookups may still serve the cached copy; the third reads the store again.
+    assert mine.lookup("s", key, create=True).rows.tobytes() == first.tobytes()
+    assert mine.lookup("s", key, create=True).rows.tobytes() == first.tobytes()
+    assert np.allclose(mine.lookup("s", key, create=True).rows, first - 0.5)
+
+
+def test_a_read_after_pending_updates_includes_them() -> None:
+    inner = store_of(SGD)
+    cached = CachedStore(inner, CacheConfig(read_staleness=1, write_staleness=5))
+    key = ids(4)
+    start = step(cached, "s", key, 1.0)  # pending 1, age 0
+    cached.lookup("s", key, create=True)  # served from the cache (age 0 < 1)
+    # Due for a read: the pending update is pushed first, so the read includes it.
+    assert np.allclose(cached.lookup("s", key, create=True).rows, start - 0.5)
+
+
+def test_unadmitted_ids_are_never_served_from_the_cache() -> None:
+    gated = TableConfig(
+        name="g",
+        dim=4,
+        admission=AdmissionConfig(policy="count_min", threshold=3, sketch_width=1 << 10),
+    )
+    inner = store_of(gated)
+    cached = CachedStore(inner, CacheConfig(read_staleness=8, write_staleness=8))
+    key = ids(42)
+    for _ in range(2):  # every sighting reaches the store's admission policy
+        assert not cached.lookup("g", key, create=True).found.any()
+        cached.update("g", key, np.ones((1, 4), dtype=np.float32))
+    assert cached.lookup("g", key, create=True).found.all()  # third sighting admits
+    assert inner.stats()["dropped_gradients"] == 2
+
+
+def test_nan_gradients_are_rejected_by_the_store_and_never_accumulated() -> None:
+    inner = store_of(SGD)
+    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4))
+    keys = ids(1, 2)
+    start = step(cached, "s", keys, 1.0)
+    cached.lookup("s", keys, create=True)
+    cached.update("s", keys, np.array([[np.nan] * 4, [1.0] * 4], dtype=np.float32))
+    cached.flush()
+    assert inner.stats()["rejected_gradients"] == 1
+    rows = inner.lookup("s", keys).rows
+    assert np.allclose(rows[0], start[0] - 0.5)  # only the finite first update
+    assert np.allclose(rows[1], start[1] - 1.0)
+
+
+def test_capacity_drops_rows_but_never_their_updates() -> None:
+    plain, inner = store_of(SGD), store_of(SGD)
+    cached = CachedStore(inner, CacheConfig(read_staleness=3, write_staleness=3, capacity_rows=40))
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        keys = np.unique(rng.integers(0, 200, 25).astype(np.uint64))
+        for s in (plain, cached):
+            step(s, "s", keys, 1.0)  # SGD: the sum of pushes equals the sequence
+        assert cached.cached_rows() <= 40 + 25
+    cached.flush()
+    everything = ids(*range(200))
+    assert np.allclose(plain.lookup("s", everything).rows, inner.lookup("s", everything).rows)
+
+
+def test_prefetch_fills_the_cache_and_cuts_store_reads() -> None:
+    inner = store_of(T)
+    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4))
+    keys = ids(*range(100))
+    inner.lookup("t", keys, create=True)  # rows exist in the store
+    cached.prefetch("t", keys)
+    before = metric("streamrec_trainer_cache_lookups_total", result="hit")
+    result = cached.lookup("t", keys, create=True)
+    assert result.found.all()
+    assert metric("streamrec_trainer_cache_lookups_total", result="hit") - before == 100
+    assert result.rows.tobytes() == inner.lookup("t", keys).rows.tobytes()
+
+
+@pytest.mark.parametrize("s", [0, 8])
+def test_traffic_counters(s: int) -> None:
+    inner = store_of(T)
+    cached = CachedStore(inner, CacheConfig(read_staleness=s, write_staleness=s))
+    names = ("read", "write", "demand_read", "demand_write")
+    before = {n: metric("streamrec_trainer_store_rows_total", op=n) for n in names}
+    keys = ids(*range(10))
+    for _ in range(18):
+        step(cached, "t", keys, 0.1)
+    cached.flush()
+    d = {n: metric("streamrec_trainer_store_rows_total", op=n) - before[n] for n in names}
+    assert d["demand_read"] == d["demand_write"] == 180
+    if s == 0:
+        assert d["read"] == 180 and d["write"] == 180
+    else:
+        # Per row: reads at lookups 1 and 18 (age 8 = s_r); pushes at update 9 (9 pending
+        # > s_w), before the read at lookup 18, and of update 18 at the flush.
+        assert d["read"] == 20 and d["write"] == 30

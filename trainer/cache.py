@@ -1,0 +1,390 @@
+"""The trainer's embedding cache with bounded staleness (after HET, VLDB'22).
+
+``CachedStore`` wraps the store the trainer writes and keeps the rows it touched
+locally, so popular rows (most of the traffic under a skewed id distribution) are
+not read from and written to the store on every batch:
+
+* Read bound ``s_r``: a cached row serves at most ``s_r`` training lookups after it
+  was last synchronised with the store (read from it, or written to it: ``update``
+  returns the rows it produced); the next lookup reads the store again, after
+  pushing the row's pending updates so the read includes them.
+* Write bound ``s_w``: gradients accumulate per row (summed) and are pushed as one
+  update once more than ``s_w`` are pending, and for every row at each ``flush``, so
+  a recorded stream position never covers updates that are only in the cache.
+* ``s_r = s_w = 0`` is synchronous: every lookup and update goes to the store, and
+  training is bit-identical to training without the cache.
+
+A cached copy therefore misses at most ``s_w`` of its own trainer's updates and at
+most the updates other trainers made within its last ``s_r`` lookups. Summing
+pending gradients is what HET does; for stateful optimizers (AdaGrad, Adam) one step
+on the sum is not the same as several steps, which is the price of ``s_w > 0``.
+
+Rows the store did not find (ids not admitted yet) are never served from the cache:
+every lookup of them reaches the store, so admission sees every sighting. The
+cache holds at most ``capacity_rows`` rows; beyond that the least recently used go
+(their pending updates pushed first). ``prefetch`` (the trainer's lookahead) reads
+rows into the cache ahead of their lookup and passes the hint on to the store.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from itertools import repeat
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.base import EmbeddingStore, Floats, Keys, LookupResult, Mask, TableConfig
+from storage.rows import RowCodec
+
+READS = Counter(
+    "streamrec_trainer_cache_lookups",
+    "Keys looked up through the trainer cache: hit (served by the cache) or miss (read "
+    "from the store).",
+    ["result"],
+)
+STORE_ROWS = Counter(
+    "streamrec_trainer_store_rows",
+    "Rows the trainer read from (read) or pushed to (write) the store, and the rows it "
+    "would have without the cache (demand_read, demand_write).",
+    ["op"],
+)
+STORE_BYTES = Counter(
+    "streamrec_trainer_store_bytes",
+    "Packed row bytes between the trainer and the store: from_store, to_store.",
+    ["direction"],
+)
+STALENESS = Histogram(
+    "streamrec_trainer_cache_staleness",
+    "Lookups a cached row had served since it was last synchronised with the store, "
+    "observed per served row.",
+    buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+)
+HITS, MISSES = READS.labels(result="hit"), READS.labels(result="miss")
+ROWS_READ, ROWS_WRITTEN = STORE_ROWS.labels(op="read"), STORE_ROWS.labels(op="write")
+DEMAND_READ, DEMAND_WRITE = (
+    STORE_ROWS.labels(op="demand_read"),
+    STORE_ROWS.labels(op="demand_write"),
+)
+FROM_STORE, TO_STORE = (
+    STORE_BYTES.labels(direction="from_store"),
+    STORE_BYTES.labels(direction="to_store"),
+)
+
+
+class CacheConfig(BaseModel):
+    """Bounded-staleness trainer cache (HET); 0/0 is synchronous and exact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    read_staleness: int = Field(
+        0, ge=0, description="s_r: lookups a cached row serves before it is read again."
+    )
+    write_staleness: int = Field(
+        0, ge=0, description="s_w: updates a row accumulates before they are pushed."
+    )
+    capacity_rows: int = Field(2_000_000, ge=1, description="Rows the cache holds, all tables.")
+
+    @property
+    def synchronous(self) -> bool:
+        return self.read_staleness == 0 and self.write_staleness == 0
+
+
+def _observe_many(histogram: Histogram, values: npt.NDArray[np.int64]) -> None:
+    """``histogram.observe(v)`` for every value, in O(buckets) calls."""
+    bounds = histogram._upper_bounds  # prometheus_client keeps the bucket bounds here
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i, count in enumerate(counts[: len(bounds)].tolist()):
+        if count:
+            histogram._buckets[i].inc(count)
+    histogram._sum.inc(float(values.sum()))
+
+
+class _Table:
+    """One table's cached rows in slot arrays; ``slot`` maps a key to its row."""
+
+    def __init__(self, cfg: TableConfig) -> None:
+        self.dim = cfg.dim
+        self.row_bytes = RowCodec(cfg).nbytes
+        self.slot: dict[int, int] = {}
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.emb = np.zeros((0, cfg.dim), dtype=np.float32)
+        self.grad = np.zeros((0, cfg.dim), dtype=np.float32)
+        self.pending = np.zeros(0, dtype=np.int64)
+        self.age = np.zeros(0, dtype=np.int64)
+        self.used = np.zeros(0, dtype=np.int64)  # the step of the last access
+        self.live = np.zeros(0, dtype=np.bool_)
+        self.free: list[int] = []
+        self.pushes = 0  # bumped by every push: a prefetch that raced one is dropped
+
+    def slots_of(self, keys: Keys) -> npt.NDArray[np.int64]:
+        """Slot of each key, -1 where it is not cached."""
+        return np.fromiter(
+            map(self.slot.get, keys.tolist(), repeat(-1)), dtype=np.int64, count=len(keys)
+        )
+
+    def allocate(self, keys: Keys) -> npt.NDArray[np.int64]:
+        """Fresh slots for ``keys`` (not cached yet); the caller fills ``emb``."""
+        n = len(keys)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        if n > len(self.free):
+            size = len(self.keys)
+            self._grow(max(size + n - len(self.free), size * 3 // 2, 1024))
+        slots = np.asarray(self.free[-n:], dtype=np.int64)
+        del self.free[-n:]
+        self.slot.update(zip(keys.tolist(), slots.tolist(), strict=True))
+        self.keys[slots] = keys
+        self.grad[slots] = 0.0
+        self.pending[slots] = 0
+        self.age[slots] = 0
+        self.live[slots] = True
+        return slots
+
+    def _grow(self, size: int) -> None:
+        old = len(self.keys)
+        self.keys = np.resize(self.keys, size)
+        self.emb = np.resize(self.emb, (size, self.dim))
+        self.grad = np.resize(self.grad, (size, self.dim))
+        self.pending = np.resize(self.pending, size)
+        self.age = np.resize(self.age, size)
+        self.used = np.resize(self.used, size)
+        self.live = np.resize(self.live, size)
+        self.live[old:] = False
+        self.free.extend(range(size - 1, old - 1, -1))
+
+    def drop(self, slots: npt.NDArray[np.int64]) -> None:
+        for key in self.keys[slots].tolist():
+            del self.slot[key]
+        self.live[slots] = False
+        self.free.extend(slots.tolist())
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+
+class CachedStore(EmbeddingStore):
+    """``store`` behind a bounded-staleness cache (see the module docstring)."""
+
+    def __init__(self, store: EmbeddingStore, config: CacheConfig | None = None) -> None:
+        self.store = store
+        self.config = config or CacheConfig()
+        self._tables = {name: _Table(cfg) for name, cfg in store.tables().items()}
+        self._lock = threading.RLock()
+        self._step = 0
+
+    # -- the cache ----------------------------------------------------------------------
+
+    def _push(self, table: str, t: _Table, slots: npt.NDArray[np.int64]) -> None:
+        """Lock held: send the pending gradients of ``slots`` as one update; the rows the
+        store returns become the cached copies (synchronised: age 0)."""
+        slots = slots[t.pending[slots] > 0]
+        if len(slots) == 0:
+            return
+        emb = self.store.update(table, t.keys[slots], t.grad[slots])
+        t.emb[slots] = emb
+        t.grad[slots] = 0.0
+        t.pending[slots] = 0
+        t.age[slots] = 0
+        t.pushes += 1
+        self._count_io(t, written=len(slots))
+
+    def _count_io(self, t: _Table, *, read: int = 0, written: int = 0) -> None:
+        if read:
+            ROWS_READ.inc(read)
+            FROM_STORE.inc(read * t.row_bytes)
+        if written:
+            ROWS_WRITTEN.inc(written)
+            TO_STORE.inc(written * t.row_bytes)
+
+    def _make_room(self, incoming: int) -> None:
+        """Lock held: drop least recently used rows (pushing their updates) so that
+        ``incoming`` more fit; goes down to 90% of capacity to batch the work."""
+        total = sum(len(t) for t in self._tables.values())
+        cap = self.config.capacity_rows
+        if total + incoming <= cap:
+            return
+        excess = total + incoming - int(cap * 0.9)
+        names = [n for n, t in self._tables.items() if len(t)]
+        used = np.concatenate([self._tables[n].used[self._tables[n].live] for n in names])
+        if excess >= len(used):
+            cutoff = np.iinfo(np.int64).max
+        else:
+            cutoff = int(np.partition(used, excess - 1)[excess - 1])
+        for name in names:
+            t = self._tables[name]
+            # Never the current step's rows: the trainer is about to update them.
+            victims = np.flatnonzero(t.live & (t.used <= cutoff) & (t.used < self._step))
+            if len(victims):
+                self._push(name, t, victims)
+                t.drop(victims)
+
+    def cached_rows(self) -> int:
+        with self._lock:
+            return sum(len(t) for t in self._tables.values())
+
+    # -- EmbeddingStore -----------------------------------------------------------------
+
+    def tables(self) -> Mapping[str, TableConfig]:
+        return self.store.tables()
+
+    def lookup(self, table: str, keys: Keys, *, create: bool = False) -> LookupResult:
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        t = self._tables[table]
+        DEMAND_READ.inc(len(keys))
+        if self.config.synchronous or not create:
+            result = self.store.lookup(table, keys, create=create)
+            self._count_io(t, read=len(keys))
+            MISSES.inc(len(keys))
+            return result
+        with self._lock:
+            self._step += 1
+            slots = t.slots_of(keys)
+            cached = slots >= 0
+            usable = np.zeros(len(keys), dtype=np.bool_)
+            usable[cached] = t.age[slots[cached]] < self.config.read_staleness
+            refresh = slots[cached & ~usable]
+            self._push(table, t, refresh)  # the read below then includes them
+            need = np.flatnonzero(~usable)
+            if len(need):
+                result = self.store.lookup(table, keys[need], create=True)
+                self._count_io(t, read=len(need))
+                got = need[result.found]
+                have = slots[got] >= 0
+                slots[got[~have]] = t.allocate(keys[got[~have]])
+                fill = slots[got]
+                t.emb[fill] = result.rows[result.found]
+                t.age[fill] = 0
+                # Unfound keys (not admitted) stay uncached: zeros, counted by the store.
+                gone = need[~result.found]
+                stale = slots[gone]
+                if (stale >= 0).any():
+                    t.drop(stale[stale >= 0])
+                slots[gone] = -1
+            served = np.flatnonzero(usable)
+            if len(served):
+                _observe_many(STALENESS, t.age[slots[served]])
+                t.age[slots[served]] += 1
+            HITS.inc(len(served))
+            MISSES.inc(len(need))
+            present = slots >= 0
+            rows = np.zeros((len(keys), t.dim), dtype=np.float32)
+            rows[present] = t.emb[slots[present]]
+            t.used[slots[present]] = self._step
+            self._make_room(0)
+        return LookupResult(rows=rows, found=present)
+
+    def update(self, table: str, keys: Keys, grads: Floats) -> Floats:
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        grads = np.asarray(grads, dtype=np.float32)
+        t = self._tables[table]
+        DEMAND_WRITE.inc(len(keys))
+        if self.config.synchronous:
+            self._count_io(t, written=len(keys))
+            return self.store.update(table, keys, grads)
+        with self._lock:
+            slots = t.slots_of(keys)
+            # Uncached keys (not admitted, or dropped) and non-finite gradients go straight
+            # to the store, which applies, drops or rejects and counts them.
+            direct: Mask = (slots < 0) | ~np.isfinite(grads).all(axis=1)
+            out = np.zeros((len(keys), t.dim), dtype=np.float32)
+            if direct.any():
+                d = np.flatnonzero(direct)
+                out[d] = self.store.update(table, keys[d], grads[d])
+                self._count_io(t, written=len(d))
+                hit = slots[d] >= 0
+                if hit.any():
+                    t.emb[slots[d[hit]]] = out[d[hit]]
+            local = np.flatnonzero(~direct)
+            s = slots[local]
+            t.grad[s] += grads[local]
+            t.pending[s] += 1
+            self._push(table, t, s[t.pending[s] > self.config.write_staleness])
+            out[local] = t.emb[s]
+        return out
+
+    def prefetch(self, table: str, keys: Keys) -> None:
+        """Read rows that the next lookup could not serve into the cache; the store gets
+        the hint too (it promotes cold rows)."""
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        if self.config.synchronous:
+            self.store.prefetch(table, keys)
+            return
+        t = self._tables[table]
+        with self._lock:
+            slots = t.slots_of(keys)
+            keys = keys[slots < 0]  # cached rows are refreshed by their lookup if due
+            pushes = t.pushes
+        if len(keys) == 0:
+            return
+        # Without create: new ids get rows (and admission its sightings) at their lookup.
+        result = self.store.lookup(table, keys)
+        self._count_io(t, read=len(keys))
+        with self._lock:
+            if t.pushes != pushes:
+                return  # a push may have changed rows we read: the lookup reads them
+            fresh = keys[result.found]
+            fresh_rows = result.rows[result.found]
+            absent = t.slots_of(fresh) < 0
+            if absent.any():
+                self._make_room(int(absent.sum()))
+                slots = t.allocate(fresh[absent])
+                t.emb[slots] = fresh_rows[absent]
+                t.used[slots] = self._step
+
+    def admit(self, table: str, keys: Keys) -> None:
+        with self._lock:
+            self.store.admit(table, keys)
+
+    def evict(self, table: str, keys: Keys) -> int:
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        t = self._tables[table]
+        with self._lock:
+            slots = t.slots_of(keys)
+            t.drop(slots[slots >= 0])  # pending updates of evicted rows go with them
+            return self.store.evict(table, keys)
+
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        with self._lock:
+            self._push_all()
+            removed = self.store.expire(now)
+            if any(removed.values()):
+                for t in self._tables.values():  # some cached rows may be gone
+                    t.drop(np.flatnonzero(t.live))
+            return removed
+
+    def _push_all(self) -> None:
+        for name, t in self._tables.items():
+            self._push(name, t, np.flatnonzero(t.live & (t.pending > 0)))
+
+    def flush(self, position: Mapping[str, int] | None = None) -> None:
+        with self._lock:
+            self._push_all()
+            self.store.flush(position)
+
+    def position(self) -> dict[str, int] | None:
+        return self.store.position()
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        self.store.put_blob(name, data)
+
+    def get_blob(self, name: str) -> bytes | None:
+        return self.store.get_blob(name)
+
+    def delete_blob(self, name: str) -> None:
+        self.store.delete_blob(name)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self.store.stats())
+            out["cache_rows"] = sum(len(t) for t in self._tables.values())
+            out["cache_pending_rows"] = sum(
+                int((t.pending[t.live] > 0).sum()) for t in self._tables.values()
+            )
+        return out
+
+    def close(self) -> None:
+        self.store.close()
