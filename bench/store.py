@@ -36,20 +36,17 @@ import inspect
 import json
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import redis
+from common import private_redis
 
 from storage.base import Keys, RowTier, TableConfig
 from storage.keys import feature_keys
@@ -71,56 +68,6 @@ LISTPACK_SETTINGS = {"hash-max-listpack-entries": "512", "hash-max-listpack-valu
 
 def log(msg: str) -> None:
     print(f"[bench/store] {msg}", file=sys.stderr, flush=True)
-
-
-# -- private Redis ----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port; its URL."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server is not on PATH; install it or pass --redis-url")
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="bench-store-redis-")
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-    args += ["no", "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"]
-    for name, value in LISTPACK_SETTINGS.items():
-        args += [f"--{name}", value]
-    log_path = Path(workdir) / "redis.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = log_path.read_text(errors="replace")[-2000:]
-                    raise SystemExit(f"private redis-server did not start: {err}") from None
-                time.sleep(0.05)
-        client.close()
-        log(f"private redis-server (pid {proc.pid}) at {url}")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def used_memory(client: redis.Redis) -> int:
@@ -329,7 +276,7 @@ def main() -> None:
     started = time.perf_counter()
 
     with contextlib.ExitStack() as stack:
-        url = args.redis_url or stack.enter_context(private_redis())
+        url = args.redis_url or stack.enter_context(private_redis(LISTPACK_SETTINGS, log))
         client = redis.Redis.from_url(url)
         stack.callback(client.close)
         version = str(client.info("server")["redis_version"])

@@ -515,9 +515,8 @@ class TieredStore(EmbeddingStore):
             metrics.COLD_MISS.inc(misses)
         self._count(hot_hits=n - hot_misses, cold_hits=cold_hits, misses=misses)
 
-    def _read(self, codec: RowCodec, keys: Keys, *, record: bool = True) -> tuple[Rows, Mask]:
-        """Serving path: rows of distinct ``keys``; creates nothing. ``record``: count the
-        hits and misses (not for prefetches)."""
+    def _read(self, codec: RowCodec, keys: Keys) -> tuple[Rows, Mask]:
+        """Serving path: rows of distinct ``keys``; creates nothing."""
         n = len(keys)
         rows = codec.zeros(n)
         found = np.zeros(n, dtype=np.bool_)
@@ -544,8 +543,7 @@ class TieredStore(EmbeddingStore):
                         self._maybe_evict()
         elif self._index is not None and n:
             self._reads.append((codec.table, keys))  # recency from serving, applied later
-        if record:
-            self._record(n, hot_misses, hot_misses - len(missing), len(missing))
+        self._record(n, hot_misses, hot_misses - len(missing), len(missing))
         return rows, found
 
     # -- capacity -----------------------------------------------------------------------
@@ -709,14 +707,27 @@ class TieredStore(EmbeddingStore):
         return result
 
     def prefetch(self, table: str, keys: Keys) -> None:
-        """Promote the cold rows of ``keys`` into hot (a writer) ahead of their training
-        lookup; creates nothing and counts no sightings."""
+        """A writer with a capacity promotes the demoted rows of ``keys`` (spill or cold)
+        into hot ahead of their training lookup; creates nothing and counts no sighting.
+        Without a capacity every row stays hot, so there is nothing to fetch."""
         codec = self._codec(table)
-        keys = _unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
-        if self.read_only or self.cold is None or len(keys) == 0:
+        if self.read_only or self.cold is None or self._index is None:
             return
         start = time.perf_counter()
-        self._read(codec, keys, record=False)
+        keys = _unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
+        with self._lock:
+            index = self._index[table]
+            absent = keys[index.find(keys) < 0]
+            if len(absent) == 0:
+                return
+            rows, found = codec.zeros(len(absent)), np.zeros(len(absent), dtype=np.bool_)
+            idx = np.arange(len(absent), dtype=np.intp)
+            _, from_spill = self._from_cold(codec, absent, rows, found, idx, promote=True)
+            have = np.flatnonzero(found)
+            pos = index.touch(absent[have], self._step)
+            if len(from_spill):
+                index.dirty[pos[np.isin(have, from_spill)]] = True
+            self._maybe_evict()
         metrics.PREFETCH_SECONDS.observe(time.perf_counter() - start)
 
     def update(self, table: str, keys: Keys, grads: Floats) -> Floats:

@@ -74,7 +74,12 @@ def check_fields(
 ) -> list[FieldError]:
     """Every problem with a set of sparse and dense values, one entry per field."""
     errors: list[FieldError] = []
+    categorical = spec.categorical_names
     for name, value in features.items():
+        # The trainer checks every event: valid ids pass on exact-type tests alone.
+        kind = type(value)
+        if name in categorical and ((kind is str and value) or kind is int):
+            continue
         feature = spec.sparse_field(name)
         if feature is None:
             errors.append(FieldError(name, f"unknown sparse feature {name!r}", "unknown_field"))
@@ -96,8 +101,12 @@ def check_fields(
                     "wrong_type",
                 )
             )
+    dense_names = spec.dense_names
     for name, value in dense.items():
-        if name not in spec.dense_names:
+        kind = type(value)
+        if (kind is float or kind is int) and name in dense_names and math.isfinite(value):  # type: ignore[arg-type]
+            continue
+        if name not in dense_names:
             errors.append(FieldError(name, f"unknown dense feature {name!r}", "unknown_field"))
         elif isinstance(value, bool) or not isinstance(value, int | float):
             errors.append(

@@ -54,6 +54,10 @@ class FeatureSpec(BaseModel):
         return {f.name: f for f in self.sparse}
 
     @cached_property
+    def categorical_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.sparse if f.kind == "categorical")
+
+    @cached_property
     def dense_names(self) -> frozenset[str]:
         return frozenset(self.dense)
 

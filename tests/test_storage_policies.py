@@ -711,3 +711,20 @@ def test_counters_by_reason_and_gauges(make_store: Factory) -> None:
     assert metric("streamrec_store_rows", tier="cold", table="all") == 0
     assert metric("streamrec_store_op_seconds_count", op="expire") > 0
     assert metric("streamrec_store_op_seconds_count", op="demote") > 0
+
+
+def test_prefetch_promotes_demoted_rows_and_creates_nothing(make_store: Factory) -> None:
+    store = make_store([T4], eviction=lru(10))
+    keys = ids(0, 10)
+    train(store, "t4", keys, value=2.0)
+    before = packed(store.hot, "t4", keys)
+    train(store, "t4", ids(100, 110))  # pushes the first rows out (dirty: to spill)
+    assert packed(store.hot, "t4", keys) == [None] * 10
+    created = store.stats()["created_rows"]
+    store.prefetch("t4", np.concatenate([keys, ids(500, 505)]))  # 5 ids never seen
+    assert packed(store.hot, "t4", keys) == before
+    stats = store.stats()
+    assert stats["created_rows"] == created and stats["promotions"] >= 10
+    assert packed(store.hot, "t4", ids(500, 505)) == [None] * 5
+    store.flush({"p": 1})  # promoted from spill: still dirty, so the flush writes them
+    assert packed(store.cold, "t4", keys) == before

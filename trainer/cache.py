@@ -23,7 +23,8 @@ Rows the store did not find (ids not admitted yet) are never served from the cac
 every lookup of them reaches the store, so admission sees every sighting. The
 cache holds at most ``capacity_rows`` rows; beyond that the least recently used go
 (their pending updates pushed first). ``prefetch`` (the trainer's lookahead) reads
-rows into the cache ahead of their lookup and passes the hint on to the store.
+uncached rows into the cache ahead of their lookup, creating them in tables that admit
+every id (as the lookup would); at s = 0 it only passes the hint on to the store.
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ class CachedStore(EmbeddingStore):
         self.store = store
         self.config = config or CacheConfig()
         self._tables = {name: _Table(cfg) for name, cfg in store.tables().items()}
+        self._admit_all = {
+            name: cfg.admission.policy == "always" for name, cfg in store.tables().items()
+        }
         self._lock = threading.RLock()
         self._step = 0
 
@@ -320,8 +324,9 @@ class CachedStore(EmbeddingStore):
             pushes = t.pushes
         if len(keys) == 0:
             return
-        # Without create: new ids get rows (and admission its sightings) at their lookup.
-        result = self.store.lookup(table, keys)
+        # An id's sighting counts at its training lookup: only tables that admit every id
+        # get rows here (as that lookup would give them); gated ones are read as they are.
+        result = self.store.lookup(table, keys, create=self._admit_all[table])
         self._count_io(t, read=len(keys))
         with self._lock:
             if t.pushes != pushes:

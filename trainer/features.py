@@ -27,6 +27,7 @@ class FieldBatch:
 
     keys: Keys
     offsets: npt.NDArray[np.int64]
+    single: bool = False  # exactly one id per example: bag i is keys[i]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def encode(
             fields[name] = FieldBatch(
                 feature_keys(name, raw),  # type: ignore[arg-type]
                 np.arange(size, dtype=np.int64),
+                single=True,
             )
             continue
         values: list[str | int] = []
@@ -107,6 +109,9 @@ def gather(
         rows.unknown += int((~result.found).sum())
         if len(unique) == 0:
             pooled.append(torch.zeros(batch.size, field.dim))
+            continue
+        if fb.single:  # pooling one id is the id's row: a plain gather is ~2x faster
+            pooled.append(F.embedding(torch.from_numpy(inverse.astype(np.int64)), weight))
             continue
         pooled.append(
             F.embedding_bag(

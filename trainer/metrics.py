@@ -25,3 +25,12 @@ WINDOW_CALIBRATION = Gauge(
 )
 MODEL_VERSION = Gauge("streamrec_trainer_published_version", "Last published model version.")
 FLUSHES = Counter("streamrec_trainer_flushes_total", "Store flushes with a recorded position.")
+PREFETCH_SECONDS = Histogram(
+    "streamrec_trainer_prefetch_seconds",
+    "Time to prefetch the rows of one upcoming batch (on the lookahead thread).",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+PREFETCH_SKIPPED = Counter(
+    "streamrec_trainer_prefetch_skipped_total",
+    "Upcoming batches not prefetched because the lookahead queue was full.",
+)

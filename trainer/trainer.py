@@ -1,10 +1,17 @@
 """The streaming trainer: poll the log, validate, train, record the position.
 
 One loop, in order: poll records -> decode and validate (bad ones go to the dead
-letter topic) -> encode -> look up rows -> forward (progressive evaluation uses
-these pre-update predictions) -> backward -> sparse updates to the store and a
-dense Adam step -> periodically flush the store with the position it covers,
-then commit that position to the log.
+letter topic) -> batch and encode -> look ahead -> look up rows -> forward
+(progressive evaluation uses these pre-update predictions) -> backward -> sparse
+updates to the store and a dense Adam step -> periodically flush the store with the
+position it covers, then commit that position to the log.
+
+Look ahead (after MLKV): the loop reads up to ``lookahead_batches`` batches past the
+one it trains and hands their keys to a background thread, which fetches their rows
+(into the trainer cache, or from the cold tier into the hot one) while the current
+batch trains. The loop keeps polling between batches, so the consumer stays in its
+group however long the backlog. The store is wrapped in the bounded-staleness
+``CachedStore`` (``trainer.cache``); with its default s_r = s_w = 0 training is exact.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ import hashlib
 import io
 import json
 import logging
+import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,8 +36,9 @@ from streaming.events import BadEvent, Event, decode_event
 from streaming.log import EventConsumer, EventProducer, Record
 from streaming.spec import FeatureSpec
 from trainer import metrics
+from trainer.cache import CacheConfig, CachedStore
 from trainer.evaluation import EvalReport, ProgressiveEvaluator
-from trainer.features import encode, gather
+from trainer.features import EncodedBatch, encode, gather
 from trainer.model import DLRM, ModelConfig
 from trainer.versions import latest_version, load_version, publish
 
@@ -57,6 +67,10 @@ class TrainerConfig(BaseModel):
     )
     progress_every_s: float = Field(5.0, gt=0, description="Print a progress line this often.")
     eval_window: int = Field(50_000, ge=100, description="Events in the windowed metrics.")
+    lookahead_batches: int = Field(
+        2, ge=0, description="Batches read ahead whose rows are prefetched (0: none)."
+    )
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     seed: int = 0
 
@@ -82,7 +96,7 @@ class StreamingTrainer:
         total_events: int | None = None,
     ) -> None:
         self.spec = spec
-        self.store = store
+        self.store = CachedStore(store, config.cache)
         self.consumer = consumer
         self.config = config
         self.dead_letters = dead_letters
@@ -158,10 +172,15 @@ class StreamingTrainer:
         log.info("resumed dense weights from version %d (%d events)", version, meta.events_trained)
 
     # -- one step -------------------------------------------------------------------------
-    def train_step(self, events: list[Event]) -> np.ndarray:
-        """Train on one batch; returns the predictions made before the update."""
+    def encode(self, events: list[Event]) -> EncodedBatch:
+        return encode([e.features for e in events], [e.dense for e in events], self.spec)
+
+    def train_step(self, events: list[Event], batch: EncodedBatch | None = None) -> np.ndarray:
+        """Train on one batch (``batch``: its encoding, if done already); returns the
+        predictions made before the update."""
         started = time.perf_counter()
-        batch = encode([e.features for e in events], [e.dense for e in events], self.spec)
+        if batch is None:
+            batch = self.encode(events)
         labels = torch.tensor([e.label for e in events], dtype=torch.float32)
         self.model.train()
         sparse, rows = gather(self.store, batch, self.spec, train=True)
@@ -238,52 +257,70 @@ class StreamingTrainer:
         """Train until ``stop`` is set or ``max_events`` events were trained on, then
         flush, publish and return. Never raises on bad input."""
         cfg = self.config
-        pending: list[Event] = []
-        batch_started = time.monotonic()
-        now = time.monotonic()
+        pending: list[Event] = []  # decoded, not yet cut into a batch
+        ready: deque[_Batch] = deque()  # cut and prefetching, not yet trained
+        lookahead = _Lookahead(self.store, self.spec, cfg.lookahead_batches)
+        batch_started = now = time.monotonic()
         next_flush, next_publish = now + cfg.flush_every_s, now + cfg.publish_every_s
         next_expire = now + cfg.expire_every_s
         checkpointed, published = dict(self.position), 0
         progress = _Progress(cfg.progress_every_s, self.total_events)
         trained = 0
-        while not stop.is_set() and (max_events is None or trained < max_events):
-            want = cfg.batch_size - len(pending)
-            if max_events is not None:
-                want = min(want, max_events - trained - len(pending))
-            records = self.consumer.poll(max(want, 1), timeout_s=0.1)
-            if records:
-                if not pending:
-                    batch_started = time.monotonic()
-                pending.extend(self._decode(records))
-            full = len(pending) >= cfg.batch_size or (
-                max_events is not None and trained + len(pending) >= max_events
-            )
-            waited = time.monotonic() - batch_started > cfg.max_batch_wait_s
-            if pending and (full or waited):
-                self.train_step(pending)
-                trained += len(pending)
-                pending = []
-            if not pending:
-                # Never record buffered, untrained events: a crash would skip them.
-                self.position = dict(self._read)
-            now = time.monotonic()
-            if now >= next_flush:
-                if self.position != checkpointed:  # an idle stream writes nothing
-                    self.checkpoint()
-                    checkpointed = dict(self.position)
-                next_flush = now + cfg.flush_every_s
-            if now >= next_expire:
-                expired = self.store.expire()
-                if any(expired.values()):
-                    log.info("expired rows: %s", expired)
-                next_expire = now + cfg.expire_every_s
-            if now >= next_publish and self.evaluator.events > published:
-                self.publish()
-                published = self.evaluator.events
-                next_publish = now + cfg.publish_every_s
-            progress.maybe_log(self, now)
-        if pending:
-            self.train_step(pending)
+        try:
+            while not stop.is_set() and (max_events is None or trained < max_events):
+                buffered = len(pending) + sum(len(b.events) for b in ready)
+                want = cfg.batch_size - len(pending)
+                if max_events is not None:
+                    want = min(want, max_events - trained - buffered)
+                arrived = False
+                if want > 0 and len(ready) <= cfg.lookahead_batches:
+                    # With batches ready, only take what has already arrived.
+                    records = self.consumer.poll(want, timeout_s=0.0 if ready else 0.1)
+                    if records:
+                        arrived = True
+                        if not pending:
+                            batch_started = time.monotonic()
+                        pending.extend(self._decode(records))
+                if pending and (
+                    len(pending) >= cfg.batch_size
+                    or want <= 0
+                    or time.monotonic() - batch_started > cfg.max_batch_wait_s
+                ):
+                    ready.append(_Batch(pending, self.encode(pending), dict(self._read)))
+                    lookahead.submit(ready[-1].encoded)
+                    pending = []
+                # Train once the lookahead is full, or as soon as the stream is not ahead.
+                if ready and (len(ready) > cfg.lookahead_batches or not arrived):
+                    batch = ready.popleft()
+                    self.train_step(batch.events, batch.encoded)
+                    trained += len(batch.events)
+                    self.position = batch.end
+                if not pending and not ready:
+                    # Never record buffered, untrained events: a crash would skip them.
+                    self.position = dict(self._read)
+                now = time.monotonic()
+                if now >= next_flush:
+                    if self.position != checkpointed:  # an idle stream writes nothing
+                        self.checkpoint()
+                        checkpointed = dict(self.position)
+                    next_flush = now + cfg.flush_every_s
+                if now >= next_expire:
+                    expired = self.store.expire()
+                    if any(expired.values()):
+                        log.info("expired rows: %s", expired)
+                    next_expire = now + cfg.expire_every_s
+                if now >= next_publish and self.evaluator.events > published:
+                    self.publish()
+                    published = self.evaluator.events
+                    next_publish = now + cfg.publish_every_s
+                progress.maybe_log(self, now)
+            if pending:
+                ready.append(_Batch(pending, self.encode(pending), dict(self._read)))
+            while ready:
+                batch = ready.popleft()
+                self.train_step(batch.events, batch.encoded)
+        finally:
+            lookahead.close()
         self.position = dict(self._read)
         self.checkpoint()
         if self.evaluator.events > published:
@@ -295,6 +332,53 @@ class StreamingTrainer:
             evaluation=self.evaluator.report(),
             version=self.version,
         )
+
+
+@dataclass
+class _Batch:
+    events: list[Event]
+    encoded: EncodedBatch
+    end: dict[str, int]  # the read position after its last record (bad ones included)
+
+
+class _Lookahead:
+    """Fetches the rows of batches waiting to be trained, on a background thread, so the
+    training lookup finds them close (MLKV's lookahead). A full queue skips a prefetch
+    rather than holding up training; a failed one is logged (the lookup retries)."""
+
+    def __init__(self, store: EmbeddingStore, spec: FeatureSpec, depth: int) -> None:
+        self._store = store
+        self._spec = spec
+        self._queue: queue.Queue[EncodedBatch | None] = queue.Queue(maxsize=max(depth, 1))
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._work, name="lookahead", daemon=True)
+            self._thread.start()
+
+    def submit(self, batch: EncodedBatch) -> None:
+        if self._thread is None:
+            return
+        try:
+            self._queue.put_nowait(batch)
+        except queue.Full:
+            metrics.PREFETCH_SKIPPED.inc()
+
+    def _work(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            started = time.perf_counter()
+            try:
+                for field in self._spec.sparse:
+                    self._store.prefetch(field.name, np.unique(batch.fields[field.name].keys))
+            except Exception:
+                log.warning(
+                    "prefetch failed; the training lookup will read the rows", exc_info=True
+                )
+            metrics.PREFETCH_SECONDS.observe(time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
 
 
 class _Progress:
