@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.base import AdmissionConfig, SparseOptimizerName
 from storage.eviction import EvictionConfig
@@ -56,6 +56,22 @@ class StoreConfig(BaseModel):
         default_factory=dict,
         description="Per-table overrides of any TableConfig field, by sparse feature name.",
     )
+    shared_hot: bool = Field(
+        False,
+        description="Several trainers share the Redis hot tier (scale-out): it holds every "
+        "row (no eviction) and a restarting trainer keeps the rows the others wrote.",
+    )
+
+    @model_validator(mode="after")
+    def _shared_needs_redis(self) -> StoreConfig:
+        if self.shared_hot and self.hot != "redis":
+            raise ValueError("store.shared_hot needs store.hot = 'redis'")
+        if self.shared_hot and self.eviction is not None:
+            raise ValueError(
+                "store.shared_hot keeps every row in Redis: remove store.eviction (a row "
+                "demoted to one trainer's RocksDB would be invisible to the others)"
+            )
+        return self
 
     @property
     def rocksdb_path(self) -> Path:

@@ -54,6 +54,17 @@ class EventConsumer(ABC):
     def commit(self, position: Mapping[str, int]) -> None:
         """Acknowledge everything before ``position`` (after the store recorded it)."""
 
+    def assignment(self) -> set[str]:
+        """The position slots (``topic:partition``) this consumer reads now."""
+        return set()
+
+    def on_revoked(  # noqa: B027 - optional hook
+        self, callback: Callable[[], Mapping[str, int]]
+    ) -> None:
+        """Before partitions are taken away in a rebalance (from inside ``poll``), call
+        ``callback``: it makes what was trained durable and returns the position to
+        commit, which the consumer commits before the partitions move."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Leave the group and release sockets."""
 
@@ -186,12 +197,18 @@ class InMemoryConsumer(EventConsumer):
         if offset is not None:
             self._log.trim(self._topic, offset)
 
+    def assignment(self) -> set[str]:
+        return {position_slot(self._topic, 0)}
+
 
 class KafkaEventConsumer(EventConsumer):
     """A kafka-python consumer in a group, with auto-commit off.
 
     On every partition assignment it seeks to the position the store recorded
-    (``resume_from``), so what the store holds and what is read next agree.
+    (``resume_from``), so what the store holds and what is read next agree. With
+    ``shared=True`` (several trainers over one shared hot tier) it seeks to the later of
+    that and the group's committed offset: another member may have trained a partition
+    further since this store last held it.
     """
 
     def __init__(
@@ -200,9 +217,12 @@ class KafkaEventConsumer(EventConsumer):
         topic: str,
         group_id: str,
         resume_from: Callable[[], Mapping[str, int] | None],
+        *,
+        shared: bool = False,
         **config: Any,
     ) -> None:
-        from kafka import ConsumerRebalanceListener, KafkaConsumer
+        from kafka import KafkaConsumer
+        from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
         from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
         self._topic = topic
@@ -218,17 +238,30 @@ class KafkaEventConsumer(EventConsumer):
             raise LogUnavailable(f"no Kafka broker reachable at {bootstrap_servers}") from None
 
         consumer = self._consumer
+        self._revoked: Callable[[], Mapping[str, int]] | None = None
+        owner = self
 
-        class _SeekToStore(ConsumerRebalanceListener):  # type: ignore[misc]
-            def on_partitions_revoked(self, revoked: Any) -> None:
-                return None
+        # kafka-python 3 runs listeners on its IO loop, where blocking consumer calls are
+        # refused: offsets are fetched and committed with the coordinator's coroutines.
+        class _SeekToStore(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                if revoked and owner._revoked is not None:
+                    offsets = owner._offsets(owner._revoked(), set(revoked))
+                    await consumer._coordinator._commit_offsets_sync_async(offsets)
 
-            def on_partitions_assigned(self, assigned: Any) -> None:
+            async def on_partitions_assigned(self, assigned: Any) -> None:
                 recorded = resume_from() or {}
+                committed: dict[Any, Any] = {}
+                if shared and assigned:
+                    fetch = consumer._coordinator.fetch_committed_offsets_async
+                    committed = await fetch(set(assigned))
                 for tp in assigned:
-                    offset = recorded.get(position_slot(tp.topic, tp.partition))
-                    if offset is not None:
-                        consumer.seek(tp, offset)
+                    offsets = [recorded.get(position_slot(tp.topic, tp.partition))]
+                    if tp in committed and committed[tp] is not None:
+                        offsets.append(committed[tp].offset)
+                    known = [o for o in offsets if o is not None and o >= 0]
+                    if known:
+                        consumer.seek(tp, max(known))
                 log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
         consumer.subscribe([topic], listener=_SeekToStore())
@@ -240,18 +273,28 @@ class KafkaEventConsumer(EventConsumer):
             out.extend(Record(tp.topic, tp.partition, m.offset, m.value) for m in messages)
         return out
 
-    def commit(self, position: Mapping[str, int]) -> None:
+    @staticmethod
+    def _offsets(position: Mapping[str, int], assigned: set[Any]) -> dict[Any, Any]:
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
         offsets = {}
-        assigned = self._consumer.assignment()
         for slot, offset in position.items():
             topic, _, partition = slot.rpartition(":")
             tp = TopicPartition(topic, int(partition))
             if tp in assigned:
                 offsets[tp] = OffsetAndMetadata(offset, "", -1)
+        return offsets
+
+    def commit(self, position: Mapping[str, int]) -> None:
+        offsets = self._offsets(position, self._consumer.assignment())
         if offsets:
             self._consumer.commit(offsets)
+
+    def assignment(self) -> set[str]:
+        return {position_slot(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def on_revoked(self, callback: Callable[[], Mapping[str, int]]) -> None:
+        self._revoked = callback
 
     def close(self) -> None:
         self._consumer.close()

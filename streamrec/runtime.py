@@ -18,6 +18,7 @@ from streaming.log import (
 )
 from streamrec.config import Settings
 from streamrec.wiring import build_store, data_path, embedded_source, feed_log, resolve_spec
+from trainer.dense_sync import member_name
 from trainer.trainer import StreamingTrainer, TrainerReport
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class TrainerRuntime:
                 settings.log.topic,
                 settings.log.group_id,
                 resume_from=store.position,
+                shared=settings.store.shared_hot,
                 max_poll_records=settings.trainer.batch_size,
             )
             dead_letters = KafkaEventProducer(settings.log.bootstrap_servers)
@@ -86,6 +88,7 @@ class TrainerRuntime:
             dead_letters=dead_letters,
             dead_letter_topic=settings.log.dead_letter_topic,
             total_events=total,
+            group_member=member_name() if settings.store.shared_hot else None,
         )
         runtime = cls(store, trainer, consumer, dead_letters, stop, embedded_log=embedded_log)
         runtime.thread = threading.Thread(

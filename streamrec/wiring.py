@@ -78,7 +78,8 @@ def build_store(settings: Settings, spec: FeatureSpec, *, read_only: bool = Fals
         eviction=cfg.eviction,
         spill=spill,
         # Redis outlives a crashed trainer; its rows may be ahead of the recorded position.
-        discard_hot_rows=cfg.hot == "redis" and not read_only,
+        # Shared by several trainers, the rows are theirs too: kept.
+        discard_hot_rows=cfg.hot == "redis" and not read_only and not cfg.shared_hot,
     )
 
 

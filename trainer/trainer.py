@@ -37,6 +37,7 @@ from streaming.log import EventConsumer, EventProducer, Record
 from streaming.spec import FeatureSpec
 from trainer import metrics
 from trainer.cache import CacheConfig, CachedStore
+from trainer.dense_sync import DenseSync
 from trainer.evaluation import EvalReport, ProgressiveEvaluator
 from trainer.features import EncodedBatch, encode, gather
 from trainer.model import DLRM, ModelConfig
@@ -66,6 +67,11 @@ class TrainerConfig(BaseModel):
         60.0, gt=0, description="Expire rows by the tables' ttl_s and min_l2_norm this often."
     )
     progress_every_s: float = Field(5.0, gt=0, description="Print a progress line this often.")
+    dense_sync_every_s: float = Field(
+        10.0,
+        gt=0,
+        description="Scale-out: average dense weights with the other trainers this often.",
+    )
     eval_window: int = Field(50_000, ge=100, description="Events in the windowed metrics.")
     lookahead_batches: int = Field(
         2, ge=0, description="Batches read ahead whose rows are prefetched (0: none)."
@@ -94,7 +100,11 @@ class StreamingTrainer:
         dead_letters: EventProducer | None = None,
         dead_letter_topic: str = "streamrec-dead-letters",
         total_events: int | None = None,
+        group_member: str | None = None,
     ) -> None:
+        """``group_member``: this trainer's name when several share the store (scale-out):
+        dense weights are then averaged with the others' (``trainer.dense_sync``) and
+        only the trainer reading partition 0 publishes versions."""
         self.spec = spec
         self.store = CachedStore(store, config.cache)
         self.consumer = consumer
@@ -116,6 +126,19 @@ class StreamingTrainer:
             self._resume_published()
         self.bad_events = 0
         self.version: int | None = latest_version(store, config.model_name)
+        self.group_member = group_member
+        self.dense_sync: DenseSync | None = None
+        if group_member is not None:
+            self.dense_sync = DenseSync(
+                self.store,
+                self.model,
+                model_name=config.model_name,
+                member=group_member,
+                every_s=config.dense_sync_every_s,
+            )
+        self._pending: list[Event] = []  # decoded, not yet cut into a batch
+        self._ready: deque[_Batch] = deque()  # cut and prefetching, not yet trained
+        consumer.on_revoked(self._on_revoked)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _checkpoint_name(self, position: dict[str, int]) -> str:
@@ -218,7 +241,7 @@ class StreamingTrainer:
             self._read[record.slot] = record.offset + 1
         return events
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, *, commit: bool = True) -> None:
         """Make the position durable with the rows and dense state it covers, then
         acknowledge it to the log.
 
@@ -236,8 +259,27 @@ class StreamingTrainer:
         if self._checkpoint_blob not in (None, name):
             self.store.delete_blob(self._checkpoint_blob)
         self._checkpoint_blob = name
-        self.consumer.commit(position)
+        if commit:
+            self.consumer.commit(position)
         metrics.FLUSHES.inc()
+
+    def _on_revoked(self) -> dict[str, int]:
+        """Partitions are about to move to another trainer: forget the buffered, untrained
+        events (whoever reads those partitions next reads them again) and record what was
+        trained; the consumer commits the returned position, so the next owner starts
+        exactly there."""
+        dropped = len(self._pending) + sum(len(b.events) for b in self._ready)
+        self._pending.clear()
+        self._ready.clear()
+        self._read = dict(self.position)
+        self.checkpoint(commit=False)
+        log.info("rebalance: committed %s, dropped %d buffered events", self.position, dropped)
+        return dict(self.position)
+
+    def _publishes(self) -> bool:
+        if self.group_member is None:
+            return True
+        return any(slot.endswith(":0") for slot in self.consumer.assignment())
 
     def publish(self) -> None:
         meta = publish(
@@ -257,8 +299,7 @@ class StreamingTrainer:
         """Train until ``stop`` is set or ``max_events`` events were trained on, then
         flush, publish and return. Never raises on bad input."""
         cfg = self.config
-        pending: list[Event] = []  # decoded, not yet cut into a batch
-        ready: deque[_Batch] = deque()  # cut and prefetching, not yet trained
+        pending, ready = self._pending, self._ready
         lookahead = _Lookahead(self.store, self.spec, cfg.lookahead_batches)
         batch_started = now = time.monotonic()
         next_flush, next_publish = now + cfg.flush_every_s, now + cfg.publish_every_s
@@ -286,9 +327,9 @@ class StreamingTrainer:
                     or want <= 0
                     or time.monotonic() - batch_started > cfg.max_batch_wait_s
                 ):
-                    ready.append(_Batch(pending, self.encode(pending), dict(self._read)))
+                    ready.append(_Batch(list(pending), self.encode(pending), dict(self._read)))
                     lookahead.submit(ready[-1].encoded)
-                    pending = []
+                    pending.clear()
                 # Train once the lookahead is full, or as soon as the stream is not ahead.
                 if ready and (len(ready) > cfg.lookahead_batches or not arrived):
                     batch = ready.popleft()
@@ -309,21 +350,26 @@ class StreamingTrainer:
                     if any(expired.values()):
                         log.info("expired rows: %s", expired)
                     next_expire = now + cfg.expire_every_s
-                if now >= next_publish and self.evaluator.events > published:
+                if self.dense_sync is not None:
+                    self.dense_sync.maybe_sync(now)
+                if now >= next_publish and self.evaluator.events > published and self._publishes():
                     self.publish()
                     published = self.evaluator.events
                     next_publish = now + cfg.publish_every_s
                 progress.maybe_log(self, now)
             if pending:
-                ready.append(_Batch(pending, self.encode(pending), dict(self._read)))
+                ready.append(_Batch(list(pending), self.encode(pending), dict(self._read)))
+                pending.clear()
             while ready:
                 batch = ready.popleft()
                 self.train_step(batch.events, batch.encoded)
         finally:
             lookahead.close()
         self.position = dict(self._read)
+        if self.dense_sync is not None:
+            self.dense_sync.leave()
         self.checkpoint()
-        if self.evaluator.events > published:
+        if self.evaluator.events > published and self._publishes():
             self.publish()
         progress.maybe_log(self, time.monotonic(), force=True)
         return TrainerReport(
