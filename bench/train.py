@@ -165,7 +165,7 @@ def start_local_kafka() -> str:
 
 def torchrec_run(events: int, universe: int) -> dict[str, Any]:
     try:
-        from torchrec_baseline import torchrec_events_per_s  # type: ignore[import-not-found, unused-ignore]
+        from torchrec_baseline import torchrec_events_per_s
     except ImportError as e:
         return {"events_per_s": None, "note": f"bench/torchrec_baseline.py unavailable: {e}"}
     try:

@@ -109,3 +109,18 @@ def test_table_settings_default_then_override(tmp_path: Path) -> None:
     config.write_text("[store.tables.c1]\nlearning_rat = 1\n")
     with pytest.raises(ValueError, match="learning_rat"):
         table_configs(spec, load_settings(config))
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).parents[1] / "deploy" / "config").glob("*.toml")), ids=str
+)
+def test_example_configs_load(config: Path) -> None:
+    settings = load_settings(config)
+    assert settings.log.kind == "kafka" and settings.store.hot == "redis"
+
+
+def test_shared_hot_tier_refuses_eviction() -> None:
+    with pytest.raises(ValueError, match="remove store.eviction"):
+        load_settings(store={"hot": "redis", "shared_hot": True, "eviction": {"max_rows": 1000}})
+    with pytest.raises(ValueError, match="needs store.hot"):
+        load_settings(store={"shared_hot": True})
