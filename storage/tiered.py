@@ -17,7 +17,12 @@ Reads and writes:
 * ``admit``: rows for the keys now, whatever the policy says (counted as ``forced``).
 * ``flush``: dirty rows (read back from hot) and spilled rows (below) go to the cold tier
   with the stream position in one ``commit`` (atomic in RocksDB); without a cold tier the
-  position is recorded in hot. Dirty rows stay dirty if the commit fails.
+  position is recorded in hot. Dirty rows stay dirty if the commit fails. If the hot
+  tier lost its contents since the writer opened it or last called
+  ``discard_unflushed`` (a marker blob is gone, or dirty rows are missing), ``flush``
+  raises ``HotTierLost`` and commits nothing; ``discard_unflushed`` then drops every
+  update since the last flush (hot rows, spill, dirty sets) so the store reads as of its
+  recorded position, and the writer replays from there.
 * ``position``: cold first (durable), else hot. Blobs: written to both, read hot first.
 
 Capacity (``eviction``, see ``storage.eviction``): the store keeps an in-process index of
@@ -80,6 +85,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -95,6 +101,7 @@ from storage.admission import AdmissionPolicy, AlwaysAdmit, make_policy
 from storage.base import (
     EmbeddingStore,
     Floats,
+    HotTierLost,
     Keys,
     LookupResult,
     Mask,
@@ -111,6 +118,10 @@ POSITION_BLOB = "streamrec.store.position"
 
 SPILL_BLOB = "streamrec.store.spill"
 """Cold-tier blob listing the tables with spilled rows not yet flushed (JSON list)."""
+
+HOT_MARKER_BLOB = "streamrec.store.hot-marker"
+"""Hot-tier blob a writer sets to a random token; gone or changed means the hot tier lost
+its contents (e.g. Redis restarted without persistence) and ``flush`` refuses to commit."""
 
 _DIRTY_COMPACT = 1 << 20  # dedupe a table's dirty key list beyond this many entries
 _U32_MAX = 0xFFFFFFFF
@@ -268,12 +279,14 @@ class TieredStore(EmbeddingStore):
         self._reads: deque[tuple[str, Keys]] = deque(maxlen=_READ_TOUCHES)
         self._spilled: dict[str, Keys] = {}  # sorted distinct keys per table
         self._touched: dict[str, _Touched] = {}  # the last training lookup per table
+        self._marker = uuid.uuid4().hex.encode()
         if not read_only:
             with self._lock:
                 if discard_hot_rows:
                     self._discard_hot_rows()
                 if cold is not None:
                     self._clear_stale_spill()
+                    self.hot.put_blob(HOT_MARKER_BLOB, self._marker)
                 if eviction is not None:
                     self._index = {name: HotIndex() for name in self._tables}
                     self._bootstrap_index()
@@ -882,8 +895,16 @@ class TieredStore(EmbeddingStore):
 
     def _flush_to_cold(self, blob: str | None) -> None:
         """Lock held: dirty rows from hot and spilled rows (not in hot) with the position
-        in one commit; then the spill is dropped."""
+        in one commit; then the spill is dropped. Raises ``HotTierLost`` (committing
+        nothing) if the hot tier lost its contents since the last flush: rows promoted
+        from cold since then carry updates on top of stale values, and rows gone cannot
+        be written back."""
         assert self.cold is not None
+        if self.hot.get_blob(HOT_MARKER_BLOB) != self._marker:
+            raise HotTierLost(
+                "the hot tier lost its contents since the last flush (restarted without "
+                "persistence?); nothing was committed"
+            )
         rows: dict[str, tuple[Keys, list[bytes]]] = {}
         cleaned: dict[str, Positions] = {}
         lost = 0
@@ -914,6 +935,12 @@ class TieredStore(EmbeddingStore):
             lost += len(keep) - int(keep.sum())
             if len(keys):
                 rows[table] = (keys, present)
+        if lost:
+            self._count(lost_dirty_rows=lost)
+            raise HotTierLost(
+                f"{lost} dirty rows vanished from the hot tier before they were flushed; "
+                "nothing was committed"
+            )
         blobs = {POSITION_BLOB: blob.encode()} if blob is not None else {}
         if rows or blobs:
             self.cold.commit(rows, blobs)
@@ -928,8 +955,6 @@ class TieredStore(EmbeddingStore):
                     self.cold.delete_many(spill_table(table), spilled)
             self._spilled.clear()
             self.cold.delete_blob(SPILL_BLOB)
-        if lost:
-            self._count(lost_dirty_rows=lost)
 
     def _set_gauges(self) -> dict[str, int]:
         """Rows and bytes per tier and table into the gauges; returns the row counts."""
@@ -944,6 +969,28 @@ class TieredStore(EmbeddingStore):
                 metrics.BYTES.labels(tier=tier, table=table).set(n * codec.nbytes)
                 out[f"{tier}_rows.{table}"] = n
         return out
+
+    def discard_unflushed(self) -> None:
+        """Drop every update since the last ``flush``: all hot rows (rows come back from
+        the cold tier, as of its recorded position, on their next lookup), the spill and
+        the dirty bookkeeping; then mark the hot tier as intact again. What a restarting
+        writer does, without reopening the store (serving threads keep their handle).
+        Needs a cold tier."""
+        self._check_writable("discard_unflushed")
+        if self.cold is None:
+            raise NotImplementedError("without a cold tier there is nothing to go back to")
+        with self._lock:
+            self._discard_hot_rows()
+            self._clear_stale_spill()
+            self._spilled.clear()
+            self._dirty.clear()
+            self._dirty_len.clear()
+            self._touched.clear()
+            self._reads.clear()
+            if self._index is not None:
+                self._index = {name: HotIndex() for name in self._tables}
+            self._marker = uuid.uuid4().hex.encode()
+            self.hot.put_blob(HOT_MARKER_BLOB, self._marker)
 
     def position(self) -> dict[str, int] | None:
         raw = self.cold.get_blob(POSITION_BLOB) if self.cold is not None else None
