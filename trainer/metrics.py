@@ -25,3 +25,12 @@ WINDOW_CALIBRATION = Gauge(
 )
 MODEL_VERSION = Gauge("streamrec_trainer_published_version", "Last published model version.")
 FLUSHES = Counter("streamrec_trainer_flushes_total", "Store flushes with a recorded position.")
+REWINDS = Counter(
+    "streamrec_trainer_rewinds_total",
+    "Rewinds to the recorded position after a store fault (reason: the error's class).",
+    ["reason"],
+)
+CHECKPOINTS_SKIPPED = Counter(
+    "streamrec_trainer_checkpoints_skipped_total",
+    "Checkpoints put off because dead letters could not be stored (Kafka unreachable).",
+)

@@ -5,6 +5,9 @@ letter topic) -> encode -> look up rows -> forward (progressive evaluation uses
 these pre-update predictions) -> backward -> sparse updates to the store and a
 dense Adam step -> periodically flush the store with the position it covers,
 then commit that position to the log.
+
+Store faults (Redis unreachable, or restarted empty) rewind the trainer to its last
+recorded position and it trains on from there (``trainer.recovery``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.base import EmbeddingStore
 from streaming.events import BadEvent, Event, decode_event
-from streaming.log import EventConsumer, EventProducer, Record
+from streaming.log import EventConsumer, EventProducer, LogUnavailable, Record
 from streaming.spec import FeatureSpec
 from trainer import metrics
 from trainer.evaluation import EvalReport, ProgressiveEvaluator
 from trainer.features import encode, gather
 from trainer.model import DLRM, ModelConfig
+from trainer.recovery import RECOVERABLE, Mark, recover
 from trainer.versions import latest_version, load_version, publish
 
 log = logging.getLogger(__name__)
@@ -57,8 +61,22 @@ class TrainerConfig(BaseModel):
     )
     progress_every_s: float = Field(5.0, gt=0, description="Print a progress line this often.")
     eval_window: int = Field(50_000, ge=100, description="Events in the windowed metrics.")
+    recover_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="After a store fault, keep retrying the rewind this long, then exit.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     seed: int = 0
+
+
+def checkpoint_name(model_name: str, position: dict[str, int]) -> str:
+    """The blob holding the dense weights and Adam state as of ``position``.
+
+    Named by the position it belongs to: written before the store records that position,
+    so whichever position a crash leaves recorded has its own blob."""
+    digest = hashlib.sha1(json.dumps(position, sort_keys=True).encode()).hexdigest()[:16]
+    return f"trainer/{model_name}/checkpoint/{digest}"
 
 
 @dataclass(frozen=True)
@@ -90,8 +108,7 @@ class StreamingTrainer:
         self.total_events = total_events
         torch.manual_seed(config.seed)
         self.model = DLRM(spec, config.model)
-        optimizer = torch.optim.AdamW if config.dense_optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = optimizer(self.model.parameters(), lr=config.dense_learning_rate)
+        self.optimizer = self._new_optimizer(self.model)
         self.evaluator = ProgressiveEvaluator(config.eval_window)
         # `position` covers what the model has learned (or dead-lettered); `_read` runs
         # ahead of it by the events buffered for the next batch.
@@ -102,13 +119,22 @@ class StreamingTrainer:
             self._resume_published()
         self.bad_events = 0
         self.version: int | None = latest_version(store, config.model_name)
+        # Where a rewind goes back to: the mark of the recorded position.
+        self._marks = [Mark.of(self, self.position)]
+
+    def _new_optimizer(self, model: DLRM) -> torch.optim.Optimizer:
+        cfg = self.config
+        optimizer = torch.optim.AdamW if cfg.dense_optimizer == "adamw" else torch.optim.Adam
+        return optimizer(model.parameters(), lr=cfg.dense_learning_rate)
+
+    def read_position(self) -> dict[str, int]:
+        """The position after the last record read (trained, buffered or dead-lettered):
+        where the log resumes after a rebalance."""
+        return dict(self._read)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _checkpoint_name(self, position: dict[str, int]) -> str:
-        # Named by the position it belongs to: written before the store records that
-        # position, so whichever position a crash leaves recorded has its own blob.
-        digest = hashlib.sha1(json.dumps(position, sort_keys=True).encode()).hexdigest()[:16]
-        return f"trainer/{self.config.model_name}/checkpoint/{digest}"
+        return checkpoint_name(self.config.model_name, position)
 
     def _resume_checkpoint(self) -> bool:
         """Restore dense weights and optimizer state exactly as of the recorded position."""
@@ -199,9 +225,11 @@ class StreamingTrainer:
             self._read[record.slot] = record.offset + 1
         return events
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, *, final: bool = False) -> bool:
         """Make the position durable with the rows and dense state it covers, then
-        acknowledge it to the log.
+        acknowledge it to the log. Returns False, recording nothing, when dead letters
+        cannot be stored yet (Kafka down; the next checkpoint tries again); with
+        ``final`` that raises ``LogUnavailable`` instead.
 
         Order matters for exactly-once: the dense checkpoint blob (named after the
         position) is stored first, then the store records the position atomically
@@ -209,16 +237,57 @@ class StreamingTrainer:
         """
         if self.dead_letters is not None:
             # A bad event is acknowledged only once its dead-letter copy is stored.
-            self.dead_letters.flush()
+            try:
+                self.dead_letters.flush()
+            except LogUnavailable as e:
+                if final:
+                    raise
+                log.warning("checkpoint put off: dead letters not stored yet (%s)", e)
+                metrics.CHECKPOINTS_SKIPPED.inc()
+                return False
         position = dict(self.position)
         name = self._checkpoint_name(position)
         self.store.put_blob(name, self._dense_checkpoint())
+        self._marks = [self._marks[-1], Mark.of(self, position)]
         self.store.flush(position)
+        self._marks = self._marks[-1:]
         if self._checkpoint_blob not in (None, name):
             self.store.delete_blob(self._checkpoint_blob)
         self._checkpoint_blob = name
         self.consumer.commit(position)
         metrics.FLUSHES.inc()
+        return True
+
+    def rewind(self) -> int:
+        """Go back to the position the store recorded, as a restarted trainer would: drop
+        the store's unflushed updates (the hot tier is rebuilt from the cold tier on
+        demand), reload the dense checkpoint of that position, restore the evaluation
+        and counters of then, and read the log on from there. Returns how many events
+        trained since are dropped (to be trained again). Raises ``StoreUnavailable`` /
+        ``LogUnavailable`` while those are down (nothing is lost; call again)."""
+        self.store.discard_unflushed()
+        recorded = self.store.position() or {}
+        # The mark taken just before the last flush, if that flush committed.
+        mark = next((m for m in reversed(self._marks) if m.position == recorded), None)
+        if mark is None:
+            log.warning("no bookkeeping for position %s; evaluation is not rewound", recorded)
+            mark = Mark.of(self, recorded)
+        self.consumer.seek(recorded)
+        self.position, self._read = dict(recorded), dict(recorded)
+        torch.manual_seed(self.config.seed)
+        fresh = DLRM(self.spec, self.config.model)
+        self.model.load_state_dict(fresh.state_dict())
+        self.optimizer.load_state_dict(self._new_optimizer(fresh).state_dict())
+        stale = self._checkpoint_blob
+        self._checkpoint_blob = None
+        if not self._resume_checkpoint():
+            self._resume_published()
+        if stale not in (None, self._checkpoint_blob):
+            self.store.delete_blob(stale)
+        replay = self.evaluator.events - mark.evaluator.events
+        self.evaluator, self.bad_events = mark.evaluator.copy(), mark.bad_events
+        self._marks = [Mark.of(self, recorded)]
+        return replay
 
     def publish(self) -> None:
         meta = publish(
@@ -236,7 +305,20 @@ class StreamingTrainer:
 
     def run(self, stop: threading.Event, max_events: int | None = None) -> TrainerReport:
         """Train until ``stop`` is set or ``max_events`` events were trained on, then
-        flush, publish and return. Never raises on bad input."""
+        flush, publish and return. Never raises on bad input. A store fault rewinds to
+        the recorded position (``trainer.recovery``) and training goes on from there;
+        ``max_events`` counts events kept, not replays."""
+        first = self.evaluator.events
+        while True:
+            left = None if max_events is None else max_events - (self.evaluator.events - first)
+            try:
+                return self._run(stop, left)
+            except RECOVERABLE as fault:
+                recover(self, fault, stop, self.config.recover_timeout_s)
+
+    def _run(self, stop: threading.Event, max_events: int | None) -> TrainerReport:
+        """The loop, from ``self.position``; raises the store's faults (``run`` rewinds
+        and calls it again, so its state lives in locals and the recorded position)."""
         cfg = self.config
         pending: list[Event] = []
         batch_started = time.monotonic()
@@ -268,8 +350,8 @@ class StreamingTrainer:
                 self.position = dict(self._read)
             now = time.monotonic()
             if now >= next_flush:
-                if self.position != checkpointed:  # an idle stream writes nothing
-                    self.checkpoint()
+                # An idle stream writes nothing.
+                if self.position != checkpointed and self.checkpoint():
                     checkpointed = dict(self.position)
                 next_flush = now + cfg.flush_every_s
             if now >= next_expire:
@@ -285,7 +367,7 @@ class StreamingTrainer:
         if pending:
             self.train_step(pending)
         self.position = dict(self._read)
-        self.checkpoint()
+        self.checkpoint(final=True)
         if self.evaluator.events > published:
             self.publish()
         progress.maybe_log(self, time.monotonic(), force=True)
