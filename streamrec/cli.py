@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     # kafka-python logs every connection at INFO and warns about its own slow tasks.
     logging.getLogger("kafka").setLevel(logging.WARNING)
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+    # While a broker is down it warns ten times a second that no node is available.
+    logging.getLogger("kafka.cluster").setLevel(logging.ERROR)
     try:
         code: int = args.func(args)
     except (ConfigError, ValidationError) as exc:
