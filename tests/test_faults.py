@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import redis
 import torch
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 from support import new_topic, restart_service
 
 from storage.redis_tier import RedisTier
@@ -136,6 +136,7 @@ features = {{sparse = [{sparse}], dense = [{dense}]}}
 kind = "kafka"
 bootstrap_servers = "{kafka}"
 topic = "{topic}"
+dead_letter_topic = "{name}-dead-letters"
 group_id = "{name}"
 [store]
 hot = "redis"
@@ -174,7 +175,12 @@ def test_trainer_reconnects_after_a_kafka_broker_restart(
     batch, events = 256, KAFKA_SOURCE.total or 0
     topic = new_topic(kafka_bootstrap, "broker-restart", partitions=1)
     values = [event.to_json() for event in KAFKA_SOURCE]
-    produce(kafka_bootstrap, topic, values[: 2 * events // 3])
+    # Bad events in the backlog: dead-letter copies are sent around the restart too.
+    bad = [f"not json {i}".encode() for i in range(3)]
+    backlog = values[: 2 * events // 3]
+    for i, value in enumerate(bad):
+        backlog.insert((2 + i) * len(backlog) // 6, value)
+    produce(kafka_bootstrap, topic, backlog)
     config = write_config(tmp_path / "trainer", kafka_bootstrap, redis_url, topic, batch)
     trainer = subprocess.Popen(
         [
@@ -216,7 +222,16 @@ def test_trainer_reconnects_after_a_kafka_broker_restart(
     # Every event trained exactly once: a replay would reach max_events short of the
     # end of the topic, a skip would never reach max_events.
     assert f"stopped after {events} events" in log, log
-    assert recorded_position(config) == {f"{topic}:0": events}
+    assert recorded_position(config) == {f"{topic}:0": events + len(bad)}
+    dead = KafkaConsumer(
+        f"trainer-{topic}-dead-letters",
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    stored = {record.value for record in dead}
+    dead.close()
+    assert stored == set(bad)
 
 
 def train_in_process(config: Path, max_events: int) -> TrainerRuntime:

@@ -238,7 +238,8 @@ class StreamingTrainer:
         if self.dead_letters is not None:
             # A bad event is acknowledged only once its dead-letter copy is stored.
             try:
-                self.dead_letters.flush()
+                # Kafka down: do not hold up training for long, the next checkpoint retries.
+                self.dead_letters.flush(timeout_s=30.0 if final else 5.0)
             except LogUnavailable as e:
                 if final:
                     raise
