@@ -119,8 +119,10 @@ class StreamingTrainer:
             self._resume_published()
         self.bad_events = 0
         self.version: int | None = latest_version(store, config.model_name)
-        # Where a rewind goes back to: the mark of the recorded position.
-        self._marks = [Mark.of(self, self.position)]
+        # Where a rewind goes back to: the bookkeeping of the recorded position, and of
+        # the position a flush in progress (or failed) was recording.
+        self._mark = Mark.of(self, self.position)
+        self._next_mark: Mark | None = None
 
     def _new_optimizer(self, model: DLRM) -> torch.optim.Optimizer:
         cfg = self.config
@@ -128,9 +130,13 @@ class StreamingTrainer:
         return optimizer(model.parameters(), lr=cfg.dense_learning_rate)
 
     def read_position(self) -> dict[str, int]:
-        """The position after the last record read (trained, buffered or dead-lettered):
-        where the log resumes after a rebalance."""
-        return dict(self._read)
+        """Where the log resumes after a rebalance: after the last record read (trained,
+        buffered or dead-lettered), or the store's recorded position where that is
+        further (a partition this trainer read before and another one recorded since)."""
+        merged = dict(self.store.position() or {})
+        for slot, offset in dict(self._read).items():
+            merged[slot] = max(offset, merged.get(slot, offset))
+        return merged
 
     # -- checkpoints ----------------------------------------------------------------------
     def _checkpoint_name(self, position: dict[str, int]) -> str:
@@ -249,9 +255,9 @@ class StreamingTrainer:
         position = dict(self.position)
         name = self._checkpoint_name(position)
         self.store.put_blob(name, self._dense_checkpoint())
-        self._marks = [self._marks[-1], Mark.of(self, position)]
+        self._next_mark = Mark.of(self, position)
         self.store.flush(position)
-        self._marks = self._marks[-1:]
+        self._mark, self._next_mark = self._next_mark, None
         if self._checkpoint_blob not in (None, name):
             self.store.delete_blob(self._checkpoint_blob)
         self._checkpoint_blob = name
@@ -268,8 +274,10 @@ class StreamingTrainer:
         ``LogUnavailable`` while those are down (nothing is lost; call again)."""
         self.store.discard_unflushed()
         recorded = self.store.position() or {}
-        # The mark taken just before the last flush, if that flush committed.
-        mark = next((m for m in reversed(self._marks) if m.position == recorded), None)
+        # A flush that raised may still have committed (e.g. Redis failed after the
+        # RocksDB commit): the recorded position says which mark is current.
+        marks = [m for m in (self._next_mark, self._mark) if m is not None]
+        mark = next((m for m in marks if m.position == recorded), None)
         if mark is None:
             log.warning("no bookkeeping for position %s; evaluation is not rewound", recorded)
             mark = Mark.of(self, recorded)
@@ -287,7 +295,7 @@ class StreamingTrainer:
             self.store.delete_blob(stale)
         replay = self.evaluator.events - mark.evaluator.events
         self.evaluator, self.bad_events = mark.evaluator.copy(), mark.bad_events
-        self._marks = [Mark.of(self, recorded)]
+        self._mark, self._next_mark = mark, None
         return replay
 
     def publish(self) -> None:
