@@ -85,6 +85,9 @@ class _Timed(EventConsumer):
     def commit(self, position: Mapping[str, int]) -> None:
         self.inner.commit(position)
 
+    def seek(self, position: Mapping[str, int]) -> None:
+        self.inner.seek(position)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -96,6 +96,13 @@ class ReadOnlyStore(StoreError):
     """A write was attempted through a read-only store or tier."""
 
 
+class HotTierLost(StoreError):
+    """The hot tier lost rows that were not flushed yet (e.g. Redis restarted without
+    persistence). Raised by ``flush`` before it commits anything: the recorded position
+    still matches the cold tier. The writer discards what it has not flushed
+    (``discard_unflushed``) and replays the stream from ``position()``."""
+
+
 @dataclass(frozen=True)
 class LookupResult:
     """``rows[i]`` is the embedding of ``keys[i]``; ``found[i]`` is False where the key
@@ -235,6 +242,11 @@ class EmbeddingStore(ABC):
     @abstractmethod
     def stats(self) -> dict[str, int]:
         """Row counts and counters, for logs and tests."""
+
+    def discard_unflushed(self) -> None:
+        """Drop every update since the last ``flush``, so the store reads exactly as of
+        ``position()`` again (after ``HotTierLost`` or a failed batch)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot discard unflushed updates")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush nothing, just release resources."""

@@ -17,7 +17,12 @@ Reads and writes:
 * ``admit``: rows for the keys now, whatever the policy says (counted as ``forced``).
 * ``flush``: dirty rows (read back from hot) and spilled rows (below) go to the cold tier
   with the stream position in one ``commit`` (atomic in RocksDB); without a cold tier the
-  position is recorded in hot. Dirty rows stay dirty if the commit fails.
+  position is recorded in hot. Dirty rows stay dirty if the commit fails. If the hot
+  tier lost its contents since the writer opened it or last called
+  ``discard_unflushed`` (a marker blob is gone, or dirty rows are missing), ``flush``
+  raises ``HotTierLost`` and commits nothing; ``discard_unflushed`` then drops every
+  update since the last flush (hot rows, spill, dirty sets) so the store reads as of its
+  recorded position, and the writer replays from there.
 * ``position``: cold first (durable), else hot. Blobs: written to both, read hot first.
 
 Capacity (``eviction``, see ``storage.eviction``): the store keeps an in-process index of
@@ -77,9 +82,11 @@ The store owns its tiers: ``close`` closes them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+import uuid
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -95,11 +102,13 @@ from storage.admission import AdmissionPolicy, AlwaysAdmit, make_policy
 from storage.base import (
     EmbeddingStore,
     Floats,
+    HotTierLost,
     Keys,
     LookupResult,
     Mask,
     ReadOnlyStore,
     RowTier,
+    StoreError,
     TableConfig,
 )
 from storage.eviction import EvictionConfig, HotIndex, Positions, choose_victims
@@ -111,6 +120,11 @@ POSITION_BLOB = "streamrec.store.position"
 
 SPILL_BLOB = "streamrec.store.spill"
 """Cold-tier blob listing the tables with spilled rows not yet flushed (JSON list)."""
+
+HOT_MARKER_BLOB = "streamrec.store.hot-marker"
+"""Prefix of the hot-tier blob a writer sets, named and valued by a random token of its
+own (several writers may share the hot tier); gone means the hot tier lost its contents
+(e.g. Redis restarted without persistence) and ``flush`` refuses to commit."""
 
 _DIRTY_COMPACT = 1 << 20  # dedupe a table's dirty key list beyond this many entries
 _U32_MAX = 0xFFFFFFFF
@@ -207,6 +221,7 @@ class TieredStore(EmbeddingStore):
         admission_seed: int = 0,
         discard_hot_rows: bool = False,
         spill: RowTier | None = None,
+        shared_hot: bool = False,
     ) -> None:
         """``eviction``: hot-tier capacity and policy (None: unbounded).
         ``hot_capacity_rows``: shorthand for ``eviction.max_rows`` (LRU, defaults
@@ -214,7 +229,9 @@ class TieredStore(EmbeddingStore):
         the table name). ``discard_hot_rows``: a restarting single writer over a shared
         hot tier drops its rows first (see ``_discard_hot_rows``). ``spill``: where demoted
         dirty rows wait for the next flush (default: the cold tier); it need not survive
-        a crash, so a scratch tier without a write-ahead log is the fast choice."""
+        a crash, so a scratch tier without a write-ahead log is the fast choice.
+        ``shared_hot``: other writers use the hot tier too (scale-out), so
+        ``discard_unflushed`` leaves its rows alone."""
         self._tables: dict[str, TableConfig] = {}
         for cfg in tables:
             if cfg.name in self._tables:
@@ -272,17 +289,24 @@ class TieredStore(EmbeddingStore):
         self._reads: deque[tuple[str, Keys]] = deque(maxlen=_READ_TOUCHES)
         self._spilled: dict[str, Keys] = {}  # sorted distinct keys per table
         self._touched: dict[str, _Touched] = {}  # the last training lookup per table
+        self.shared_hot = shared_hot
+        self._marker = uuid.uuid4().hex.encode()
         if not read_only:
             with self._lock:
                 if discard_hot_rows:
                     self._discard_hot_rows()
                 if cold is not None:
                     self._clear_stale_spill()
+                    self.hot.put_blob(self._marker_blob, self._marker)
                 if eviction is not None:
                     self._index = {name: HotIndex() for name in self._tables}
                     self._bootstrap_index()
 
     # -- helpers ------------------------------------------------------------------------
+
+    @property
+    def _marker_blob(self) -> str:
+        return f"{HOT_MARKER_BLOB}/{self._marker.decode()}"
 
     def _codec(self, table: str) -> RowCodec:
         codec = self._codecs.get(table)
@@ -910,8 +934,16 @@ class TieredStore(EmbeddingStore):
 
     def _flush_to_cold(self, blob: str | None) -> None:
         """Lock held: dirty rows from hot and spilled rows (not in hot) with the position
-        in one commit; then the spill is dropped."""
+        in one commit; then the spill is dropped. Raises ``HotTierLost`` (committing
+        nothing) if the hot tier lost its contents since the last flush: rows promoted
+        from cold since then carry updates on top of stale values, and rows gone cannot
+        be written back."""
         assert self.cold is not None
+        if self.hot.get_blob(self._marker_blob) != self._marker:
+            raise HotTierLost(
+                "the hot tier lost its contents since the last flush (restarted without "
+                "persistence?); nothing was committed"
+            )
         rows: dict[str, tuple[Keys, list[bytes]]] = {}
         cleaned: dict[str, Positions] = {}
         lost = 0
@@ -942,6 +974,12 @@ class TieredStore(EmbeddingStore):
             lost += len(keep) - int(keep.sum())
             if len(keys):
                 rows[table] = (keys, present)
+        if lost:
+            self._count(lost_dirty_rows=lost)
+            raise HotTierLost(
+                f"{lost} dirty rows vanished from the hot tier before they were flushed; "
+                "nothing was committed"
+            )
         blobs = {POSITION_BLOB: blob.encode()} if blob is not None else {}
         if rows or blobs:
             self.cold.commit(rows, blobs)
@@ -956,8 +994,6 @@ class TieredStore(EmbeddingStore):
                 self.spill.clear(spill_table(table))
             self._spilled.clear()
             self.spill.delete_blob(SPILL_BLOB)
-        if lost:
-            self._count(lost_dirty_rows=lost)
 
     def _set_gauges(self) -> dict[str, int]:
         """Rows and bytes per tier and table into the gauges; returns the row counts."""
@@ -972,6 +1008,30 @@ class TieredStore(EmbeddingStore):
                 metrics.BYTES.labels(tier=tier, table=table).set(n * codec.nbytes)
                 out[f"{tier}_rows.{table}"] = n
         return out
+
+    def discard_unflushed(self) -> None:
+        """Drop every update since the last ``flush``: all hot rows (rows come back from
+        the cold tier, as of its recorded position, on their next lookup), the spill and
+        the dirty bookkeeping; then mark the hot tier as intact again. What a restarting
+        writer does, without reopening the store (serving threads keep their handle).
+        Needs a cold tier."""
+        self._check_writable("discard_unflushed")
+        if self.cold is None:
+            raise NotImplementedError("without a cold tier there is nothing to go back to")
+        with self._lock:
+            if not self.shared_hot:  # shared rows are the other writers' too: kept
+                self._discard_hot_rows()
+            self._clear_stale_spill()
+            self._spilled.clear()
+            self._dirty.clear()
+            self._dirty_len.clear()
+            self._touched.clear()
+            self._reads.clear()
+            if self._index is not None:
+                self._index = {name: HotIndex() for name in self._tables}
+            self.hot.delete_blob(self._marker_blob)
+            self._marker = uuid.uuid4().hex.encode()
+            self.hot.put_blob(self._marker_blob, self._marker)
 
     def position(self) -> dict[str, int] | None:
         raw = self.cold.get_blob(POSITION_BLOB) if self.cold is not None else None
@@ -1027,6 +1087,9 @@ class TieredStore(EmbeddingStore):
 
     def close(self) -> None:
         """Close every tier (unflushed dirty rows stay only in hot)."""
+        if not self.read_only and self.cold is not None:
+            with contextlib.suppress(StoreError):
+                self.hot.delete_blob(self._marker_blob)
         self.hot.close()
         if self.cold is not None:
             self.cold.close()

@@ -54,6 +54,12 @@ class EventConsumer(ABC):
     def commit(self, position: Mapping[str, int]) -> None:
         """Acknowledge everything before ``position`` (after the store recorded it)."""
 
+    @abstractmethod
+    def seek(self, position: Mapping[str, int]) -> None:
+        """Read on from ``position``: after a rewind to the store's recorded position.
+        Records fetched but not returned yet are dropped; partitions the position lacks
+        go back to where a fresh consumer would start."""
+
     def assignment(self) -> set[str]:
         """The position slots (``topic:partition``) this consumer reads now."""
         return set()
@@ -200,15 +206,32 @@ class InMemoryConsumer(EventConsumer):
     def assignment(self) -> set[str]:
         return {position_slot(self._topic, 0)}
 
+    def seek(self, position: Mapping[str, int]) -> None:
+        # Nothing below the last commit is trimmed, and the store records before commits.
+        offset = position.get(position_slot(self._topic, 0))
+        self._offset = offset if offset is not None else self._log.base_offset(self._topic)
+
+
+RECONNECT_BACKOFF_MAX_MS = 1000
+"""kafka-python backs off reconnects up to 30 s by default: a restarted broker would sit
+unused for that long."""
+
+COMMIT_TIMEOUT_S = 5.0
+
 
 class KafkaEventConsumer(EventConsumer):
     """A kafka-python consumer in a group, with auto-commit off.
 
-    On every partition assignment it seeks to the position the store recorded
-    (``resume_from``), so what the store holds and what is read next agree. With
-    ``shared=True`` (several trainers over one shared hot tier) it seeks to the later of
-    that and the group's committed offset: another member may have trained a partition
-    further since this store last held it.
+    On every partition assignment it seeks to ``resume_from()``: the position of what the
+    trainer has read (rebalances, e.g. after a broker restart, must neither skip nor
+    repeat records the trainer holds; the runtime points it at the trainer once built),
+    initially the position the store recorded. Before partitions are revoked it calls
+    the ``on_revoked`` callback and commits the position it returns. With ``shared=True``
+    (several trainers over one shared hot tier) an assignment seeks to the later of
+    ``resume_from()`` and the group's committed offset: another member may have trained
+    a partition further since this trainer last held it. Otherwise Kafka's offsets only
+    help tools that watch the group's lag: a commit that fails (broker down) is logged
+    and retried with the next one.
     """
 
     def __init__(
@@ -223,34 +246,39 @@ class KafkaEventConsumer(EventConsumer):
     ) -> None:
         from kafka import KafkaConsumer
         from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-        from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+        from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
         self._topic = topic
+        self.resume_from = resume_from
+        self.bootstrap_servers = bootstrap_servers
         try:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=bootstrap_servers,
                 group_id=group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
-                **config,
+                **{"reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS, **config},
             )
         except (KafkaConnectionError, KafkaTimeoutError):
             raise LogUnavailable(f"no Kafka broker reachable at {bootstrap_servers}") from None
 
         consumer = self._consumer
         self._revoked: Callable[[], Mapping[str, int]] | None = None
-        owner = self
+        outer = self
 
         # kafka-python 3 runs listeners on its IO loop, where blocking consumer calls are
         # refused: offsets are fetched and committed with the coordinator's coroutines.
         class _SeekToStore(AsyncConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: Any) -> None:
-                if revoked and owner._revoked is not None:
-                    offsets = owner._offsets(owner._revoked(), set(revoked))
-                    await consumer._coordinator._commit_offsets_sync_async(offsets)
+                if revoked and outer._revoked is not None:
+                    offsets = outer._offsets(outer._revoked(), set(revoked))
+                    try:
+                        await consumer._coordinator._commit_offsets_sync_async(offsets)
+                    except KafkaError as e:
+                        log.warning("could not commit offsets before a rebalance: %s", e)
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
-                recorded = resume_from() or {}
+                recorded = outer.resume_from() or {}
                 committed: dict[Any, Any] = {}
                 if shared and assigned:
                     fetch = consumer._coordinator.fetch_committed_offsets_async
@@ -287,8 +315,41 @@ class KafkaEventConsumer(EventConsumer):
 
     def commit(self, position: Mapping[str, int]) -> None:
         offsets = self._offsets(position, self._consumer.assignment())
-        if offsets:
-            self._consumer.commit(offsets)
+        if not offsets:
+            return
+        from kafka.errors import KafkaError
+
+        try:
+            self._consumer.commit(offsets, timeout_ms=int(COMMIT_TIMEOUT_S * 1000))
+        except KafkaError as e:
+            log.warning(
+                "could not commit offsets to Kafka at %s (%s); the store holds the position, "
+                "the next checkpoint commits again",
+                self.bootstrap_servers,
+                e,
+            )
+
+    def seek(self, position: Mapping[str, int]) -> None:
+        from kafka.structs import TopicPartition
+
+        fresh: list[TopicPartition] = []
+        for tp in self._consumer.assignment():
+            offset = position.get(position_slot(tp.topic, tp.partition))
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+            else:
+                fresh.append(tp)
+        from kafka.errors import KafkaError
+
+        for tp in fresh:
+            try:
+                committed = self._consumer.committed(tp, timeout_ms=int(COMMIT_TIMEOUT_S * 1000))
+            except KafkaError as e:
+                raise LogUnavailable(f"Kafka at {self.bootstrap_servers}: {e}") from e
+            if committed is not None:
+                self._consumer.seek(tp, committed)
+            else:
+                self._consumer.seek_to_beginning(tp)  # auto_offset_reset="earliest"
 
     def assignment(self) -> set[str]:
         return {position_slot(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -300,17 +361,29 @@ class KafkaEventConsumer(EventConsumer):
         self._consumer.close()
 
 
+_PRUNE_EVERY = 4096  # sends between drops of acknowledged records from the resend list
+
+
 class KafkaEventProducer(EventProducer):
+    """A kafka-python producer (``acks="all"``) that never loses a record silently:
+    kafka-python reports a record it gave up on (broker down past
+    ``delivery_timeout_ms``) only through its future, so ``flush`` checks every future
+    since the last flush, sends failed records again and raises ``LogUnavailable``."""
+
     def __init__(self, bootstrap_servers: str, **config: Any) -> None:
         from kafka import KafkaProducer
         from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
+        self.bootstrap_servers = bootstrap_servers
+        # (future, (topic, value, key, headers)) of every record not known to be stored.
+        self._unacked: list[tuple[Any, tuple[str, bytes, bytes | None, Any]]] = []
+        self._sends = 0
         try:
             self._producer = KafkaProducer(
                 bootstrap_servers=bootstrap_servers,
                 acks="all",
                 linger_ms=5,
-                **config,
+                **{"reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS, **config},
             )
         except (KafkaConnectionError, KafkaTimeoutError):
             raise LogUnavailable(f"no Kafka broker reachable at {bootstrap_servers}") from None
@@ -322,11 +395,42 @@ class KafkaEventProducer(EventProducer):
         key: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        encoded = [(k, v.encode()) for k, v in (headers or {}).items()]
-        self._producer.send(topic, value=value, key=key, headers=encoded or None)
+        encoded = [(k, v.encode()) for k, v in (headers or {}).items()] or None
+        self._send((topic, value, key, encoded))
+        self._sends += 1
+        if self._sends % _PRUNE_EVERY == 0:
+            self._unacked = [u for u in self._unacked if not u[0].succeeded()]
+
+    def _send(self, record: tuple[str, bytes, bytes | None, Any]) -> None:
+        from kafka.errors import KafkaTimeoutError
+
+        topic, value, key, headers = record
+        try:
+            future = self._producer.send(topic, value=value, key=key, headers=headers)
+        except KafkaTimeoutError as e:  # no metadata for the topic within max_block_ms
+            raise LogUnavailable(f"Kafka at {self.bootstrap_servers}: {e}") from e
+        self._unacked.append((future, record))
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        self._producer.flush(timeout=timeout_s)
+        """Wait until every record sent is stored; raises ``LogUnavailable`` when some
+        are not (they are sent again, for the next flush)."""
+        from kafka.errors import KafkaTimeoutError
+
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaTimeoutError as e:
+            raise LogUnavailable(
+                f"Kafka at {self.bootstrap_servers}: records not stored within {timeout_s:.0f} s"
+            ) from e
+        failed = [(f, record) for f, record in self._unacked if f.failed()]
+        self._unacked = []
+        if failed:
+            for _, record in failed:
+                self._send(record)
+            raise LogUnavailable(
+                f"Kafka at {self.bootstrap_servers}: {len(failed)} records were not stored "
+                f"({failed[0][0].exception!r}); sent again"
+            )
 
     def close(self) -> None:
         self._producer.close()

@@ -1,4 +1,4 @@
-"""The ``streamrec`` command: run | train | serve | replay | fetch."""
+"""The ``streamrec`` command: run | train | serve | replay | fetch | snapshot | restore."""
 
 from __future__ import annotations
 
@@ -171,6 +171,37 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    """Export the store's model as of its recorded position (safe while a trainer runs)."""
+    from storage.base import StoreError
+    from streamrec.snapshot import SnapshotError, snapshot
+
+    settings = _settings(args)
+    try:
+        manifest = snapshot(settings, args.directory)
+    except (SnapshotError, StoreError) as e:
+        log.error("snapshot failed: %s", e)
+        return 1
+    log.info(
+        "snapshot in %s (%d rows, position %s)", args.directory, manifest.rows, manifest.position
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Load a snapshot into the (empty, or --force) store of the settings."""
+    from storage.base import StoreError
+    from streamrec.snapshot import SnapshotError, restore
+
+    settings = _settings(args)
+    try:
+        restore(settings, args.directory, force=args.force)
+    except (SnapshotError, StoreError) as e:
+        log.error("restore failed: %s", e)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamrec",
@@ -243,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the official ml-100k.zip or an unpacked folder (default: from PyPI's recbole wheel)",
     )
     fetch.set_defaults(func=cmd_fetch)
+
+    snap = sub.add_parser(
+        "snapshot",
+        help="export rows, dense weights and stream position as of the last flush "
+        "(safe while a trainer runs)",
+    )
+    common(snap)
+    snap.add_argument("directory", type=Path, help="where to write it (must not exist)")
+    snap.set_defaults(func=cmd_snapshot)
+
+    restore = sub.add_parser(
+        "restore", help="load a snapshot into an empty store; a trainer then resumes from it"
+    )
+    common(restore)
+    restore.add_argument("directory", type=Path, help="a directory written by `snapshot`")
+    restore.add_argument(
+        "--force", action="store_true", help="delete the store's rows first if it is not empty"
+    )
+    restore.set_defaults(func=cmd_restore)
     return parser
 
 
@@ -255,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     # kafka-python logs every connection at INFO and warns about its own slow tasks.
     logging.getLogger("kafka").setLevel(logging.WARNING)
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+    # While a broker is down it warns ten times a second that no node is available.
+    logging.getLogger("kafka.cluster").setLevel(logging.ERROR)
     try:
         code: int = args.func(args)
     except (ConfigError, ValidationError) as exc:

@@ -90,6 +90,10 @@ class TrainerRuntime:
             total_events=total,
             group_member=member_name() if settings.store.shared_hot else None,
         )
+        if isinstance(consumer, KafkaEventConsumer):
+            # A rebalance (e.g. after a broker restart) resumes where the trainer has read
+            # to, not at the older recorded position: nothing is trained twice.
+            consumer.resume_from = trainer.read_position
         runtime = cls(store, trainer, consumer, dead_letters, stop, embedded_log=embedded_log)
         runtime.thread = threading.Thread(
             target=runtime._train, args=(max_events,), name="trainer", daemon=True

@@ -77,6 +77,7 @@ def build_store(settings: Settings, spec: FeatureSpec, *, read_only: bool = Fals
         read_only=read_only,
         eviction=cfg.eviction,
         spill=spill,
+        shared_hot=cfg.shared_hot,
         # Redis outlives a crashed trainer; its rows may be ahead of the recorded position.
         # Shared by several trainers, the rows are theirs too: kept.
         discard_hot_rows=cfg.hot == "redis" and not read_only and not cfg.shared_hot,

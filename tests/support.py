@@ -36,3 +36,22 @@ def new_topic(bootstrap: str, prefix: str, partitions: int) -> str:
     admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
     admin.close()
     return topic
+
+
+def restart_service(name: str) -> str:
+    """Restart the local Kafka or Redis (``deploy/local/services.sh restart-NAME``, with
+    this process's environment: the same ports as the test fixtures); returns its output."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "deploy" / "local" / "services.sh"
+    proc = subprocess.run(
+        ["bash", str(script), f"restart-{name}"],
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"restart-{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout

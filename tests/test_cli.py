@@ -120,7 +120,7 @@ def test_example_configs_load(config: Path) -> None:
 
 
 def test_shared_hot_tier_refuses_eviction() -> None:
-    with pytest.raises(ValueError, match="remove store.eviction"):
+    with pytest.raises(ValueError, match=r"remove store\.eviction"):
         load_settings(store={"hot": "redis", "shared_hot": True, "eviction": {"max_rows": 1000}})
-    with pytest.raises(ValueError, match="needs store.hot"):
+    with pytest.raises(ValueError, match=r"needs store\.hot"):
         load_settings(store={"shared_hot": True})

@@ -5,8 +5,10 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
+from support import new_topic
 
-from streaming.log import InMemoryLog, JsonlFileProducer
+from streaming.log import InMemoryLog, JsonlFileProducer, KafkaEventConsumer, KafkaEventProducer
 
 
 def test_consumer_reads_in_order_and_commit_trims() -> None:
@@ -60,3 +62,44 @@ def test_jsonl_dead_letters_keep_the_raw_value(tmp_path: Path) -> None:
     line = orjson.loads(path.read_bytes().splitlines()[0])
     assert line["headers"] == {"reason": "invalid_json"}
     assert line["value"].endswith("not json")
+
+
+def test_in_memory_consumer_seeks_back_to_a_position() -> None:
+    log = InMemoryLog()
+    for i in range(10):
+        log.append("t", str(i).encode())
+    consumer = log.consumer("t")
+    consumer.poll(8, 0.1)
+    consumer.commit({"t:0": 3})
+    consumer.seek({"t:0": 5})
+    assert [r.offset for r in consumer.poll(100, 0.1)] == [5, 6, 7, 8, 9]
+    consumer.seek({})  # no position: back to the oldest record held
+    assert [r.offset for r in consumer.poll(2, 0.1)] == [3, 4]
+
+
+@pytest.mark.integration
+def test_kafka_consumer_seeks_back_and_drops_what_it_fetched(kafka_bootstrap: str) -> None:
+    topic = new_topic(kafka_bootstrap, "seek", partitions=1)
+    producer = KafkaEventProducer(kafka_bootstrap)
+    for i in range(20):
+        producer.send(topic, str(i).encode())
+    producer.flush()
+    producer.close()
+    consumer = KafkaEventConsumer(kafka_bootstrap, topic, topic, resume_from=lambda: None)
+    seen: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(seen) < 5 and time.monotonic() < deadline:
+        seen += [r.offset for r in consumer.poll(5, 0.5)]  # the rest sits fetched
+    assert seen == [0, 1, 2, 3, 4]
+    consumer.seek({f"{topic}:0": 2})
+    again: list[int] = []
+    while len(again) < 18 and time.monotonic() < deadline:
+        again += [r.offset for r in consumer.poll(100, 0.5)]
+    assert again == list(range(2, 20))
+    consumer.commit({f"{topic}:0": 10})
+    consumer.seek({})  # no position: back to the committed offset
+    rest: list[int] = []
+    while len(rest) < 10 and time.monotonic() < deadline:
+        rest += [r.offset for r in consumer.poll(100, 0.5)]
+    assert rest == list(range(10, 20))
+    consumer.close()

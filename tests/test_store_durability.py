@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.base import TableConfig
+from storage.base import HotTierLost, TableConfig
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
-from storage.tiered import TieredStore
+from storage.tiered import TieredStore, spill_table
 
 TABLE = TableConfig(name="a", dim=4)
 KEYS = feature_keys("a", list(range(97)))
@@ -114,3 +114,85 @@ def test_restarted_writer_drops_redis_rows_ahead_of_the_recorded_position(
     replayed = restarted.lookup("a", KEYS)
     assert np.array_equal(replayed.rows, reference.lookup("a", KEYS).rows)
     assert restarted.hot.get_many("a", KEYS) == reference.hot.get_many("a", KEYS)
+
+
+def cold_rows(store: TieredStore) -> list[bytes | None]:
+    assert store.cold is not None
+    return store.cold.get_many("a", KEYS)
+
+
+@pytest.mark.integration
+def test_flush_commits_nothing_once_redis_lost_its_rows(clean_redis: str, tmp_path: Path) -> None:
+    import redis
+
+    store = TieredStore(
+        [TABLE],
+        RedisTier(clean_redis, prefix="lost", buckets=8),
+        RocksDBTier(tmp_path / "db"),
+        clock=lambda: 1000.0,
+    )
+    apply_events(store, 0, 300)
+    store.flush({"t:0": 300})
+    flushed = cold_rows(store)
+    apply_events(store, 300, 450)
+    redis.Redis.from_url(clean_redis).flushdb()  # what a restart without persistence leaves
+    # Rows come back from the cold tier as of offset 300 and get updates on top of them:
+    # present in hot, but wrong. Committing them would acknowledge a lost stretch.
+    apply_events(store, 450, 600)
+    with pytest.raises(HotTierLost):
+        store.flush({"t:0": 600})
+    assert store.position() == {"t:0": 300}
+    assert cold_rows(store) == flushed
+
+    store.discard_unflushed()
+    assert store.hot.count("a") == 0
+    apply_events(store, 300, 600)  # the replay from the recorded position
+    store.flush({"t:0": 600})
+    reference = TieredStore([TABLE], MemoryTier(), clock=lambda: 1000.0)
+    apply_events(reference, 0, 600)
+    assert cold_rows(store) == reference.hot.get_many("a", KEYS)
+
+
+@pytest.mark.integration
+def test_flush_commits_nothing_when_dirty_rows_vanished(clean_redis: str, tmp_path: Path) -> None:
+    store = TieredStore(
+        [TABLE],
+        RedisTier(clean_redis, prefix="gone", buckets=8),
+        RocksDBTier(tmp_path / "db"),
+        clock=lambda: 1000.0,
+    )
+    apply_events(store, 0, 300)
+    store.flush({"t:0": 300})
+    apply_events(store, 300, 450)
+    store.hot.delete_many("a", KEYS[:10])  # e.g. evicted by Redis under maxmemory
+    with pytest.raises(HotTierLost, match="10 dirty rows"):
+        store.flush({"t:0": 450})
+    assert store.position() == {"t:0": 300}
+    assert store.stats()["lost_dirty_rows"] == 10
+
+
+def test_discard_unflushed_drops_spill_and_reads_as_of_the_position(tmp_path: Path) -> None:
+    store = TieredStore(
+        [TABLE],
+        MemoryTier(),
+        RocksDBTier(tmp_path / "db"),
+        clock=lambda: 1000.0,
+        hot_capacity_rows=40,
+    )
+    apply_events(store, 0, 300)
+    store.flush({"t:0": 300})
+    flushed = cold_rows(store)
+    for step in range(20):  # one training step each; over capacity, dirty rows spill
+        keys = KEYS[(np.arange(10) + 10 * step) % len(KEYS)]
+        store.lookup("a", keys, create=True)
+        store.update("a", np.sort(keys), np.full((10, TABLE.dim), 0.5, dtype=np.float32))
+    assert store.cold is not None and store.cold.count(spill_table("a")) > 0
+    store.discard_unflushed()
+    assert store.stats()["dirty_rows"] == 0
+    assert store.hot.count("a") == 0
+    assert store.cold.count(spill_table("a")) == 0
+    store.flush({"t:0": 300})
+    assert cold_rows(store) == flushed
+    reference = TieredStore([TABLE], MemoryTier(), clock=lambda: 1000.0)
+    apply_events(reference, 0, 300)
+    assert np.array_equal(store.lookup("a", KEYS).rows, reference.lookup("a", KEYS).rows)

@@ -370,6 +370,14 @@ class CachedStore(EmbeddingStore):
             self._push_all()
             self.store.flush(position)
 
+    def discard_unflushed(self) -> None:
+        """Forget every cached row (pending updates are past the recorded position too),
+        then let the store go back to its recorded position."""
+        with self._lock:
+            for t in self._tables.values():
+                t.drop(np.flatnonzero(t.live))
+            self.store.discard_unflushed()
+
     def position(self) -> dict[str, int] | None:
         return self.store.position()
 

@@ -48,6 +48,14 @@ class ProgressiveEvaluator:
             self._held -= len(self._labels.popleft())
             self._preds.popleft()
 
+    def copy(self) -> ProgressiveEvaluator:
+        """An independent copy (window arrays are never modified, so they are shared)."""
+        other = ProgressiveEvaluator(self._window)
+        other._pos, other._neg = self._pos.copy(), self._neg.copy()
+        other._labels, other._preds = self._labels.copy(), self._preds.copy()
+        other._held, other.events = self._held, self.events
+        return other
+
     def cumulative_auc(self) -> float:
         pos, neg = self._pos, self._neg
         total_pos, total_neg = pos.sum(), neg.sum()

@@ -34,3 +34,12 @@ PREFETCH_SKIPPED = Counter(
     "streamrec_trainer_prefetch_skipped_total",
     "Upcoming batches not prefetched because the lookahead queue was full.",
 )
+REWINDS = Counter(
+    "streamrec_trainer_rewinds_total",
+    "Rewinds to the recorded position after a store fault (reason: the error's class).",
+    ["reason"],
+)
+CHECKPOINTS_SKIPPED = Counter(
+    "streamrec_trainer_checkpoints_skipped_total",
+    "Checkpoints put off because dead letters could not be stored (Kafka unreachable).",
+)

@@ -12,6 +12,9 @@ one it trains and hands their keys to a background thread, which fetches their r
 batch trains. The loop keeps polling between batches, so the consumer stays in its
 group however long the backlog. The store is wrapped in the bounded-staleness
 ``CachedStore`` (``trainer.cache``); with its default s_r = s_w = 0 training is exact.
+
+Store faults (Redis unreachable, or restarted empty) rewind the trainer to its last
+recorded position and it trains on from there (``trainer.recovery``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.base import EmbeddingStore
 from streaming.events import BadEvent, Event, decode_event
-from streaming.log import EventConsumer, EventProducer, Record
+from streaming.log import EventConsumer, EventProducer, LogUnavailable, Record
 from streaming.spec import FeatureSpec
 from trainer import metrics
 from trainer.cache import CacheConfig, CachedStore
@@ -41,6 +44,7 @@ from trainer.dense_sync import DenseSync
 from trainer.evaluation import EvalReport, ProgressiveEvaluator
 from trainer.features import EncodedBatch, encode, gather
 from trainer.model import DLRM, ModelConfig
+from trainer.recovery import RECOVERABLE, Mark, recover
 from trainer.versions import latest_version, load_version, publish
 
 log = logging.getLogger(__name__)
@@ -77,8 +81,22 @@ class TrainerConfig(BaseModel):
         2, ge=0, description="Batches read ahead whose rows are prefetched (0: none)."
     )
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    recover_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="After a store fault, keep retrying the rewind this long, then exit.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     seed: int = 0
+
+
+def checkpoint_name(model_name: str, position: dict[str, int]) -> str:
+    """The blob holding the dense weights and Adam state as of ``position``.
+
+    Named by the position it belongs to: written before the store records that position,
+    so whichever position a crash leaves recorded has its own blob."""
+    digest = hashlib.sha1(json.dumps(position, sort_keys=True).encode()).hexdigest()[:16]
+    return f"trainer/{model_name}/checkpoint/{digest}"
 
 
 @dataclass(frozen=True)
@@ -114,8 +132,7 @@ class StreamingTrainer:
         self.total_events = total_events
         torch.manual_seed(config.seed)
         self.model = DLRM(spec, config.model)
-        optimizer = torch.optim.AdamW if config.dense_optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = optimizer(self.model.parameters(), lr=config.dense_learning_rate)
+        self.optimizer = self._new_optimizer(self.model)
         self.evaluator = ProgressiveEvaluator(config.eval_window)
         # `position` covers what the model has learned (or dead-lettered); `_read` runs
         # ahead of it by the events buffered for the next batch.
@@ -139,13 +156,28 @@ class StreamingTrainer:
         self._pending: list[Event] = []  # decoded, not yet cut into a batch
         self._ready: deque[_Batch] = deque()  # cut and prefetching, not yet trained
         consumer.on_revoked(self._on_revoked)
+        # Where a rewind goes back to: the bookkeeping of the recorded position, and of
+        # the position a flush in progress (or failed) was recording.
+        self._mark = Mark.of(self, self.position)
+        self._next_mark: Mark | None = None
+
+    def _new_optimizer(self, model: DLRM) -> torch.optim.Optimizer:
+        cfg = self.config
+        optimizer = torch.optim.AdamW if cfg.dense_optimizer == "adamw" else torch.optim.Adam
+        return optimizer(model.parameters(), lr=cfg.dense_learning_rate)
+
+    def read_position(self) -> dict[str, int]:
+        """Where the log resumes after a rebalance: after the last record read (trained,
+        buffered or dead-lettered), or the store's recorded position where that is
+        further (a partition this trainer read before and another one recorded since)."""
+        merged = dict(self.store.position() or {})
+        for slot, offset in dict(self._read).items():
+            merged[slot] = max(offset, merged.get(slot, offset))
+        return merged
 
     # -- checkpoints ----------------------------------------------------------------------
     def _checkpoint_name(self, position: dict[str, int]) -> str:
-        # Named by the position it belongs to: written before the store records that
-        # position, so whichever position a crash leaves recorded has its own blob.
-        digest = hashlib.sha1(json.dumps(position, sort_keys=True).encode()).hexdigest()[:16]
-        return f"trainer/{self.config.model_name}/checkpoint/{digest}"
+        return checkpoint_name(self.config.model_name, position)
 
     def _resume_checkpoint(self) -> bool:
         """Restore dense weights and optimizer state exactly as of the recorded position."""
@@ -241,9 +273,11 @@ class StreamingTrainer:
             self._read[record.slot] = record.offset + 1
         return events
 
-    def checkpoint(self, *, commit: bool = True) -> None:
+    def checkpoint(self, *, final: bool = False, commit: bool = True) -> bool:
         """Make the position durable with the rows and dense state it covers, then
-        acknowledge it to the log.
+        acknowledge it to the log. Returns False, recording nothing, when dead letters
+        cannot be stored yet (Kafka down; the next checkpoint tries again); with
+        ``final`` that raises ``LogUnavailable`` instead.
 
         Order matters for exactly-once: the dense checkpoint blob (named after the
         position) is stored first, then the store records the position atomically
@@ -251,17 +285,63 @@ class StreamingTrainer:
         """
         if self.dead_letters is not None:
             # A bad event is acknowledged only once its dead-letter copy is stored.
-            self.dead_letters.flush()
+            try:
+                # Kafka down: do not hold up training for long, the next checkpoint retries.
+                self.dead_letters.flush(timeout_s=30.0 if final else 5.0)
+            except LogUnavailable as e:
+                if final:
+                    raise
+                log.warning("checkpoint put off: dead letters not stored yet (%s)", e)
+                metrics.CHECKPOINTS_SKIPPED.inc()
+                return False
         position = dict(self.position)
         name = self._checkpoint_name(position)
         self.store.put_blob(name, self._dense_checkpoint())
+        self._next_mark = Mark.of(self, position)
         self.store.flush(position)
+        self._mark, self._next_mark = self._next_mark, None
         if self._checkpoint_blob not in (None, name):
             self.store.delete_blob(self._checkpoint_blob)
         self._checkpoint_blob = name
         if commit:
             self.consumer.commit(position)
         metrics.FLUSHES.inc()
+        return True
+
+    def rewind(self) -> int:
+        """Go back to the position the store recorded, as a restarted trainer would: drop
+        the store's unflushed updates (the hot tier is rebuilt from the cold tier on
+        demand), reload the dense checkpoint of that position, restore the evaluation
+        and counters of then, and read the log on from there. Returns how many events
+        trained since are dropped (to be trained again). Raises ``StoreUnavailable`` /
+        ``LogUnavailable`` while those are down (nothing is lost; call again)."""
+        self.store.discard_unflushed()
+        self._pending.clear()
+        self._ready.clear()
+        recorded = self.store.position() or {}
+        # A flush that raised may still have committed (e.g. Redis failed after the
+        # RocksDB commit): the recorded position says which mark is current.
+        marks = [m for m in (self._next_mark, self._mark) if m is not None]
+        mark = next((m for m in marks if m.position == recorded), None)
+        if mark is None:
+            log.warning("no bookkeeping for position %s; evaluation is not rewound", recorded)
+            mark = Mark.of(self, recorded)
+        self.consumer.seek(recorded)
+        self.position, self._read = dict(recorded), dict(recorded)
+        torch.manual_seed(self.config.seed)
+        fresh = DLRM(self.spec, self.config.model)
+        self.model.load_state_dict(fresh.state_dict())
+        self.optimizer.load_state_dict(self._new_optimizer(fresh).state_dict())
+        stale = self._checkpoint_blob
+        self._checkpoint_blob = None
+        if not self._resume_checkpoint():
+            self._resume_published()
+        if stale not in (None, self._checkpoint_blob):
+            self.store.delete_blob(stale)
+        replay = self.evaluator.events - mark.evaluator.events
+        self.evaluator, self.bad_events = mark.evaluator.copy(), mark.bad_events
+        self._mark, self._next_mark = mark, None
+        return replay
 
     def _on_revoked(self) -> dict[str, int]:
         """Partitions are about to move to another trainer: forget the buffered, untrained
@@ -272,7 +352,8 @@ class StreamingTrainer:
         self._pending.clear()
         self._ready.clear()
         self._read = dict(self.position)
-        self.checkpoint(commit=False)
+        if not self.checkpoint(commit=False):
+            return dict(self.store.position() or {})  # dead letters not stored: not recorded
         log.info("rebalance: committed %s, dropped %d buffered events", self.position, dropped)
         return dict(self.position)
 
@@ -297,7 +378,20 @@ class StreamingTrainer:
 
     def run(self, stop: threading.Event, max_events: int | None = None) -> TrainerReport:
         """Train until ``stop`` is set or ``max_events`` events were trained on, then
-        flush, publish and return. Never raises on bad input."""
+        flush, publish and return. Never raises on bad input. A store fault rewinds to
+        the recorded position (``trainer.recovery``) and training goes on from there;
+        ``max_events`` counts events kept, not replays."""
+        first = self.evaluator.events
+        while True:
+            left = None if max_events is None else max_events - (self.evaluator.events - first)
+            try:
+                return self._run(stop, left)
+            except RECOVERABLE as fault:
+                recover(self, fault, stop, self.config.recover_timeout_s)
+
+    def _run(self, stop: threading.Event, max_events: int | None) -> TrainerReport:
+        """The loop, from ``self.position``; raises the store's faults (``run`` rewinds,
+        which also drops the buffered batches, and calls it again)."""
         cfg = self.config
         pending, ready = self._pending, self._ready
         lookahead = _Lookahead(self.store, self.spec, cfg.lookahead_batches)
@@ -341,8 +435,8 @@ class StreamingTrainer:
                     self.position = dict(self._read)
                 now = time.monotonic()
                 if now >= next_flush:
-                    if self.position != checkpointed:  # an idle stream writes nothing
-                        self.checkpoint()
+                    # An idle stream writes nothing.
+                    if self.position != checkpointed and self.checkpoint():
                         checkpointed = dict(self.position)
                     next_flush = now + cfg.flush_every_s
                 if now >= next_expire:
@@ -368,7 +462,7 @@ class StreamingTrainer:
         self.position = dict(self._read)
         if self.dense_sync is not None:
             self.dense_sync.leave()
-        self.checkpoint()
+        self.checkpoint(final=True)
         if self.evaluator.events > published and self._publishes():
             self.publish()
         progress.maybe_log(self, time.monotonic(), force=True)

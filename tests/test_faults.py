@@ -1,0 +1,290 @@
+"""Faults the trainer survives in-process: Redis losing its rows (restarted without
+persistence) and a Kafka broker restart, against the real services. Each run is
+compared with an uninterrupted one: nothing acknowledged is lost, nothing is trained
+twice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from support import new_topic, restart_service
+
+from storage.redis_tier import RedisTier
+from storage.rocksdb_tier import RocksDBTier
+from storage.rows import RowCodec
+from storage.tiered import TieredStore
+from streaming.log import InMemoryLog
+from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
+from streamrec.config import Settings, load_settings
+from streamrec.runtime import TrainerRuntime
+from streamrec.wiring import table_configs
+from trainer import metrics
+from trainer.trainer import StreamingTrainer, TrainerConfig
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "events"
+BATCH = 128
+THIRD = 8 * BATCH
+
+
+def rewinds(reason: str) -> float:
+    value: float = metrics.REWINDS.labels(reason=reason)._value.get()
+    return value
+
+
+def cold_rows(store: TieredStore) -> dict[str, dict[int, bytes]]:
+    """Every row of every table in the cold tier (complete after a flush)."""
+    assert store.cold is not None
+    out: dict[str, dict[int, bytes]] = {}
+    for table in store.tables():
+        rows: dict[int, bytes] = {}
+        for keys, values in store.cold.scan(table):
+            rows.update(zip(keys.tolist(), values, strict=True))
+        out[table] = rows
+    return out
+
+
+def test_trainer_rewinds_when_redis_loses_unflushed_rows(clean_redis: str, tmp_path: Path) -> None:
+    source = SyntheticSource(SyntheticConfig(num_sparse=4, num_dense=2, universe=500), 3 * THIRD)
+    events = [event.to_json() for event in source]
+    config = TrainerConfig(
+        batch_size=BATCH, max_batch_wait_s=60, flush_every_s=3600, publish_every_s=3600
+    )
+
+    def open_store(name: str) -> TieredStore:
+        return TieredStore(
+            table_configs(source.spec, Settings()),
+            RedisTier(clean_redis, prefix=name, buckets=64),
+            RocksDBTier(tmp_path / name),
+            clock=lambda: 1000.0,  # rows carry update times: make them comparable
+            discard_hot_rows=True,
+        )
+
+    def feed(log: InMemoryLog, start: int, stop: int) -> None:
+        for value in events[start:stop]:
+            log.append(TOPIC, value)
+
+    reference_store, reference_log = open_store("ref"), InMemoryLog()
+    feed(reference_log, 0, 3 * THIRD)
+    reference = StreamingTrainer(
+        source.spec, reference_store, reference_log.consumer(TOPIC), config
+    )
+    reference.run(threading.Event(), max_events=3 * THIRD)
+
+    store, log = open_store("hit"), InMemoryLog()
+    trainer = StreamingTrainer(source.spec, store, log.consumer(TOPIC), config)
+    feed(log, 0, THIRD)
+    trainer.run(threading.Event(), max_events=THIRD)  # records position THIRD
+    feed(log, THIRD, 2 * THIRD)
+    before = rewinds("HotTierLost")
+    reports = []
+    thread = threading.Thread(
+        target=lambda: reports.append(trainer.run(threading.Event(), max_events=2 * THIRD))
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while trainer.evaluator.events < 2 * THIRD and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The second third is trained but not flushed (flush_every_s is an hour): Redis
+    # losing it must not let the final flush record the position after it.
+    redis.Redis.from_url(clean_redis).flushdb()
+    feed(log, 2 * THIRD, 3 * THIRD)
+    thread.join(120)
+
+    assert reports and reports[0].events == 3 * THIRD
+    assert rewinds("HotTierLost") == before + 1
+    assert store.position() == reference_store.position() == {f"{TOPIC}:0": 3 * THIRD}
+    for name, tensor in reference.model.state_dict().items():
+        assert torch.equal(tensor, trainer.model.state_dict()[name]), name
+    expected, actual = cold_rows(reference_store), cold_rows(store)
+    assert all(len(rows) > 100 for rows in expected.values())
+    assert actual == expected  # packed rows: embedding, optimizer state, metadata
+    assert np.isclose(trainer.evaluator.report().auc, reference.evaluator.report().auc)
+    reference_store.close()
+    store.close()
+
+
+KAFKA_SOURCE = SyntheticSource(
+    SyntheticConfig(num_sparse=8, num_dense=4, interaction_pairs=[(1, 2)]), 24 * 256
+)
+
+
+def write_config(path: Path, kafka: str, redis_url: str, topic: str, batch: int) -> Path:
+    """Kafka ``topic`` into a Redis + RocksDB store; group and Redis prefix are named
+    after ``path`` so runs never share them."""
+    name = f"{path.name}-{topic}"
+    path.mkdir(parents=True)
+    config = path / "streamrec.toml"
+    spec = KAFKA_SOURCE.spec
+    sparse = ", ".join(f'{{name = "{f.name}", dim = {f.dim}}}' for f in spec.sparse)
+    dense = ", ".join(f'"{name}"' for name in spec.dense)
+    config.write_text(
+        f"""
+features = {{sparse = [{sparse}], dense = [{dense}]}}
+[log]
+kind = "kafka"
+bootstrap_servers = "{kafka}"
+topic = "{topic}"
+dead_letter_topic = "{name}-dead-letters"
+group_id = "{name}"
+[store]
+hot = "redis"
+redis_url = "{redis_url}"
+redis_prefix = "{name}"
+data_dir = "{path / "data"}"
+[trainer]
+batch_size = {batch}
+max_batch_wait_s = 60
+flush_every_s = 0.25
+publish_every_s = 3600
+"""
+    )
+    return config
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
+    for value in values:
+        producer.send(topic, value)
+    producer.flush()
+    producer.close()
+
+
+def recorded_position(config: Path) -> dict[str, int] | None:
+    settings = load_settings(config)
+    cold = RocksDBTier(settings.store.rocksdb_path)
+    position = TieredStore(table_configs(KAFKA_SOURCE.spec, settings), cold).position()
+    cold.close()
+    return position
+
+
+def test_trainer_reconnects_after_a_kafka_broker_restart(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    batch, events = 256, KAFKA_SOURCE.total or 0
+    topic = new_topic(kafka_bootstrap, "broker-restart", partitions=1)
+    values = [event.to_json() for event in KAFKA_SOURCE]
+    # Bad events in the backlog: dead-letter copies are sent around the restart too.
+    bad = [f"not json {i}".encode() for i in range(3)]
+    backlog = values[: 2 * events // 3]
+    for i, value in enumerate(bad):
+        backlog.insert((2 + i) * len(backlog) // 6, value)
+    produce(kafka_bootstrap, topic, backlog)
+    config = write_config(tmp_path / "trainer", kafka_bootstrap, redis_url, topic, batch)
+    trainer = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "streamrec.cli", "train"),
+            *("--config", str(config), "--max-events", str(events)),
+        ],
+        env={
+            **os.environ,
+            "STREAMREC_METRICS_PORT": "0",
+            "STREAMREC_TRAINER__PROGRESS_EVERY_S": "0.2",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert trainer.stdout is not None
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(trainer.stdout or []), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and trainer.poll() is None:
+        trained = [int(line.split("events=")[1].split()[0]) for line in output if "events=" in line]
+        if trained and trained[-1] >= events // 3:
+            break
+        time.sleep(0.05)
+    assert trainer.poll() is None, "".join(output)
+
+    # The broker goes away while the trainer is busy with the backlog, and comes back.
+    assert "kafka: started" in restart_service("kafka")
+    assert trainer.poll() is None, "the trainer must survive the broker restart"
+    produce(kafka_bootstrap, topic, values[2 * events // 3 :])
+    try:
+        code = trainer.wait(180)
+    finally:
+        trainer.kill()
+    reader.join(10)
+    log = "".join(output)
+    assert code == 0, log
+    # Every event trained exactly once: a replay would reach max_events short of the
+    # end of the topic, a skip would never reach max_events.
+    assert f"stopped after {events} events" in log, log
+    assert recorded_position(config) == {f"{topic}:0": events + len(bad)}
+    dead = KafkaConsumer(
+        f"trainer-{topic}-dead-letters",
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    stored = {record.value for record in dead}
+    dead.close()
+    assert stored == set(bad)
+
+
+def train_in_process(config: Path, max_events: int) -> TrainerRuntime:
+    runtime = TrainerRuntime.start(load_settings(config), max_events=max_events)
+    deadline = time.monotonic() + 300
+    while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runtime.report is not None, "trainer did not finish"
+    return runtime
+
+
+def trained_rows(store: TieredStore) -> dict[str, dict[int, bytes]]:
+    """Embedding and optimizer state of every row (metadata holds wall-clock times)."""
+    out = {}
+    for table, rows in cold_rows(store).items():
+        codec = RowCodec(store.tables()[table])
+        keys = np.array(sorted(rows), dtype=np.uint64)
+        unpacked = codec.unpack(keys, [rows[k] for k in keys.tolist()])
+        both = np.concatenate([unpacked["emb"], unpacked["state"]], axis=1)
+        out[table] = dict(zip(keys.tolist(), map(bytes, both), strict=True))
+    return out
+
+
+def test_trainer_survives_a_redis_restart_mid_stream(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    batch, events = 256, KAFKA_SOURCE.total or 0
+    topic = new_topic(kafka_bootstrap, "redis-restart", partitions=1)
+    produce(kafka_bootstrap, topic, [event.to_json() for event in KAFKA_SOURCE])
+
+    config = write_config(tmp_path / "reference", kafka_bootstrap, redis_url, topic, batch)
+    reference = train_in_process(config, events)
+    expected_dense = {k: v.clone() for k, v in reference.trainer.model.state_dict().items()}
+    expected_rows = trained_rows(reference.store)
+    assert reference.stop() == 0
+
+    config = write_config(tmp_path / "restart", kafka_bootstrap, redis_url, topic, batch)
+    before = sum(rewinds(r) for r in ("StoreUnavailable", "HotTierLost"))
+    runtime = TrainerRuntime.start(load_settings(config), max_events=events)
+    deadline = time.monotonic() + 120
+    while runtime.trainer.evaluator.events < events // 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runtime.report is None, "the restart must land mid-stream"
+    restart_service("redis")  # no persistence: every hot row and blob is gone
+    deadline = time.monotonic() + 300
+    while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runtime.report is not None, "trainer did not finish"
+    assert sum(rewinds(r) for r in ("StoreUnavailable", "HotTierLost")) > before
+
+    assert runtime.report.events == events
+    assert runtime.store.position() == {f"{topic}:0": events}
+    for name, tensor in expected_dense.items():
+        assert torch.equal(tensor, runtime.trainer.model.state_dict()[name]), name
+    assert trained_rows(runtime.store) == expected_rows
+    assert runtime.stop() == 0
