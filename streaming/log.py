@@ -262,6 +262,7 @@ class KafkaEventProducer(EventProducer):
         from kafka import KafkaProducer
         from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
+        self._servers = bootstrap_servers
         try:
             self._producer = KafkaProducer(
                 bootstrap_servers=bootstrap_servers,
@@ -279,11 +280,21 @@ class KafkaEventProducer(EventProducer):
         key: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        from kafka.errors import KafkaError
+
         encoded = [(k, v.encode()) for k, v in (headers or {}).items()]
-        self._producer.send(topic, value=value, key=key, headers=encoded or None)
+        try:
+            self._producer.send(topic, value=value, key=key, headers=encoded or None)
+        except KafkaError as exc:
+            raise LogUnavailable(f"Kafka at {self._servers}: {exc}") from None
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        self._producer.flush(timeout=timeout_s)
+        from kafka.errors import KafkaError
+
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaError as exc:
+            raise LogUnavailable(f"Kafka at {self._servers}: {exc}") from None
 
     def close(self) -> None:
         self._producer.close()

@@ -1,0 +1,217 @@
+"""Embedding reads for serving: a near cache, coalescing and a time budget.
+
+* **Near cache.** Rows read from the store are kept in process for ``ttl_s`` (default
+  1 s), so a hot key costs one store read per second however many requests carry it;
+  a served row is never older than ``ttl_s`` plus the store's own lag. Keys without a
+  row are cached too (as the default embedding), which keeps unknown ids from reaching
+  the cold tier on every request. Each table holds at most ``max_rows`` rows; when full,
+  the oldest slots are reused (FIFO), which with a 1 s TTL is what LRU would evict too.
+* **Coalescing.** A request's keys arrive distinct per table (``distinct_keys``), and
+  only the ones missing from the cache go to the store, in one call per table.
+* **Time budget.** Store reads run on a small thread pool. A request waits at most
+  ``budget_s`` for them; tables not read by then (a slow cold-tier read, a stalled
+  Redis) answer with the default embedding, the zero vector that unknown and
+  unadmitted ids read as in training too, and the read carries on in the background:
+  its rows land in the near cache for the next request, and a writable store promotes
+  the cold rows it read into the hot tier as part of that same lookup. In-flight reads
+  are capped (``max_pending``): beyond it misses answer the default at once.
+
+A store that cannot be reached raises ``StoreUnavailable`` from ``lookup`` when the
+request is still waiting for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from service import metrics
+from storage.base import EmbeddingStore, Floats, Keys, LookupResult
+
+log = logging.getLogger(__name__)
+
+
+class _TableCache:
+    """One table's near cache: key -> slot of a preallocated row matrix (FIFO slots)."""
+
+    def __init__(self, dim: int, max_rows: int) -> None:
+        self.slot_of: dict[int, int] = {}
+        self.keys = np.zeros(max_rows, dtype=np.uint64)
+        self.rows = np.zeros((max_rows, dim), dtype=np.float32)
+        self.found = np.zeros(max_rows, dtype=np.bool_)
+        self.expires = np.full(max_rows, -np.inf)
+        self.used = np.zeros(max_rows, dtype=np.bool_)
+        self.cursor = 0
+        self.lock = threading.Lock()
+
+    def get(
+        self, keys: Keys, now: float
+    ) -> tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
+        """Rows and found flags of ``keys`` (zeros where not cached) and the positions
+        of ``keys`` that are missing or expired."""
+        slot_of = self.slot_of
+        with self.lock:
+            slots = np.fromiter(
+                (slot_of.get(k, -1) for k in keys.tolist()), dtype=np.intp, count=len(keys)
+            )
+            have = slots >= 0
+            have[have] = self.expires[slots[have]] > now
+            at = slots[have]
+            rows = np.zeros((len(keys), self.rows.shape[1]), dtype=np.float32)
+            rows[have] = self.rows[at]
+            found = np.zeros(len(keys), dtype=np.bool_)
+            found[have] = self.found[at]
+        return rows, found, np.flatnonzero(~have)
+
+    def put(self, keys: Keys, result: LookupResult, expires: float) -> None:
+        n = min(len(keys), len(self.keys))
+        keys, rows, found = keys[:n], result.rows[:n], result.found[:n]
+        with self.lock:
+            slot_of = self.slot_of
+            slots = np.empty(n, dtype=np.intp)
+            size = len(self.keys)
+            for i, key in enumerate(keys.tolist()):
+                slot = slot_of.get(key)
+                if slot is None:
+                    slot = self.cursor
+                    self.cursor = (slot + 1) % size
+                    if self.used[slot]:
+                        del slot_of[int(self.keys[slot])]
+                    self.used[slot] = True
+                    self.keys[slot] = key
+                    slot_of[key] = slot
+                slots[i] = slot
+            self.rows[slots] = rows
+            self.found[slots] = found
+            self.expires[slots] = expires
+
+
+class EmbeddingReader:
+    """Serving-side reads of a store's rows; see the module docstring."""
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        *,
+        ttl_s: float = 1.0,
+        max_rows: int = 100_000,
+        budget_s: float = 0.025,
+        threads: int = 4,
+        max_pending: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.budget_s = budget_s
+        self.max_pending = max_pending
+        self._clock = clock
+        self._dims = {name: cfg.dim for name, cfg in store.tables().items()}
+        self._caches = {
+            name: _TableCache(dim, max_rows) for name, dim in self._dims.items() if ttl_s > 0
+        }
+        self._threads = threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the reader threads (a later lookup starts new ones: an app's lifespan
+        may run more than once, e.g. under test clients)."""
+        with self._pending_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _default(self, table: str, n: int) -> LookupResult:
+        return LookupResult(
+            np.zeros((n, self._dims[table]), dtype=np.float32), np.zeros(n, dtype=np.bool_)
+        )
+
+    def _fetch(self, wanted: Mapping[str, Keys], done: dict[str, LookupResult]) -> None:
+        """Read ``wanted`` table by table into ``done`` and the near cache."""
+        try:
+            for table, keys in wanted.items():
+                result = self.store.lookup(table, keys)
+                cache = self._caches.get(table)
+                if cache is not None:
+                    cache.put(keys, result, self._clock() + self.ttl_s)
+                done[table] = result
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def lookup(self, keys: Mapping[str, Keys], *, cached: bool = True) -> dict[str, LookupResult]:
+        """One row per key of each table (keys distinct per table), within the budget.
+        ``cached=False`` skips the near cache (reads the store's current rows)."""
+        now = self._clock()
+        out: dict[str, LookupResult] = {}
+        partial: dict[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]] = {}
+        wanted: dict[str, Keys] = {}
+        hits = 0
+        for table, table_keys in keys.items():
+            cache = self._caches.get(table) if cached else None
+            if cache is None:
+                if len(table_keys):
+                    wanted[table] = table_keys
+                else:
+                    out[table] = self._default(table, 0)
+                continue
+            rows, found, missing = cache.get(table_keys, now)
+            hits += len(table_keys) - len(missing)
+            if len(missing) == 0:
+                out[table] = LookupResult(rows, found)
+            else:
+                partial[table] = (rows, found, missing)
+                wanted[table] = table_keys[missing]
+        metrics.NEAR_CACHE.labels(result="hit").inc(hits)
+        metrics.NEAR_CACHE.labels(result="miss").inc(sum(len(k) for k in wanted.values()))
+        fetched: dict[str, LookupResult] = {}
+        if wanted:
+            self._read_within_budget(wanted, fetched, now)
+        for table, table_keys in wanted.items():
+            result = fetched.get(table)
+            if result is None:
+                result = self._default(table, len(table_keys))
+            if table in partial:
+                rows, found, missing = partial[table]
+                rows[missing] = result.rows
+                found[missing] = result.found
+                out[table] = LookupResult(rows, found)
+            else:
+                out[table] = result
+        return out
+
+    def _read_within_budget(
+        self, wanted: Mapping[str, Keys], fetched: dict[str, LookupResult], started: float
+    ) -> None:
+        with self._pending_lock:
+            if self._pending >= self.max_pending:
+                metrics.LOOKUP_DEFAULTED.labels(reason="overloaded").inc(
+                    sum(len(k) for k in wanted.values())
+                )
+                return
+            self._pending += 1
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "embedding-read")
+            pool = self._pool
+        done: dict[str, LookupResult] = {}
+        future = pool.submit(self._fetch, wanted, done)
+        try:
+            future.result(timeout=max(self.budget_s - (self._clock() - started), 0.0))
+        except concurrent.futures.TimeoutError:
+            late = sum(len(k) for t, k in wanted.items() if t not in done)
+            metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(late)
+            future.add_done_callback(_log_failure)
+        fetched.update(done)  # one C-level copy: the reader thread may still be adding
+
+
+def _log_failure(future: concurrent.futures.Future[None]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.warning("background embedding read failed: %s", exc)
