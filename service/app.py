@@ -41,9 +41,8 @@ from streaming.events import (
     EVENT_FIELDS,
     FieldError,
     check_event,
-    check_fields,
+    check_instances,
     event_from,
-    split_instance,
 )
 from streaming.log import EventProducer, LogUnavailable
 from streaming.spec import FeatureSpec
@@ -91,7 +90,9 @@ class ServiceConfig(BaseModel):
         description="A request waits at most this long for store reads; later rows answer "
         "with the default embedding and are cached when they arrive.",
     )
-    lookup_threads: int = Field(4, ge=1, description="Threads reading the store.")
+    lookup_threads: int = Field(
+        8, ge=1, description="Threads reading the store; a request spreads its tables over them."
+    )
     freshness_timeout_s: float = Field(
         60.0, gt=0, description="How long a posted event's rows are watched for a change."
     )
@@ -382,32 +383,28 @@ def create_app(
                 ]
             )
         spec = meta.spec
-        features: list[dict[str, Any]] = []
-        dense: list[dict[str, Any]] = []
-        errors: list[dict[str, Any]] = []
-        for i, instance in enumerate(body.instances):
-            sparse_part, dense_part = split_instance(instance, spec)
-            for problem in check_fields(sparse_part, dense_part, spec):
-                errors.append(
+        problems = check_instances(body.instances, spec)
+        if problems:
+            metrics.REQUESTS.labels(status="422").inc()
+            raise _invalid(
+                [
                     {
                         "loc": ["body", "instances", i, problem.field],
                         "msg": f"instance {i}: {problem.message}",
                         "type": problem.reason,
                     }
-                )
-            features.append(sparse_part)
-            dense.append(dense_part)
-        if errors:
-            metrics.REQUESTS.labels(status="422").inc()
-            raise _invalid(errors)
-        batch = encode(features, dense, spec)
+                    for i, problem in problems
+                ]
+            )
+        # A flat instance serves as both parts: encode reads only the spec's names.
+        batch = encode(body.instances, body.instances, spec)
         distinct = distinct_keys(batch, spec)
         rows = reader.lookup(distinct.keys)
         with torch.inference_mode():
             sparse, gathered = pool(batch, spec, distinct, rows, train=False)
             probabilities = torch.sigmoid(model(torch.from_numpy(batch.dense), sparse))
         metrics.UNKNOWN_IDS.inc(gathered.unknown)
-        metrics.INSTANCES.inc(len(features))
+        metrics.INSTANCES.inc(len(body.instances))
         metrics.REQUESTS.labels(status="200").inc()
         metrics.LATENCY.observe(time.perf_counter() - started)
         return PredictResponse(predictions=probabilities.tolist(), model_version=meta.version)

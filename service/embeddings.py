@@ -102,8 +102,8 @@ class EmbeddingReader:
         ttl_s: float = 1.0,
         max_rows: int = 100_000,
         budget_s: float = 0.025,
-        threads: int = 4,
-        max_pending: int = 64,
+        threads: int = 8,
+        max_pending: int = 256,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -190,28 +190,38 @@ class EmbeddingReader:
     def _read_within_budget(
         self, wanted: Mapping[str, Keys], fetched: dict[str, LookupResult], started: float
     ) -> None:
+        """Read ``wanted`` on up to ``threads`` threads at once (a store read is mostly a
+        network round trip per table), waiting at most what is left of the budget."""
+        tables = list(wanted)
+        chunks = [tables[i :: self._threads] for i in range(min(self._threads, len(tables)))]
         with self._pending_lock:
-            if self._pending >= self.max_pending:
+            if self._pending + len(chunks) > self.max_pending:
                 metrics.LOOKUP_DEFAULTED.labels(reason="overloaded").inc(
                     sum(len(k) for k in wanted.values())
                 )
                 return
-            self._pending += 1
+            self._pending += len(chunks)
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "embedding-read")
             pool = self._pool
         done: dict[str, LookupResult] = {}
-        future = pool.submit(self._fetch, wanted, done)
-        try:
-            future.result(timeout=max(self.budget_s - (self._clock() - started), 0.0))
-        except concurrent.futures.TimeoutError:
-            late = sum(len(k) for t, k in wanted.items() if t not in done)
-            metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(late)
-            future.add_done_callback(_log_failure)
-        fetched.update(done)  # one C-level copy: the reader thread may still be adding
+        futures = [
+            pool.submit(self._fetch, {t: wanted[t] for t in chunk}, done) for chunk in chunks
+        ]
+        finished, late = concurrent.futures.wait(
+            futures, timeout=max(self.budget_s - (self._clock() - started), 0.0)
+        )
+        for future in finished:
+            future.result()  # a store error (StoreUnavailable) reaches the request
+        if late:
+            missed = sum(len(k) for t, k in wanted.items() if t not in done)
+            metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(missed)
+            for future in late:
+                future.add_done_callback(_log_failure)
+        fetched.update(done)  # one C-level copy: reader threads may still be adding
 
 
 def _log_failure(future: concurrent.futures.Future[None]) -> None:
-    exc = future.exception()
+    exc = None if future.cancelled() else future.exception()
     if exc is not None:
         log.warning("background embedding read failed: %s", exc)

@@ -15,7 +15,7 @@ typo never trains silently.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,48 @@ def check_fields(
         elif not math.isfinite(value):
             errors.append(FieldError(name, f"{name!r} must be finite", "invalid_value"))
     return errors
+
+
+def check_instances(
+    instances: Sequence[Mapping[str, object]], spec: FeatureSpec
+) -> list[tuple[int, FieldError]]:
+    """Every problem of a batch of flat predict instances ``{field: value}``, with the
+    index of its instance: exactly what ``check_fields`` finds in each one after
+    ``split_instance``. A valid batch is checked column by column (one pass per field,
+    no per-instance dicts); only a batch with a problem is walked instance by instance
+    to name each one."""
+    if not _columns_valid(instances, spec):
+        return [
+            (i, problem)
+            for i, instance in enumerate(instances)
+            for problem in check_fields(*split_instance(instance, spec), spec)
+        ]
+    return []
+
+
+_ID_TYPES = frozenset({str, int})
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def _columns_valid(instances: Sequence[Mapping[str, object]], spec: FeatureSpec) -> bool:
+    names: set[str] = set().union(*instances)
+    if not names <= spec.known_names:
+        return False
+    for feature in spec.sparse:
+        column = [x[feature.name] for x in instances if feature.name in x]
+        if feature.kind == "categorical":
+            # type(), not isinstance: bool (an int subclass) is not an id.
+            if not {type(v) for v in column} <= _ID_TYPES or "" in column:
+                return False
+        elif not all(type(v) is list and all(map(_is_id, v)) for v in column):
+            return False
+    for name in spec.dense:
+        column = [x[name] for x in instances if name in x]
+        if not {type(v) for v in column} <= _NUMBER_TYPES or not all(
+            map(math.isfinite, column)  # type: ignore[arg-type]
+        ):
+            return False
+    return True
 
 
 def split_instance(

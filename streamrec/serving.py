@@ -25,6 +25,9 @@ PRODUCE_BLOCK_MS = 2000
 def build_serving(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
     """The app over a read-only view of the trainer's store, and what closes it. With
     ``log.kind = kafka`` POST /v1/events produces to the trainer's topic."""
+    # A predict is a small batch: intra-op threads cost more than they save, and
+    # uvicorn workers already split the cores.
+    torch.set_num_threads(1)
     spec = resolve_spec(settings)
     store = build_store(settings, spec, read_only=True)
     sink = None
@@ -49,8 +52,6 @@ def build_serving(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
 def worker_app() -> FastAPI:
     """uvicorn's app factory in each worker of ``streamrec serve --workers N``."""
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    # Workers already split the cores; intra-op threads would only contend.
-    torch.set_num_threads(1)
     app, close = build_serving(settings)
     atexit.register(close)
     return app

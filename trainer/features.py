@@ -108,7 +108,11 @@ def pool(
     *,
     train: bool,
 ) -> tuple[torch.Tensor, GatheredRows]:
-    """Pooled embeddings ``(batch, fields, dim)`` from the rows of ``distinct`` keys."""
+    """Pooled embeddings ``(batch, fields, dim)`` from the rows of ``distinct`` keys.
+
+    Without gradients (serving), a field with exactly one id per example pools to that
+    id's row, which is a plain gather: done in numpy for speed, the same numbers as
+    ``embedding_bag`` (mean or sum of one row)."""
     pooled: list[torch.Tensor] = []
     rows = GatheredRows({}, {}, 0)
     for field in spec.sparse:
@@ -119,6 +123,15 @@ def pool(
         rows.keys[field.name] = distinct.keys[field.name]
         rows.weights[field.name] = weight
         rows.unknown += int((~result.found).sum())
+        if (
+            not train
+            and len(batch.fields[field.name].keys)
+            == batch.size
+            == (len(batch.fields[field.name].offsets))
+            and field.kind == "categorical"
+        ):
+            pooled.append(torch.from_numpy(result.rows[distinct.inverse[field.name]]))
+            continue
         if len(distinct.keys[field.name]) == 0:
             pooled.append(torch.zeros(batch.size, field.dim))
             continue
