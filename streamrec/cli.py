@@ -172,6 +172,9 @@ def _serve_workers(settings: Settings) -> int:
             workers=settings.service.workers,
             log_level="warning",
             timeout_graceful_shutdown=5,
+            # A worker imports torch before it answers the supervisor's health check:
+            # on a busy machine that takes longer than uvicorn's default 5 s.
+            timeout_worker_healthcheck=60,
         )
     finally:
         shutil.rmtree(shared, ignore_errors=True)
