@@ -7,14 +7,18 @@
   the cold tier on every request. Each table holds at most ``max_rows`` rows; when full,
   the oldest slots are reused (FIFO), which with a 1 s TTL is what LRU would evict too.
 * **Coalescing.** A request's keys arrive distinct per table (``distinct_keys``), and
-  only the ones missing from the cache go to the store, in one call per table.
-* **Time budget.** Store reads run on a small thread pool. A request waits at most
-  ``budget_s`` for them; tables not read by then (a slow cold-tier read, a stalled
-  Redis) answer with the default embedding, the zero vector that unknown and
-  unadmitted ids read as in training too, and the read carries on in the background:
-  its rows land in the near cache for the next request, and a writable store promotes
-  the cold rows it read into the hot tier as part of that same lookup. In-flight reads
-  are capped (``max_pending``): beyond it misses answer the default at once.
+  only the ones missing from the cache go to the store. A dispatcher thread merges the
+  misses of every request queued meanwhile into one lookup per table (a key wanted by
+  several requests is read once), spread over ``threads`` reader threads; each request
+  gets its rows as each table arrives. Under load this turns per-request store round
+  trips into per-batch ones.
+* **Time budget.** A request waits at most ``budget_s`` for its store reads; tables not
+  read by then (a slow cold-tier read, a stalled Redis) answer with the default
+  embedding, the zero vector that unknown and unadmitted ids read as in training too,
+  and the read carries on in the background: its rows land in the near cache for the
+  next request, and a writable store (``streamrec run``) promotes the cold rows it
+  read into the hot tier as part of that same lookup. Queued reads are capped
+  (``max_pending``): beyond it misses answer the default at once.
 
 A store that cannot be reached raises ``StoreUnavailable`` from ``lookup`` when the
 request is still waiting for it.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -92,6 +97,30 @@ class _TableCache:
             self.expires[slots] = expires
 
 
+class _Read:
+    """One request's store read: its keys per table, and the rows as they arrive."""
+
+    __slots__ = ("done", "error", "left", "lock", "results", "wanted")
+
+    def __init__(self, wanted: Mapping[str, Keys]) -> None:
+        self.wanted = wanted
+        self.results: dict[str, LookupResult] = {}
+        self.error: BaseException | None = None
+        self.left = len(wanted)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def deliver(self, table: str, result: LookupResult | None, error: BaseException | None) -> None:
+        with self.lock:
+            if result is not None:
+                self.results[table] = result
+            if error is not None and self.error is None:
+                self.error = error
+            self.left -= 1
+            if self.left == 0 or error is not None:
+                self.done.set()
+
+
 class EmbeddingReader:
     """Serving-side reads of a store's rows; see the module docstring."""
 
@@ -116,15 +145,20 @@ class EmbeddingReader:
             name: _TableCache(dim, max_rows) for name, dim in self._dims.items() if ttl_s > 0
         }
         self._threads = threads
+        self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
+        self._queued = 0
+        self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending = 0
-        self._pending_lock = threading.Lock()
+        self._dispatcher: threading.Thread | None = None
 
     def close(self) -> None:
         """Stop the reader threads (a later lookup starts new ones: an app's lifespan
         may run more than once, e.g. under test clients)."""
-        with self._pending_lock:
+        with self._lock:
             pool, self._pool = self._pool, None
+            dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            self._queue.put(None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -132,19 +166,6 @@ class EmbeddingReader:
         return LookupResult(
             np.zeros((n, self._dims[table]), dtype=np.float32), np.zeros(n, dtype=np.bool_)
         )
-
-    def _fetch(self, wanted: Mapping[str, Keys], done: dict[str, LookupResult]) -> None:
-        """Read ``wanted`` table by table into ``done`` and the near cache."""
-        try:
-            for table, keys in wanted.items():
-                result = self.store.lookup(table, keys)
-                cache = self._caches.get(table)
-                if cache is not None:
-                    cache.put(keys, result, self._clock() + self.ttl_s)
-                done[table] = result
-        finally:
-            with self._pending_lock:
-                self._pending -= 1
 
     def lookup(self, keys: Mapping[str, Keys], *, cached: bool = True) -> dict[str, LookupResult]:
         """One row per key of each table (keys distinct per table), within the budget.
@@ -171,9 +192,7 @@ class EmbeddingReader:
                 wanted[table] = table_keys[missing]
         metrics.NEAR_CACHE.labels(result="hit").inc(hits)
         metrics.NEAR_CACHE.labels(result="miss").inc(sum(len(k) for k in wanted.values()))
-        fetched: dict[str, LookupResult] = {}
-        if wanted:
-            self._read_within_budget(wanted, fetched, now)
+        fetched = self._read_within_budget(wanted, now) if wanted else {}
         for table, table_keys in wanted.items():
             result = fetched.get(table)
             if result is None:
@@ -188,40 +207,86 @@ class EmbeddingReader:
         return out
 
     def _read_within_budget(
-        self, wanted: Mapping[str, Keys], fetched: dict[str, LookupResult], started: float
-    ) -> None:
-        """Read ``wanted`` on up to ``threads`` threads at once (a store read is mostly a
-        network round trip per table), waiting at most what is left of the budget."""
-        tables = list(wanted)
-        chunks = [tables[i :: self._threads] for i in range(min(self._threads, len(tables)))]
-        with self._pending_lock:
-            if self._pending + len(chunks) > self.max_pending:
+        self, wanted: Mapping[str, Keys], started: float
+    ) -> dict[str, LookupResult]:
+        """Queue the read for the dispatcher and wait for it at most what is left of the
+        budget; the tables not read by then are left out (the caller defaults them)."""
+        with self._lock:
+            if self._queued >= self.max_pending:
                 metrics.LOOKUP_DEFAULTED.labels(reason="overloaded").inc(
                     sum(len(k) for k in wanted.values())
                 )
-                return
-            self._pending += len(chunks)
-            if self._pool is None:
+                return {}
+            self._queued += 1
+            if self._dispatcher is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "embedding-read")
-            pool = self._pool
-        done: dict[str, LookupResult] = {}
-        futures = [
-            pool.submit(self._fetch, {t: wanted[t] for t in chunk}, done) for chunk in chunks
-        ]
-        finished, late = concurrent.futures.wait(
-            futures, timeout=max(self.budget_s - (self._clock() - started), 0.0)
-        )
-        for future in finished:
-            future.result()  # a store error (StoreUnavailable) reaches the request
+                self._dispatcher = threading.Thread(
+                    target=self._dispatch,
+                    args=(self._pool,),
+                    name="embedding-dispatch",
+                    daemon=True,
+                )
+                self._dispatcher.start()
+        read = _Read(wanted)
+        self._queue.put(read)
+        read.done.wait(max(self.budget_s - (self._clock() - started), 0.0))
+        with read.lock:
+            if read.error is not None:
+                raise read.error  # e.g. StoreUnavailable: the request answers 503
+            results = dict(read.results)
+        late = sum(len(k) for t, k in wanted.items() if t not in results)
         if late:
-            missed = sum(len(k) for t, k in wanted.items() if t not in done)
-            metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(missed)
-            for future in late:
-                future.add_done_callback(_log_failure)
-        fetched.update(done)  # one C-level copy: reader threads may still be adding
+            metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(late)
+        return results
 
+    def _dispatch(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        """Coalesce the reads queued meanwhile into one store lookup per table (each key
+        once, however many requests want it), spread the tables over the pool, and
+        hand every request its rows as each table arrives."""
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            reads = [first]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    return
+                reads.append(more)
+            with self._lock:
+                self._queued -= len(reads)
+            by_table: dict[str, list[_Read]] = {}
+            for read in reads:
+                for table in read.wanted:
+                    by_table.setdefault(table, []).append(read)
+            tables = list(by_table)
+            chunks = [tables[i :: self._threads] for i in range(min(self._threads, len(tables)))]
+            futures = [pool.submit(self._read_tables, chunk, by_table) for chunk in chunks]
+            concurrent.futures.wait(futures)
 
-def _log_failure(future: concurrent.futures.Future[None]) -> None:
-    exc = None if future.cancelled() else future.exception()
-    if exc is not None:
-        log.warning("background embedding read failed: %s", exc)
+    def _read_tables(self, tables: list[str], by_table: Mapping[str, list[_Read]]) -> None:
+        for table in tables:
+            reads = by_table[table]
+            if len(reads) == 1:
+                keys = reads[0].wanted[table]
+            else:
+                keys = np.unique(np.concatenate([r.wanted[table] for r in reads]))
+            try:
+                result = self.store.lookup(table, keys)
+            except Exception as exc:  # each request still waiting re-raises it
+                log.warning("embedding read of table %s failed: %s", table, exc)
+                for read in reads:
+                    read.deliver(table, None, exc)
+                continue
+            cache = self._caches.get(table)
+            if cache is not None:
+                cache.put(keys, result, self._clock() + self.ttl_s)
+            for read in reads:
+                if len(reads) == 1:
+                    read.deliver(table, result, None)
+                    continue
+                at = np.searchsorted(keys, read.wanted[table])
+                read.deliver(table, LookupResult(result.rows[at], result.found[at]), None)
