@@ -295,7 +295,7 @@ def scrape(port: int, name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller run (CI smoke, < 90 s)")
+    parser.add_argument("--quick", action="store_true", help="smaller run (CI smoke)")
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
     parser.add_argument("--rate", type=float, default=300.0, help="fixed-rate phase, req/s")
     parser.add_argument("--connections", type=int, default=8, help="saturation: in flight")
@@ -316,8 +316,8 @@ def main() -> None:
 
     from store import private_redis  # bench/store.py
 
-    events = 20_000 if args.quick else 100_000
-    duration = 4.0 if args.quick else 20.0
+    events = 5_000 if args.quick else 100_000
+    duration = 1.5 if args.quick else 20.0
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         url = args.redis_url or stack.enter_context(private_redis())
@@ -346,7 +346,9 @@ batch_size = 1024
         for kind in ("real", "noop"):
             with server(settings_path, noop=kind == "noop") as port:
                 log(f"{kind}: warm-up")
-                run_load(port, bodies, "saturate", duration=2.0, connections=args.connections)
+                run_load(
+                    port, bodies, "saturate", duration=duration / 2, connections=args.connections
+                )
                 fixed = run_load(
                     port, bodies, "fixed", rate=args.rate, duration=duration, connections=32
                 )
