@@ -17,8 +17,7 @@ Prints progress to stderr and one JSON object as the last line of stdout.
    scheduled send time, so a stalled server is not hidden by the client waiting (no
    coordinated omission); requests still unanswered ``duration`` after the last one
    was due count with their wait so far (``fixed_unanswered``). ``rps``/``noop_rps``:
-   closed loop with ``--connections``
-   requests in flight.
+   closed loop with ``--connections`` requests in flight.
 
 Without ``--redis-url`` it starts a private ``redis-server`` (see ``bench/store.py``).
 """

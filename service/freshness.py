@@ -3,7 +3,8 @@
 When the service produces an event it notes, for each of the event's sparse ids, the
 produce time and the row the store holds right then (read past the near cache). A
 background poll reads those rows again the way a predict would (through the near
-cache) and, at the first difference (a new row, or an updated embedding), observes
+cache) and, at the first difference (a new row, or an updated embedding; a read that
+fell back to the default embedding is no difference), observes
 ``now - produced`` in ``streamrec_service_event_to_visible_seconds``; p50 and p95 over
 the last 1024 rows go to ``..._quantile_seconds``. The figure is per row, and includes
 the log, the trainer's batching, the store write and the near cache's staleness. An id
@@ -67,10 +68,11 @@ class FreshnessTracker:
                 room -= len(wanted[table])
         if not wanted:
             return
-        now = self._reader.lookup(wanted, cached=False)
+        # Straight from the store, no time budget: a defaulted read is no baseline.
+        baseline = {t: self._reader.store.lookup(t, k) for t, k in wanted.items()}
         with self._lock:
             for table, table_keys in wanted.items():
-                result = now[table]
+                result = baseline[table]
                 for i, key in enumerate(table_keys.tolist()):
                     self._watched.setdefault(
                         (table, key), _Watch(produced, result.rows[i].copy(), bool(result.found[i]))
@@ -95,7 +97,9 @@ class FreshnessTracker:
             result = served[table]
             for i, key in enumerate(table_keys.tolist()):
                 w = watched[table, key]
-                if bool(result.found[i]) != w.found or not np.array_equal(result.rows[i], w.row):
+                # Only a row that is there counts: a read answered with the default
+                # (time budget, overload) says nothing.
+                if result.found[i] and (not w.found or not np.array_equal(result.rows[i], w.row)):
                     seen.append(now - w.produced)
                     done.append((table, key))
                 elif now - w.produced > self._timeout_s:

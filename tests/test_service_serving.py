@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from test_service import SOURCE, instance, trained_store
 
 from service.app import EventSink, ModelHolder, ServiceConfig, create_app
 from service.embeddings import EmbeddingReader
+from service.freshness import FreshnessTracker
 from storage.base import Keys
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
@@ -308,4 +310,27 @@ def test_a_slow_read_answers_the_default_within_budget_then_fills_the_cache() ->
     time.sleep(0.5)  # the read finished in the background and filled the near cache
     tier.delay_s = 0.0
     assert reader.lookup({"c2": keys})["c2"].found.all()
+    reader.close()
+
+
+def observed() -> float:
+    return REGISTRY.get_sample_value("streamrec_service_event_to_visible_seconds_count") or 0.0
+
+
+def test_freshness_observes_the_first_served_change_of_a_posted_row() -> None:
+    store = TieredStore(table_configs(SPEC, Settings()), MemoryTier())
+    clock = Clock()
+    reader = EmbeddingReader(store, ttl_s=1.0, clock=clock)
+    tracker = FreshnessTracker(reader, timeout_s=10.0, clock=clock)
+    keys = keys_of("c1", "posted")
+    count = observed()
+    tracker.watch(clock.now, {"c1": keys})
+    assert tracker.watched == 1
+    assert tracker.poll() == 0  # no row yet: nothing to see
+    store.admit("c1", keys)  # the trainer's first update of the id
+    clock.now += 0.5
+    assert tracker.poll() == 0  # the near cache still serves the miss
+    clock.now += 0.6
+    assert tracker.poll() == 1 and tracker.watched == 0
+    assert observed() == count + 1
     reader.close()
