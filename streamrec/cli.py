@@ -55,7 +55,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Trainer and service in one process, sharing one store."""
     from service.app import EventSink, create_app
-    from streaming.log import EventProducer, KafkaEventProducer
+    from streaming.log import EventProducer, KafkaEventProducer, LogUnavailable
     from streamrec.runtime import TrainerRuntime
     from streamrec.serving import PRODUCE_BLOCK_MS
 
@@ -65,7 +65,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if runtime.embedded_log is not None:
         producer = runtime.embedded_log.producer()
     else:
-        producer = KafkaEventProducer(settings.log.bootstrap_servers, max_block_ms=PRODUCE_BLOCK_MS)
+        try:
+            producer = KafkaEventProducer(
+                settings.log.bootstrap_servers, max_block_ms=PRODUCE_BLOCK_MS
+            )
+        except LogUnavailable:
+            runtime.stop()
+            raise
     sink = EventSink(producer, settings.log.topic, runtime.trainer.spec)
     app = create_app(runtime.store, settings.service, events=sink)
     server = _http_server(app, settings)
