@@ -264,7 +264,10 @@ class EmbeddingReader:
                     by_table.setdefault(table, []).append(read)
             tables = list(by_table)
             chunks = [tables[i :: self._threads] for i in range(min(self._threads, len(tables)))]
-            futures = [pool.submit(self._read_tables, chunk, by_table) for chunk in chunks]
+            try:
+                futures = [pool.submit(self._read_tables, chunk, by_table) for chunk in chunks]
+            except RuntimeError:  # shut down by close(): these reads answer the default
+                return
             concurrent.futures.wait(futures)
 
     def _read_tables(self, tables: list[str], by_table: Mapping[str, list[_Read]]) -> None:
