@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,25 +19,40 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
+from service.embeddings import EmbeddingReader
+from service.freshness import FreshnessTracker
 from service.schemas import (
+    EventsAccepted,
+    EventsRequest,
     FeatureNames,
     Health,
     ModelInfo,
     ModelList,
+    PinRequest,
     PredictRequest,
     PredictResponse,
 )
 from storage.base import EmbeddingStore, StoreUnavailable
-from streaming.events import check_fields, split_instance
-from trainer.features import encode, gather
+from streaming.events import (
+    EVENT_FIELDS,
+    FieldError,
+    check_event,
+    check_instances,
+    event_from,
+)
+from streaming.log import EventProducer, LogUnavailable
+from streaming.spec import FeatureSpec
+from trainer.features import distinct_keys, encode, pool
 from trainer.model import DLRM
-from trainer.versions import VersionMeta, latest_version, load_version
+from trainer.versions import VersionMeta, latest_version, load_version, stored_versions
 
 log = logging.getLogger(__name__)
+
+Loaded = tuple[VersionMeta, DLRM]
 
 
 class ServiceConfig(BaseModel):
@@ -42,43 +62,178 @@ class ServiceConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1, ge=1, description="`streamrec serve`: uvicorn worker processes (metrics summed)."
+    )
     model_name: str = Field("streamrec", description="The model this service serves.")
     max_instances: int = Field(1000, ge=1, description="Most instances in one predict request.")
+    max_events: int = Field(1000, ge=1, description="Most events in one POST /v1/events.")
     refresh_every_s: float = Field(1.0, gt=0, description="How often to look for a new version.")
+    pinned_version: int | None = Field(
+        None, ge=1, description="Serve this version instead of the latest (rollback by config)."
+    )
+    pin_file: Path | None = Field(
+        None,
+        description="Where a pin set through the API is kept, so every worker follows it "
+        "(within refresh_every_s) and it survives a restart. None: in process only.",
+    )
+    version_cache: int = Field(
+        4, ge=1, description="Versions kept loaded for predicts that name a version."
+    )
+    near_cache_ttl_s: float = Field(
+        1.0, ge=0, description="Staleness bound of the in-process row cache (0: off)."
+    )
+    near_cache_rows: int = Field(100_000, ge=1, description="Near-cache rows per table.")
+    lookup_budget_ms: float = Field(
+        25.0,
+        gt=0,
+        description="A request waits at most this long for store reads; later rows answer "
+        "with the default embedding and are cached when they arrive.",
+    )
+    lookup_threads: int = Field(
+        8, ge=1, description="Threads reading the store; a request spreads its tables over them."
+    )
+    freshness_timeout_s: float = Field(
+        60.0, gt=0, description="How long a posted event's rows are watched for a change."
+    )
+
+
+@dataclass(frozen=True)
+class EventSink:
+    """Where ``POST /v1/events`` produces to: the trainer's log and topic, and the spec
+    the trainer validates against."""
+
+    producer: EventProducer
+    topic: str
+    spec: FeatureSpec
+
+
+class UnknownVersion(KeyError):
+    pass
 
 
 class ModelHolder:
     """The served model version. A swap replaces one reference, so a request in
-    flight finishes on the version it started with."""
+    flight finishes on the version it started with. Follows the latest version, or
+    a pinned one (rollback) set by config, by ``pin`` or in the shared pin file."""
 
-    def __init__(self, store: EmbeddingStore, name: str) -> None:
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        name: str,
+        *,
+        pinned: int | None = None,
+        pin_file: Path | None = None,
+        cache_size: int = 4,
+    ) -> None:
         self._store = store
         self.name = name
-        self.current: tuple[VersionMeta, DLRM] | None = None
+        self.current: Loaded | None = None
+        self.pinned = pinned
+        self._pin_file = pin_file
+        self._cache: OrderedDict[int, Loaded] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def _read_pin_file(self) -> None:
+        if self._pin_file is None:
+            return
+        try:
+            text = self._pin_file.read_text().strip()
+        except FileNotFoundError:
+            return
+        self.pinned = int(text) if text else None
+
+    def load(self, version: int) -> Loaded:
+        """A stored version, loaded once and kept in a small LRU. Raises UnknownVersion."""
+        with self._lock:
+            current = self.current
+            if current is not None and current[0].version == version:
+                return current
+            if version in self._cache:
+                self._cache.move_to_end(version)
+                return self._cache[version]
+        try:
+            loaded = load_version(self._store, self.name, version)
+        except KeyError:
+            raise UnknownVersion(
+                f"model {self.name!r} has no stored version {version}; "
+                f"stored: {stored_versions(self._store, self.name)}"
+            ) from None
+        with self._lock:
+            self._cache[version] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def _swap(self, loaded: Loaded) -> None:
+        self.current = loaded
+        metrics.MODEL_VERSION.set(loaded[0].version)
+        metrics.SWAPS.inc()
+        log.info(
+            "serving %s version %d%s", self.name, loaded[0].version, " (pinned)" * bool(self.pinned)
+        )
 
     def refresh(self) -> bool:
-        """Load the newest published version if it is not served yet."""
-        version = latest_version(self._store, self.name)
+        """Serve the pinned version, else the newest published one, if not served yet."""
+        self._read_pin_file()
+        target = self.pinned or latest_version(self._store, self.name)
         current = self.current
-        if version is None or (current is not None and current[0].version == version):
+        if target is None or (current is not None and current[0].version == target):
             return False
-        loaded = load_version(self._store, self.name, version)
-        self.current = loaded
-        metrics.MODEL_VERSION.set(version)
-        metrics.PUBLISH_LAG.observe(max(time.time() - loaded[0].created_at, 0.0))
-        log.info("serving %s version %d", self.name, version)
+        loaded = self.load(target)
+        self._swap(loaded)
+        if self.pinned is None:
+            metrics.PUBLISH_LAG.observe(max(time.time() - loaded[0].created_at, 0.0))
         return True
+
+    def pin(self, version: int | None) -> None:
+        """Serve ``version`` from now on (None: the latest); shared through the pin file."""
+        loaded = self.load(version) if version is not None else None
+        self.pinned = version
+        if self._pin_file is not None:
+            tmp = self._pin_file.with_name(f".{self._pin_file.name}.{os.getpid()}")
+            tmp.write_text("" if version is None else str(version))
+            tmp.replace(self._pin_file)
+        if loaded is not None:
+            self._swap(loaded)
+        else:
+            self.refresh()
 
 
 def _invalid(errors: list[dict[str, Any]]) -> HTTPException:
     return HTTPException(status_code=422, detail=errors)
 
 
-def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> FastAPI:
+def _unavailable(detail: str) -> HTTPException:
+    return HTTPException(503, detail=detail, headers={"Retry-After": "1"})
+
+
+def create_app(
+    store: EmbeddingStore,
+    config: ServiceConfig | None = None,
+    *,
+    events: EventSink | None = None,
+) -> FastAPI:
     """The app over a store the trainer writes; versions are picked up every
-    ``config.refresh_every_s`` seconds."""
+    ``config.refresh_every_s`` seconds. ``events``: where ``POST /v1/events`` produces
+    (None: it answers 503)."""
     config = config or ServiceConfig()
-    holder = ModelHolder(store, config.model_name)
+    holder = ModelHolder(
+        store,
+        config.model_name,
+        pinned=config.pinned_version,
+        pin_file=config.pin_file,
+        cache_size=config.version_cache,
+    )
+    reader = EmbeddingReader(
+        store,
+        ttl_s=config.near_cache_ttl_s,
+        max_rows=config.near_cache_rows,
+        budget_s=config.lookup_budget_ms / 1000,
+        threads=config.lookup_threads,
+    )
+    tracker = FreshnessTracker(reader, timeout_s=config.freshness_timeout_s)
 
     def refresh_quietly() -> None:
         try:
@@ -89,6 +244,12 @@ def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> Fa
         if current is not None:
             metrics.MODEL_AGE.set(time.time() - current[0].created_at)
 
+    def poll_quietly() -> None:
+        try:
+            tracker.poll()
+        except Exception:
+            log.exception("freshness poll failed")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def refresher() -> None:
@@ -96,10 +257,18 @@ def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> Fa
                 await asyncio.sleep(config.refresh_every_s)
                 await asyncio.to_thread(refresh_quietly)
 
+        async def freshness() -> None:
+            while True:
+                await asyncio.sleep(0.05)
+                if tracker.watched:
+                    await asyncio.to_thread(poll_quietly)
+
         await asyncio.to_thread(refresh_quietly)  # serve the latest version from the start
-        task = asyncio.create_task(refresher())
+        tasks = [asyncio.create_task(refresher()), asyncio.create_task(freshness())]
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
+        reader.close()
 
     app = FastAPI(
         title="streamrec",
@@ -108,6 +277,8 @@ def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> Fa
         lifespan=lifespan,
     )
     app.state.models = holder
+    app.state.reader = reader
+    app.state.freshness = tracker
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -128,29 +299,54 @@ def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> Fa
         if name != holder.name:
             raise HTTPException(404, detail=f"unknown model {name!r}; serving {holder.name!r}")
 
-    @app.get("/v1/models", response_model=ModelList)
-    def list_models() -> ModelList:
-        """Names of the served models."""
-        return ModelList(models=[holder.name])
-
-    @app.get("/v1/models/{name}", response_model=ModelInfo, responses={404: {}})
-    def model_info(name: str) -> ModelInfo:
-        """The served version and its feature spec."""
-        known(name)
+    def model_info_of(name: str) -> ModelInfo:
         current = holder.current
+        latest = latest_version(store, name)
         if current is None:
             return ModelInfo(
-                name=name, version=None, ready=False, features=FeatureNames(sparse=[], dense=[])
+                name=name,
+                version=None,
+                ready=False,
+                latest_version=latest,
+                features=FeatureNames(sparse=[], dense=[]),
             )
         meta = current[0]
         return ModelInfo(
             name=name,
             version=meta.version,
             ready=True,
+            pinned=holder.pinned is not None,
+            latest_version=latest,
+            versions=stored_versions(store, name),
             created_at=meta.created_at,
             events_trained=meta.events_trained,
             features=FeatureNames(sparse=meta.spec.sparse_names, dense=list(meta.spec.dense)),
         )
+
+    @app.get("/v1/models", response_model=ModelList)
+    def list_models() -> ModelList:
+        """Names of the served models."""
+        return ModelList(models=[holder.name])
+
+    @app.get("/v1/models/{name}", response_model=ModelInfo, responses={404: {}, 503: {}})
+    def model_info(name: str) -> ModelInfo:
+        """The served version, the stored versions and the feature spec."""
+        known(name)
+        return model_info_of(name)
+
+    @app.post(
+        "/v1/models/{name}:pin",
+        response_model=ModelInfo,
+        responses={400: {}, 404: {}, 422: {}, 503: {}},
+    )
+    def pin(name: str, body: PinRequest) -> ModelInfo:
+        """Serve a stored version from now on (rollback), or the latest again (null)."""
+        known(name)
+        try:
+            holder.pin(body.version)
+        except UnknownVersion as exc:
+            raise HTTPException(404, detail=exc.args[0]) from None
+        return model_info_of(name)
 
     @app.post(
         "/v1/models/{name}:predict",
@@ -158,15 +354,21 @@ def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> Fa
         responses={400: {}, 404: {}, 422: {}, 503: {}},
     )
     def predict(name: str, body: PredictRequest) -> PredictResponse:
-        """Click probabilities for ``instances``."""
+        """Click probabilities for ``instances``; ``parameters.version`` pins a version."""
         started = time.perf_counter()
         known(name)
-        current = holder.current
-        if current is None:
-            metrics.REQUESTS.labels(status="503").inc()
-            raise HTTPException(
-                503, detail="no model version published yet", headers={"Retry-After": "1"}
-            )
+        version = body.parameters.version if body.parameters is not None else None
+        if version is None:
+            current = holder.current
+            if current is None:
+                metrics.REQUESTS.labels(status="503").inc()
+                raise _unavailable("no model version published yet")
+        else:
+            try:
+                current = holder.load(version)
+            except UnknownVersion as exc:
+                metrics.REQUESTS.labels(status="404").inc()
+                raise HTTPException(404, detail=exc.args[0]) from None
         meta, model = current
         if len(body.instances) > config.max_instances:
             metrics.REQUESTS.labels(status="422").inc()
@@ -180,33 +382,88 @@ def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> Fa
                     }
                 ]
             )
-        features: list[dict[str, Any]] = []
-        dense: list[dict[str, Any]] = []
-        errors: list[dict[str, Any]] = []
-        for i, instance in enumerate(body.instances):
-            sparse_part, dense_part = split_instance(instance, meta.spec)
-            for problem in check_fields(sparse_part, dense_part, meta.spec):
-                errors.append(
+        spec = meta.spec
+        problems = check_instances(body.instances, spec)
+        if problems:
+            metrics.REQUESTS.labels(status="422").inc()
+            raise _invalid(
+                [
                     {
                         "loc": ["body", "instances", i, problem.field],
                         "msg": f"instance {i}: {problem.message}",
                         "type": problem.reason,
                     }
-                )
-            features.append(sparse_part)
-            dense.append(dense_part)
-        if errors:
-            metrics.REQUESTS.labels(status="422").inc()
-            raise _invalid(errors)
-        batch = encode(features, dense, meta.spec)
+                    for i, problem in problems
+                ]
+            )
+        # A flat instance serves as both parts: encode reads only the spec's names.
+        batch = encode(body.instances, body.instances, spec)
+        distinct = distinct_keys(batch, spec)
+        rows = reader.lookup(distinct.keys)
         with torch.inference_mode():
-            sparse, rows = gather(store, batch, meta.spec, train=False)
+            sparse, gathered = pool(batch, spec, distinct, rows, train=False)
             probabilities = torch.sigmoid(model(torch.from_numpy(batch.dense), sparse))
-        metrics.UNKNOWN_IDS.inc(rows.unknown)
-        metrics.INSTANCES.inc(len(features))
+        metrics.UNKNOWN_IDS.inc(gathered.unknown)
+        metrics.INSTANCES.inc(len(body.instances))
         metrics.REQUESTS.labels(status="200").inc()
         metrics.LATENCY.observe(time.perf_counter() - started)
         return PredictResponse(predictions=probabilities.tolist(), model_version=meta.version)
+
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=EventsAccepted,
+        responses={400: {}, 422: {}, 503: {}},
+    )
+    def post_events(body: EventsRequest) -> EventsAccepted:
+        """Produce impression or feedback events to the trainer's log (closes the loop)."""
+        if events is None:
+            metrics.EVENTS.labels(status="503").inc()
+            raise _unavailable("this service has no event log to produce to")
+        if len(body.events) > config.max_events:
+            metrics.EVENTS.labels(status="422").inc()
+            raise _invalid(
+                [
+                    {
+                        "loc": ["body", "events"],
+                        "msg": f"{len(body.events)} events; at most {config.max_events} "
+                        "per request",
+                        "type": "too_long",
+                    }
+                ]
+            )
+        errors: list[dict[str, Any]] = []
+        for i, obj in enumerate(body.events):
+            # The trainer ignores extra top-level keys; a client's typo should not pass.
+            problems = check_event(obj, events.spec) + [
+                FieldError(k, f"unknown event field {k!r}", "unknown_field")
+                for k in obj
+                if k not in EVENT_FIELDS
+            ]
+            for problem in problems:
+                errors.append(
+                    {
+                        "loc": ["body", "events", i, *problem.field.split(".", 1)],
+                        "msg": f"event {i}: {problem.message}",
+                        "type": problem.reason,
+                    }
+                )
+        if errors:
+            metrics.EVENTS.labels(status="422").inc()
+            raise _invalid(errors)
+        parsed = [event_from(obj) for obj in body.events]
+        produced = time.monotonic()
+        try:
+            for event in parsed:
+                events.producer.send(events.topic, event.to_json(), key=event.event_id.encode())
+            events.producer.flush(timeout_s=5.0)
+        except LogUnavailable as exc:
+            metrics.EVENTS.labels(status="503").inc()
+            raise _unavailable(str(exc)) from None
+        metrics.EVENTS.labels(status="202").inc(len(parsed))
+        batch = encode([e.features for e in parsed], [e.dense for e in parsed], events.spec)
+        tracker.watch(produced, distinct_keys(batch, events.spec).keys)
+        return EventsAccepted(accepted=len(parsed), topic=events.topic)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -231,6 +488,18 @@ def create_app(store: EmbeddingStore, config: ServiceConfig | None = None) -> Fa
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(_exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _exposition() -> bytes:
+    """The default registry, or with several workers (prometheus-client multiprocess
+    mode, ``PROMETHEUS_MULTIPROC_DIR``) the sum over every worker's files."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest()
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

@@ -1,4 +1,9 @@
-"""Prometheus metrics of the prediction service (default registry)."""
+"""Prometheus metrics of the prediction service (default registry).
+
+With several uvicorn workers (``PROMETHEUS_MULTIPROC_DIR`` set before start) every
+worker writes its own files and ``/metrics`` sums counters and histograms over all of
+them; gauges say how they combine (``multiprocess_mode``).
+"""
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -14,10 +19,48 @@ LATENCY = Histogram(
 UNKNOWN_IDS = Counter(
     "streamrec_service_unknown_ids_total", "Sparse ids with no row, served as zero vectors."
 )
-MODEL_VERSION = Gauge("streamrec_service_model_version", "Model version being served.")
-MODEL_AGE = Gauge("streamrec_service_model_age_seconds", "Age of the served model version.")
+NEAR_CACHE = Counter(
+    "streamrec_service_near_cache_total",
+    "Distinct keys per request by near-cache result.",
+    ["result"],
+)
+LOOKUP_DEFAULTED = Counter(
+    "streamrec_service_lookup_defaulted_total",
+    "Keys answered with the default embedding because the store read was late (budget) "
+    "or too many reads were in flight (overloaded).",
+    ["reason"],
+)
+MODEL_VERSION = Gauge(
+    "streamrec_service_model_version", "Model version being served.", multiprocess_mode="max"
+)
+MODEL_AGE = Gauge(
+    "streamrec_service_model_age_seconds",
+    "Age of the served model version (since the trainer published it).",
+    multiprocess_mode="max",
+)
 PUBLISH_LAG = Histogram(
     "streamrec_service_publish_to_visible_seconds",
     "From a version's publish by the trainer to this service serving it.",
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+SWAPS = Counter("streamrec_service_model_swaps_total", "Served-version changes.")
+EVENTS = Counter(
+    "streamrec_service_events_total", "Events posted to /v1/events by outcome.", ["status"]
+)
+FRESHNESS = Histogram(
+    "streamrec_service_event_to_visible_seconds",
+    "From an event posted to /v1/events being produced to the log to the first change "
+    "of one of its embedding rows as this service serves it (near cache included).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
+)
+FRESHNESS_QUANTILE = Gauge(
+    "streamrec_service_event_to_visible_quantile_seconds",
+    "p50 and p95 of event_to_visible over the last 1024 rows observed (worst worker).",
+    ["quantile"],
+    multiprocess_mode="max",
+)
+FRESHNESS_UNOBSERVED = Counter(
+    "streamrec_service_event_rows_unobserved_total",
+    "Rows of posted events whose change was never seen within the watch timeout "
+    "(e.g. an id the admission policy has not admitted yet).",
 )

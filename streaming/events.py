@@ -15,7 +15,7 @@ typo never trains silently.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,10 @@ class FieldError:
     field: str
     message: str
     reason: str  # unknown_field | wrong_type | invalid_value
+
+
+EVENT_FIELDS = frozenset({"event_id", "ts", "label", "features", "dense"})
+"""The top-level keys of the wire format (the trainer ignores any others)."""
 
 
 def _is_id(value: object) -> bool:
@@ -121,6 +125,48 @@ def check_fields(
     return errors
 
 
+def check_instances(
+    instances: Sequence[Mapping[str, object]], spec: FeatureSpec
+) -> list[tuple[int, FieldError]]:
+    """Every problem of a batch of flat predict instances ``{field: value}``, with the
+    index of its instance: exactly what ``check_fields`` finds in each one after
+    ``split_instance``. A valid batch is checked column by column (one pass per field,
+    no per-instance dicts); only a batch with a problem is walked instance by instance
+    to name each one."""
+    if not _columns_valid(instances, spec):
+        return [
+            (i, problem)
+            for i, instance in enumerate(instances)
+            for problem in check_fields(*split_instance(instance, spec), spec)
+        ]
+    return []
+
+
+_ID_TYPES = frozenset({str, int})
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def _columns_valid(instances: Sequence[Mapping[str, object]], spec: FeatureSpec) -> bool:
+    names: set[str] = set().union(*instances)
+    if not names <= spec.known_names:
+        return False
+    for feature in spec.sparse:
+        column = [x[feature.name] for x in instances if feature.name in x]
+        if feature.kind == "categorical":
+            # type(), not isinstance: bool (an int subclass) is not an id.
+            if not {type(v) for v in column} <= _ID_TYPES or "" in column:
+                return False
+        elif not all(type(v) is list and all(map(_is_id, v)) for v in column):
+            return False
+    for name in spec.dense:
+        column = [x[name] for x in instances if name in x]
+        if not {type(v) for v in column} <= _NUMBER_TYPES or not all(
+            map(math.isfinite, column)  # type: ignore[arg-type]
+        ):
+            return False
+    return True
+
+
 def split_instance(
     instance: Mapping[str, object], spec: FeatureSpec
 ) -> tuple[dict[str, object], dict[str, object]]:
@@ -134,6 +180,52 @@ def split_instance(
     return features, dense
 
 
+def check_event(obj: Mapping[str, Any], spec: FeatureSpec) -> list[FieldError]:
+    """Every problem with a decoded event object, in the order ``decode_event`` reports
+    them; field names of features and dense values are prefixed (``features.user``)."""
+    missing = [k for k in ("event_id", "ts", "label", "features") if k not in obj]
+    if missing:
+        return [FieldError(k, f"missing {k}", "missing_field") for k in missing]
+    errors: list[FieldError] = []
+    ts, label = obj["ts"], obj["label"]
+    features, dense = obj["features"], obj.get("dense", {})
+    if not _is_id(obj["event_id"]):
+        errors.append(
+            FieldError(
+                "event_id", "event_id must be a non-empty string or an integer", "wrong_type"
+            )
+        )
+    if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+        errors.append(
+            FieldError("ts", "ts must be a non-negative integer (epoch milliseconds)", "wrong_type")
+        )
+    if isinstance(label, bool) or label not in (0, 1) or not isinstance(label, int):
+        errors.append(FieldError("label", "label must be 0 or 1", "wrong_type"))
+    if not isinstance(features, dict):
+        errors.append(FieldError("features", "features must be an object", "wrong_type"))
+    if not isinstance(dense, dict):
+        errors.append(FieldError("dense", "dense must be an object", "wrong_type"))
+    if errors:
+        return errors
+    for part, problems in (
+        ("features", check_fields(features, {}, spec)),
+        ("dense", check_fields({}, dense, spec)),
+    ):
+        errors.extend(FieldError(f"{part}.{e.field}", e.message, e.reason) for e in problems)
+    return errors
+
+
+def event_from(obj: Mapping[str, Any]) -> Event:
+    """The ``Event`` of an object ``check_event`` found no problem with."""
+    return Event(
+        event_id=str(obj["event_id"]),
+        ts=obj["ts"],
+        label=obj["label"],
+        features=obj["features"],
+        dense={k: float(v) for k, v in obj.get("dense", {}).items()},
+    )
+
+
 def decode_event(raw: bytes, spec: FeatureSpec) -> Event:
     """Parse and validate one wire message. Raises ``BadEvent`` with a metric reason."""
     try:
@@ -142,29 +234,7 @@ def decode_event(raw: bytes, spec: FeatureSpec) -> Event:
         raise BadEvent("invalid_json", str(exc)) from None
     if not isinstance(obj, dict):
         raise BadEvent("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
-    missing = [k for k in ("event_id", "ts", "label", "features") if k not in obj]
-    if missing:
-        raise BadEvent("missing_field", f"missing {', '.join(missing)}")
-    event_id, ts, label = obj["event_id"], obj["ts"], obj["label"]
-    features, dense = obj["features"], obj.get("dense", {})
-    if not _is_id(event_id):
-        raise BadEvent("wrong_type", "event_id must be a non-empty string or an integer")
-    if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
-        raise BadEvent("wrong_type", "ts must be a non-negative integer (epoch milliseconds)")
-    if isinstance(label, bool) or label not in (0, 1) or not isinstance(label, int):
-        raise BadEvent("wrong_type", "label must be 0 or 1")
-    if not isinstance(features, dict):
-        raise BadEvent("wrong_type", "features must be an object")
-    if not isinstance(dense, dict):
-        raise BadEvent("wrong_type", "dense must be an object")
-    errors = check_fields(features, dense, spec)
+    errors = check_event(obj, spec)
     if errors:
-        first = errors[0]
-        raise BadEvent(first.reason, "; ".join(e.message for e in errors))
-    return Event(
-        event_id=str(event_id),
-        ts=ts,
-        label=label,
-        features=features,
-        dense={k: float(v) for k, v in dense.items()},
-    )
+        raise BadEvent(errors[0].reason, "; ".join(e.message for e in errors))
+    return event_from(obj)

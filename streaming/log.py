@@ -402,23 +402,23 @@ class KafkaEventProducer(EventProducer):
             self._unacked = [u for u in self._unacked if not u[0].succeeded()]
 
     def _send(self, record: tuple[str, bytes, bytes | None, Any]) -> None:
-        from kafka.errors import KafkaTimeoutError
+        from kafka.errors import KafkaError
 
         topic, value, key, headers = record
         try:
             future = self._producer.send(topic, value=value, key=key, headers=headers)
-        except KafkaTimeoutError as e:  # no metadata for the topic within max_block_ms
+        except KafkaError as e:  # e.g. no metadata for the topic within max_block_ms
             raise LogUnavailable(f"Kafka at {self.bootstrap_servers}: {e}") from e
         self._unacked.append((future, record))
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every record sent is stored; raises ``LogUnavailable`` when some
         are not (they are sent again, for the next flush)."""
-        from kafka.errors import KafkaTimeoutError
+        from kafka.errors import KafkaError
 
         try:
             self._producer.flush(timeout=timeout_s)
-        except KafkaTimeoutError as e:
+        except KafkaError as e:
             raise LogUnavailable(
                 f"Kafka at {self.bootstrap_servers}: records not stored within {timeout_s:.0f} s"
             ) from e

@@ -61,5 +61,9 @@ class FeatureSpec(BaseModel):
     def dense_names(self) -> frozenset[str]:
         return frozenset(self.dense)
 
+    @cached_property
+    def known_names(self) -> frozenset[str]:
+        return frozenset(self.sparse_names) | self.dense_names
+
     def sparse_field(self, name: str) -> SparseFeature | None:
         return self._sparse_by_name.get(name)

@@ -32,6 +32,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         service["host"] = args.host
     if getattr(args, "port", None) is not None:
         service["port"] = args.port
+    if getattr(args, "workers", None) is not None:
+        service["workers"] = args.workers
     if service:
         overrides["service"] = service
     if getattr(args, "source", None) and args.command in ("run", "train"):
@@ -52,12 +54,26 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Trainer and service in one process, sharing one store."""
-    from service.app import create_app
+    from service.app import EventSink, create_app
+    from streaming.log import EventProducer, KafkaEventProducer, LogUnavailable
     from streamrec.runtime import TrainerRuntime
+    from streamrec.serving import PRODUCE_BLOCK_MS
 
     settings = _settings(args)
     runtime = TrainerRuntime.start(settings, max_events=args.max_events, rate=args.rate)
-    app = create_app(runtime.store, settings.service)
+    producer: EventProducer
+    if runtime.embedded_log is not None:
+        producer = runtime.embedded_log.producer()
+    else:
+        try:
+            producer = KafkaEventProducer(
+                settings.log.bootstrap_servers, max_block_ms=PRODUCE_BLOCK_MS
+            )
+        except LogUnavailable:
+            runtime.stop()
+            raise
+    sink = EventSink(producer, settings.log.topic, runtime.trainer.spec)
+    app = create_app(runtime.store, settings.service, events=sink)
     server = _http_server(app, settings)
     runtime.on_failure = lambda: setattr(server, "should_exit", True)
     log.info(
@@ -66,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.service.port,
     )
     server.run()  # returns on SIGINT/SIGTERM (uvicorn handles both)
+    producer.close()
     return runtime.stop()
 
 
@@ -114,16 +131,59 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The service alone, reading the store the trainer writes."""
-    from service.app import create_app
-    from streamrec.wiring import build_store, resolve_spec
+    from streamrec.serving import build_serving
 
     settings = _settings(args)
-    store = build_store(settings, resolve_spec(settings), read_only=True)
-    server = _http_server(create_app(store, settings.service), settings)
+    if settings.service.workers > 1:
+        return _serve_workers(settings)
+    app, close = build_serving(settings)
     try:
-        server.run()
+        _http_server(app, settings).run()
     finally:
-        store.close()
+        close()
+    return 0
+
+
+def _serve_workers(settings: Settings) -> int:
+    """``service.workers`` uvicorn processes on one port. Metrics: prometheus-client
+    multiprocess mode over a fresh directory; an API pin reaches every worker through
+    a pin file there (unless ``service.pin_file`` names one)."""
+    import os
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from streamrec.serving import SETTINGS_ENV
+
+    shared = Path(tempfile.mkdtemp(prefix="streamrec-serve-"))
+    if settings.service.pin_file is None:
+        settings.service.pin_file = shared / "pinned-version"
+    metrics_dir = shared / "metrics"
+    metrics_dir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    log.info(
+        "serving on http://%s:%d with %d workers",
+        settings.service.host,
+        settings.service.port,
+        settings.service.workers,
+    )
+    try:
+        uvicorn.run(
+            "streamrec.serving:worker_app",
+            factory=True,
+            host=settings.service.host,
+            port=settings.service.port,
+            workers=settings.service.workers,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            # A worker imports torch before it answers the supervisor's health check:
+            # on a busy machine that takes longer than uvicorn's default 5 s.
+            timeout_worker_healthcheck=60,
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     return 0
 
 
@@ -249,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument(
+        "--workers", type=int, help="uvicorn worker processes, metrics summed (default 1)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     replay = sub.add_parser("replay", help="produce a source's events to Kafka")

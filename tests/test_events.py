@@ -3,7 +3,14 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from streaming.events import BadEvent, Event, check_fields, decode_event, split_instance
+from streaming.events import (
+    BadEvent,
+    Event,
+    check_fields,
+    check_instances,
+    decode_event,
+    split_instance,
+)
 from streaming.spec import FeatureSpec, SparseFeature
 
 SPEC = FeatureSpec(
@@ -80,3 +87,21 @@ def test_split_instance_keeps_unknown_names_on_the_sparse_side() -> None:
 def test_spec_rejects_duplicate_names() -> None:
     with pytest.raises(ValueError, match="unique"):
         FeatureSpec(sparse=[SparseFeature(name="a")], dense=["a"])
+
+
+@pytest.mark.parametrize(
+    "instances",
+    [
+        [{"user": "u", "genres": ["a", 1], "age": 3}, {"user": 7}],
+        [{"user": "u"}, {"user": ""}, {"user": True}, {"user": 1.5}],
+        [{"genres": "drama"}, {"genres": [True]}, {"genres": []}],
+        [{"age": "old"}, {"age": float("inf")}, {"age": False}, {"typo": 1}],
+    ],
+)
+def test_check_instances_agrees_with_check_fields(instances: list[dict[str, object]]) -> None:
+    expected = [
+        (i, problem)
+        for i, instance in enumerate(instances)
+        for problem in check_fields(*split_instance(instance, SPEC), SPEC)
+    ]
+    assert check_instances(instances, SPEC) == expected

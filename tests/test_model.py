@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from storage.base import LookupResult
 from streaming.spec import FeatureSpec, SparseFeature
+from trainer.features import distinct_keys, encode, pool
 from trainer.model import DLRM, dump_state, load_state
 
 
@@ -31,3 +34,25 @@ def test_state_round_trip() -> None:
     load_state(b, dump_state(a))
     dense, sparse = torch.randn(4, 1), torch.randn(4, 3, 8)
     assert torch.equal(a(dense, sparse), b(dense, sparse))
+
+
+def test_serving_pool_matches_embedding_bag() -> None:
+    """Serving gathers one-id fields in numpy; training pools with embedding_bag: same
+    numbers."""
+    spec = FeatureSpec(
+        sparse=[SparseFeature(name="a"), SparseFeature(name="b", kind="multi_hot")],
+        dense=["x"],
+    )
+    rows = [{"a": i % 3, "b": [1, i]} for i in range(6)] + [{"b": []}]
+    batch = encode(rows, [{"x": 1.0}] * 7, spec)
+    distinct = distinct_keys(batch, spec)
+    rng = np.random.default_rng(0)
+    found = {
+        t: LookupResult(
+            rng.standard_normal((len(k), 16)).astype(np.float32), np.ones(len(k), dtype=bool)
+        )
+        for t, k in distinct.keys.items()
+    }
+    served, _ = pool(batch, spec, distinct, found, train=False)
+    trained, _ = pool(batch, spec, distinct, found, train=True)
+    assert torch.equal(served, trained.detach())

@@ -15,7 +15,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from storage.base import EmbeddingStore, Keys
+from storage.base import EmbeddingStore, Keys, LookupResult
 from storage.keys import feature_keys
 from streaming.spec import FeatureSpec
 
@@ -27,7 +27,6 @@ class FieldBatch:
 
     keys: Keys
     offsets: npt.NDArray[np.int64]
-    single: bool = False  # exactly one id per example: bag i is keys[i]
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,6 @@ def encode(
             fields[name] = FieldBatch(
                 feature_keys(name, raw),  # type: ignore[arg-type]
                 np.arange(size, dtype=np.int64),
-                single=True,
             )
             continue
         values: list[str | int] = []
@@ -83,6 +81,70 @@ class GatheredRows:
     unknown: int  # lookups that found no row (read as zeros)
 
 
+@dataclass(frozen=True)
+class DistinctKeys:
+    """Per table, the distinct keys of a batch and where each bag entry points in them:
+    every key is looked up once per batch however many examples carry it."""
+
+    keys: dict[str, Keys]
+    inverse: dict[str, npt.NDArray[np.int64]]
+
+
+def distinct_keys(batch: EncodedBatch, spec: FeatureSpec) -> DistinctKeys:
+    keys: dict[str, Keys] = {}
+    inverse: dict[str, npt.NDArray[np.int64]] = {}
+    for field in spec.sparse:
+        unique, inv = np.unique(batch.fields[field.name].keys, return_inverse=True)
+        keys[field.name] = unique
+        inverse[field.name] = inv.astype(np.int64).reshape(-1)
+    return DistinctKeys(keys, inverse)
+
+
+def pool(
+    batch: EncodedBatch,
+    spec: FeatureSpec,
+    distinct: DistinctKeys,
+    found: Mapping[str, LookupResult],
+    *,
+    train: bool,
+) -> tuple[torch.Tensor, GatheredRows]:
+    """Pooled embeddings ``(batch, fields, dim)`` from the rows of ``distinct`` keys.
+
+    A field with exactly one id per example pools to that id's row, which is a plain
+    gather (in numpy without gradients, for serving): the same numbers as
+    ``embedding_bag`` (mean or sum of one row)."""
+    pooled: list[torch.Tensor] = []
+    rows = GatheredRows({}, {}, 0)
+    for field in spec.sparse:
+        result = found[field.name]
+        weight = torch.from_numpy(np.ascontiguousarray(result.rows, dtype=np.float32))
+        if train:
+            weight.requires_grad_(True)
+        rows.keys[field.name] = distinct.keys[field.name]
+        rows.weights[field.name] = weight
+        rows.unknown += int((~result.found).sum())
+        fb = batch.fields[field.name]
+        one_each = len(fb.keys) == batch.size == len(fb.offsets) and field.kind == "categorical"
+        if one_each and not train:
+            pooled.append(torch.from_numpy(result.rows[distinct.inverse[field.name]]))
+            continue
+        if len(distinct.keys[field.name]) == 0:
+            pooled.append(torch.zeros(batch.size, field.dim))
+            continue
+        if one_each:  # with gradients: a plain gather is ~2x faster than embedding_bag
+            pooled.append(F.embedding(torch.from_numpy(distinct.inverse[field.name]), weight))
+            continue
+        pooled.append(
+            F.embedding_bag(
+                torch.from_numpy(distinct.inverse[field.name]),
+                weight,
+                torch.from_numpy(batch.fields[field.name].offsets),
+                mode=field.pooling,
+            )
+        )
+    return torch.stack(pooled, dim=1), rows
+
+
 def gather(
     store: EmbeddingStore,
     batch: EncodedBatch,
@@ -95,30 +157,8 @@ def gather(
     In training (``train=True``) new ids get rows and the returned weights track
     gradients; in serving unknown ids read as zero vectors.
     """
-    pooled: list[torch.Tensor] = []
-    rows = GatheredRows({}, {}, 0)
-    for field in spec.sparse:
-        fb = batch.fields[field.name]
-        unique, inverse = np.unique(fb.keys, return_inverse=True)
-        result = store.lookup(field.name, unique, create=train)
-        weight = torch.from_numpy(np.ascontiguousarray(result.rows, dtype=np.float32))
-        if train:
-            weight.requires_grad_(True)
-        rows.keys[field.name] = unique
-        rows.weights[field.name] = weight
-        rows.unknown += int((~result.found).sum())
-        if len(unique) == 0:
-            pooled.append(torch.zeros(batch.size, field.dim))
-            continue
-        if fb.single:  # pooling one id is the id's row: a plain gather is ~2x faster
-            pooled.append(F.embedding(torch.from_numpy(inverse.astype(np.int64)), weight))
-            continue
-        pooled.append(
-            F.embedding_bag(
-                torch.from_numpy(inverse.astype(np.int64).reshape(-1)),
-                weight,
-                torch.from_numpy(fb.offsets),
-                mode=field.pooling,
-            )
-        )
-    return torch.stack(pooled, dim=1), rows
+    distinct = distinct_keys(batch, spec)
+    found = {
+        table: store.lookup(table, keys, create=train) for table, keys in distinct.keys.items()
+    }
+    return pool(batch, spec, distinct, found, train=train)

@@ -37,6 +37,20 @@ def latest_version(store: EmbeddingStore, name: str) -> int | None:
     return int(raw) if raw is not None else None
 
 
+def stored_versions(store: EmbeddingStore, name: str) -> list[int]:
+    """The versions still stored, oldest first. Pruning drops the oldest, so they are
+    the unbroken run below ``latest``."""
+    latest = latest_version(store, name)
+    if latest is None:
+        return []
+    versions = []
+    for version in range(latest, 0, -1):
+        if store.get_blob(_key(name, version, "meta")) is None:
+            break
+        versions.append(version)
+    return versions[::-1]
+
+
 def publish(
     store: EmbeddingStore,
     model: DLRM,

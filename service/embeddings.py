@@ -1,0 +1,295 @@
+"""Embedding reads for serving: a near cache, coalescing and a time budget.
+
+* **Near cache.** Rows read from the store are kept in process for ``ttl_s`` (default
+  1 s), so a hot key costs one store read per second however many requests carry it;
+  a served row is never older than ``ttl_s`` plus the store's own lag. Keys without a
+  row are cached too (as the default embedding), which keeps unknown ids from reaching
+  the cold tier on every request. Each table holds at most ``max_rows`` rows; when full,
+  the oldest slots are reused (FIFO), which with a 1 s TTL is what LRU would evict too.
+* **Coalescing.** A request's keys arrive distinct per table (``distinct_keys``), and
+  only the ones missing from the cache go to the store. A dispatcher thread merges the
+  misses of every request queued meanwhile into one lookup per table (a key wanted by
+  several requests is read once), spread over ``threads`` reader threads; each request
+  gets its rows as each table arrives. Under load this turns per-request store round
+  trips into per-batch ones.
+* **Time budget.** A request waits at most ``budget_s`` for its store reads; tables not
+  read by then (a slow cold-tier read, a stalled Redis) answer with the default
+  embedding, the zero vector that unknown and unadmitted ids read as in training too,
+  and the read carries on in the background: its rows land in the near cache for the
+  next request, and a writable store (``streamrec run``) promotes the cold rows it
+  read into the hot tier as part of that same lookup. Queued reads are capped
+  (``max_pending``): beyond it misses answer the default at once.
+
+A store that cannot be reached raises ``StoreUnavailable`` from ``lookup`` when the
+request is still waiting for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from service import metrics
+from storage.base import EmbeddingStore, Floats, Keys, LookupResult
+
+log = logging.getLogger(__name__)
+
+
+class _TableCache:
+    """One table's near cache: key -> slot of a preallocated row matrix (FIFO slots)."""
+
+    def __init__(self, dim: int, max_rows: int) -> None:
+        self.slot_of: dict[int, int] = {}
+        self.keys = np.zeros(max_rows, dtype=np.uint64)
+        self.rows = np.zeros((max_rows, dim), dtype=np.float32)
+        self.found = np.zeros(max_rows, dtype=np.bool_)
+        self.expires = np.full(max_rows, -np.inf)
+        self.used = np.zeros(max_rows, dtype=np.bool_)
+        self.cursor = 0
+        self.lock = threading.Lock()
+
+    def get(
+        self, keys: Keys, now: float
+    ) -> tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
+        """Rows and found flags of ``keys`` (zeros where not cached) and the positions
+        of ``keys`` that are missing or expired."""
+        slot_of = self.slot_of
+        with self.lock:
+            slots = np.fromiter(
+                (slot_of.get(k, -1) for k in keys.tolist()), dtype=np.intp, count=len(keys)
+            )
+            have = slots >= 0
+            have[have] = self.expires[slots[have]] > now
+            at = slots[have]
+            rows = np.zeros((len(keys), self.rows.shape[1]), dtype=np.float32)
+            rows[have] = self.rows[at]
+            found = np.zeros(len(keys), dtype=np.bool_)
+            found[have] = self.found[at]
+        return rows, found, np.flatnonzero(~have)
+
+    def put(self, keys: Keys, result: LookupResult, expires: float) -> None:
+        n = min(len(keys), len(self.keys))
+        keys, rows, found = keys[:n], result.rows[:n], result.found[:n]
+        with self.lock:
+            slot_of = self.slot_of
+            slots = np.empty(n, dtype=np.intp)
+            size = len(self.keys)
+            for i, key in enumerate(keys.tolist()):
+                slot = slot_of.get(key)
+                if slot is None:
+                    slot = self.cursor
+                    self.cursor = (slot + 1) % size
+                    if self.used[slot]:
+                        del slot_of[int(self.keys[slot])]
+                    self.used[slot] = True
+                    self.keys[slot] = key
+                    slot_of[key] = slot
+                slots[i] = slot
+            self.rows[slots] = rows
+            self.found[slots] = found
+            self.expires[slots] = expires
+
+
+class _Read:
+    """One request's store read: its keys per table, and the rows as they arrive."""
+
+    __slots__ = ("done", "error", "left", "lock", "results", "wanted")
+
+    def __init__(self, wanted: Mapping[str, Keys]) -> None:
+        self.wanted = wanted
+        self.results: dict[str, LookupResult] = {}
+        self.error: BaseException | None = None
+        self.left = len(wanted)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def deliver(self, table: str, result: LookupResult | None, error: BaseException | None) -> None:
+        with self.lock:
+            if result is not None:
+                self.results[table] = result
+            if error is not None and self.error is None:
+                self.error = error
+            self.left -= 1
+            if self.left == 0 or error is not None:
+                self.done.set()
+
+
+class EmbeddingReader:
+    """Serving-side reads of a store's rows; see the module docstring."""
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        *,
+        ttl_s: float = 1.0,
+        max_rows: int = 100_000,
+        budget_s: float = 0.025,
+        threads: int = 8,
+        max_pending: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.budget_s = budget_s
+        self.max_pending = max_pending
+        self._clock = clock
+        self._dims = {name: cfg.dim for name, cfg in store.tables().items()}
+        self._caches = {
+            name: _TableCache(dim, max_rows) for name, dim in self._dims.items() if ttl_s > 0
+        }
+        self._threads = threads
+        self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._dispatcher: threading.Thread | None = None
+
+    def close(self) -> None:
+        """Stop the reader threads (a later lookup starts new ones: an app's lifespan
+        may run more than once, e.g. under test clients)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            self._queue.put(None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _default(self, table: str, n: int) -> LookupResult:
+        return LookupResult(
+            np.zeros((n, self._dims[table]), dtype=np.float32), np.zeros(n, dtype=np.bool_)
+        )
+
+    def lookup(self, keys: Mapping[str, Keys], *, cached: bool = True) -> dict[str, LookupResult]:
+        """One row per key of each table (keys distinct per table), within the budget.
+        ``cached=False`` skips the near cache (reads the store's current rows)."""
+        now = self._clock()
+        out: dict[str, LookupResult] = {}
+        partial: dict[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]] = {}
+        wanted: dict[str, Keys] = {}
+        hits = 0
+        for table, table_keys in keys.items():
+            cache = self._caches.get(table) if cached else None
+            if cache is None:
+                if len(table_keys):
+                    wanted[table] = table_keys
+                else:
+                    out[table] = self._default(table, 0)
+                continue
+            rows, found, missing = cache.get(table_keys, now)
+            hits += len(table_keys) - len(missing)
+            if len(missing) == 0:
+                out[table] = LookupResult(rows, found)
+            else:
+                partial[table] = (rows, found, missing)
+                wanted[table] = table_keys[missing]
+        metrics.NEAR_CACHE.labels(result="hit").inc(hits)
+        metrics.NEAR_CACHE.labels(result="miss").inc(sum(len(k) for k in wanted.values()))
+        fetched = self._read_within_budget(wanted, now) if wanted else {}
+        for table, table_keys in wanted.items():
+            result = fetched.get(table)
+            if result is None:
+                result = self._default(table, len(table_keys))
+            if table in partial:
+                rows, found, missing = partial[table]
+                rows[missing] = result.rows
+                found[missing] = result.found
+                out[table] = LookupResult(rows, found)
+            else:
+                out[table] = result
+        return out
+
+    def _read_within_budget(
+        self, wanted: Mapping[str, Keys], started: float
+    ) -> dict[str, LookupResult]:
+        """Queue the read for the dispatcher and wait for it at most what is left of the
+        budget; the tables not read by then are left out (the caller defaults them)."""
+        with self._lock:
+            if self._queued >= self.max_pending:
+                metrics.LOOKUP_DEFAULTED.labels(reason="overloaded").inc(
+                    sum(len(k) for k in wanted.values())
+                )
+                return {}
+            self._queued += 1
+            if self._dispatcher is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "embedding-read")
+                self._dispatcher = threading.Thread(
+                    target=self._dispatch,
+                    args=(self._pool,),
+                    name="embedding-dispatch",
+                    daemon=True,
+                )
+                self._dispatcher.start()
+        read = _Read(wanted)
+        self._queue.put(read)
+        read.done.wait(max(self.budget_s - (self._clock() - started), 0.0))
+        with read.lock:
+            if read.error is not None:
+                raise read.error  # e.g. StoreUnavailable: the request answers 503
+            results = dict(read.results)
+        late = sum(len(k) for t, k in wanted.items() if t not in results)
+        if late:
+            metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(late)
+        return results
+
+    def _dispatch(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        """Coalesce the reads queued meanwhile into one store lookup per table (each key
+        once, however many requests want it), spread the tables over the pool, and
+        hand every request its rows as each table arrives."""
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            reads = [first]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    return
+                reads.append(more)
+            with self._lock:
+                self._queued -= len(reads)
+            by_table: dict[str, list[_Read]] = {}
+            for read in reads:
+                for table in read.wanted:
+                    by_table.setdefault(table, []).append(read)
+            tables = list(by_table)
+            chunks = [tables[i :: self._threads] for i in range(min(self._threads, len(tables)))]
+            try:
+                futures = [pool.submit(self._read_tables, chunk, by_table) for chunk in chunks]
+            except RuntimeError:  # shut down by close(): these reads answer the default
+                return
+            concurrent.futures.wait(futures)
+
+    def _read_tables(self, tables: list[str], by_table: Mapping[str, list[_Read]]) -> None:
+        for table in tables:
+            reads = by_table[table]
+            if len(reads) == 1:
+                keys = reads[0].wanted[table]
+            else:
+                keys = np.unique(np.concatenate([r.wanted[table] for r in reads]))
+            try:
+                result = self.store.lookup(table, keys)
+            except Exception as exc:  # each request still waiting re-raises it
+                log.warning("embedding read of table %s failed: %s", table, exc)
+                for read in reads:
+                    read.deliver(table, None, exc)
+                continue
+            cache = self._caches.get(table)
+            if cache is not None:
+                cache.put(keys, result, self._clock() + self.ttl_s)
+            for read in reads:
+                if len(reads) == 1:
+                    read.deliver(table, result, None)
+                    continue
+                at = np.searchsorted(keys, read.wanted[table])
+                read.deliver(table, LookupResult(result.rows[at], result.found[at]), None)

@@ -1,0 +1,57 @@
+"""The service side of the composition root: stores, event sinks and apps for
+``streamrec serve`` (one process, or several uvicorn workers)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Callable
+
+import torch
+from fastapi import FastAPI
+
+from service.app import EventSink, create_app
+from streaming.log import KafkaEventProducer
+from streamrec.config import Settings
+from streamrec.wiring import build_store, resolve_spec
+
+SETTINGS_ENV = "STREAMREC_WORKER_SETTINGS"
+"""Environment variable carrying the resolved settings (JSON) to uvicorn workers."""
+
+PRODUCE_BLOCK_MS = 2000
+"""How long POST /v1/events may wait for Kafka metadata before it answers 503."""
+
+
+def build_serving(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
+    """The app over a read-only view of the trainer's store, and what closes it. With
+    ``log.kind = kafka`` POST /v1/events produces to the trainer's topic."""
+    # A predict is a small batch: intra-op threads cost more than they save, and
+    # uvicorn workers already split the cores.
+    torch.set_num_threads(1)
+    spec = resolve_spec(settings)
+    store = build_store(settings, spec, read_only=True)
+    sink = None
+    if settings.log.kind == "kafka":
+        try:
+            producer = KafkaEventProducer(
+                settings.log.bootstrap_servers, max_block_ms=PRODUCE_BLOCK_MS
+            )
+        except Exception:
+            store.close()
+            raise
+        sink = EventSink(producer, settings.log.topic, spec)
+
+    def close() -> None:
+        if sink is not None:
+            sink.producer.close()
+        store.close()
+
+    return create_app(store, settings.service, events=sink), close
+
+
+def worker_app() -> FastAPI:
+    """uvicorn's app factory in each worker of ``streamrec serve --workers N``."""
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    app, close = build_serving(settings)
+    atexit.register(close)
+    return app

@@ -1,0 +1,336 @@
+"""Serving behaviour: versions (pin, rollback, hot swap, memory), POST /v1/events,
+the near cache and the read time budget."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from test_service import SOURCE, instance, trained_store
+
+from service.app import EventSink, ModelHolder, ServiceConfig, create_app
+from service.embeddings import EmbeddingReader
+from service.freshness import FreshnessTracker
+from storage.base import Keys
+from storage.keys import feature_keys
+from storage.memory_tier import MemoryTier
+from storage.tiered import TieredStore
+from streaming.events import decode_event
+from streaming.log import InMemoryLog
+from streamrec.config import Settings
+from streamrec.wiring import table_configs
+from trainer.model import DLRM, ModelConfig
+from trainer.versions import latest_version, publish
+
+SPEC = SOURCE.spec
+PREDICT = "/v1/models/streamrec:predict"
+
+
+def publish_random(store: TieredStore, seed: int) -> int:
+    """A new version with other dense weights (the trainer's publish)."""
+    torch.manual_seed(seed)
+    model = DLRM(SPEC, ModelConfig())
+    meta = publish(
+        store,
+        model,
+        name="streamrec",
+        spec=SPEC,
+        config=ModelConfig(),
+        events_trained=seed,
+        position={},
+        keep=10,
+    )
+    return meta.version
+
+
+@pytest.fixture()
+def store() -> TieredStore:
+    return trained_store(SPEC)
+
+
+@pytest.fixture()
+def log() -> InMemoryLog:
+    return InMemoryLog()
+
+
+@pytest.fixture()
+def client(store: TieredStore, log: InMemoryLog, tmp_path: Path) -> Iterator[TestClient]:
+    config = ServiceConfig(pin_file=tmp_path / "pin", max_events=3)
+    app = create_app(store, config, events=EventSink(log.producer(), "events", SPEC))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def predict(client: TestClient, **parameters: object) -> dict[str, object]:
+    body: dict[str, object] = {"instances": [instance(), instance(c1=5)]}
+    if parameters:
+        body["parameters"] = parameters
+    response = client.post(PREDICT, json=body)
+    assert response.status_code == 200, response.text
+    result: dict[str, object] = response.json()
+    return result
+
+
+# -- versions -------------------------------------------------------------------------
+
+
+def test_versions_pin_by_request_api_and_rollback(client: TestClient, store: TieredStore) -> None:
+    first = latest_version(store, "streamrec")
+    assert first is not None
+    newer = publish_random(store, 1)
+    assert client.app.state.models.refresh()  # type: ignore[attr-defined]
+    info = client.get("/v1/models/streamrec").json()
+    assert info["version"] == newer and info["latest_version"] == newer
+    assert info["versions"][-2:] == [first, newer] and info["pinned"] is False
+
+    # One request can name a version; the served one stays.
+    old = predict(client, version=first)
+    assert old["model_version"] == first
+    assert predict(client)["model_version"] == newer
+    assert old["predictions"] != predict(client)["predictions"]
+    missing = client.post(PREDICT, json={"instances": [instance()], "parameters": {"version": 999}})
+    assert missing.status_code == 404 and "999" in missing.text
+
+    # Rollback by API: every later request is served by the pinned version, a newer
+    # publish does not move it, and unpinning follows the latest again.
+    pinned = client.post("/v1/models/streamrec:pin", json={"version": first})
+    assert pinned.status_code == 200 and pinned.json()["pinned"] is True
+    assert predict(client) == old
+    newest = publish_random(store, 2)
+    client.app.state.models.refresh()  # type: ignore[attr-defined]
+    assert predict(client)["model_version"] == first
+    assert client.post("/v1/models/streamrec:pin", json={"version": 999}).status_code == 404
+    assert client.post("/v1/models/streamrec:pin", json={"version": None}).json()["version"] == (
+        newest
+    )
+
+
+def test_pin_by_config_and_pin_file(store: TieredStore, tmp_path: Path) -> None:
+    first = latest_version(store, "streamrec")
+    publish_random(store, 3)
+    with TestClient(create_app(store, ServiceConfig(pinned_version=first))) as pinned:
+        assert predict(pinned)["model_version"] == first
+    # Another worker's API pin reaches this one through the shared file.
+    pin_file = tmp_path / "pin"
+    holder = ModelHolder(store, "streamrec", pin_file=pin_file)
+    holder.refresh()
+    assert holder.current is not None and holder.current[0].version == first + 1  # type: ignore[operator]
+    ModelHolder(store, "streamrec", pin_file=pin_file).pin(first)
+    assert holder.refresh() and holder.current[0].version == first
+
+
+def test_hot_swaps_never_fail_in_flight_requests(client: TestClient, store: TieredStore) -> None:
+    failures: list[str] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            response = client.post(PREDICT, json={"instances": [instance()] * 4})
+            if response.status_code != 200:
+                failures.append(response.text)
+            else:
+                versions.add(response.json()["model_version"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    holder: ModelHolder = client.app.state.models  # type: ignore[attr-defined]
+    for seed in range(30):
+        publish_random(store, 100 + seed)
+        assert holder.refresh()
+        time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert len(versions) > 5  # requests really ran across swaps
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_does_not_grow_across_100_swaps(store: TieredStore) -> None:
+    holder = ModelHolder(store, "streamrec", cache_size=2)
+    alive: list[weakref.ref[DLRM]] = []
+
+    def swap(seed: int) -> None:
+        publish_random(store, seed)
+        assert holder.refresh()
+        assert holder.current is not None
+        alive.append(weakref.ref(holder.current[1]))
+        holder.load(holder.current[0].version - 1)  # exercise the pinned-version cache
+
+    for seed in range(10):  # warm up allocator pools
+        swap(seed)
+    gc.collect()
+    before = rss_bytes()
+    for seed in range(10, 110):
+        swap(seed)
+    gc.collect()
+    grown = rss_bytes() - before
+    # Only the served model and the small LRU of loaded versions survive a swap.
+    assert sum(ref() is not None for ref in alive) <= 3
+    # 100 leaked versions would be ~100 x the dense weights (~0.3 MB each) and more.
+    assert grown < 8 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 100 swaps"
+
+
+# -- events ---------------------------------------------------------------------------
+
+
+def event(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "event_id": "e1",
+        "ts": 1_700_000_000_000,
+        "label": 1,
+        "features": {"c1": "new-user", "c2": 7},
+        "dense": {"i1": 0.5},
+    }
+    base.update(overrides)
+    return base
+
+
+def test_events_are_produced_to_the_log(client: TestClient, log: InMemoryLog) -> None:
+    response = client.post("/v1/events", json={"events": [event(), event(event_id=2, label=0)]})
+    assert response.status_code == 202, response.text
+    assert response.json() == {"accepted": 2, "topic": "events"}
+    records = log.read("events", 0, 10, timeout_s=1)
+    decoded = [decode_event(r.value, SPEC) for r in records]
+    assert [(e.event_id, e.label) for e in decoded] == [("e1", 1), ("2", 0)]
+    assert decoded[0].features == {"c1": "new-user", "c2": 7}
+    # Their rows are watched for freshness.
+    assert client.app.state.freshness.watched >= 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("payload", "loc"),
+    [
+        (
+            {"events": [event(), event(features={"c1": 1.5})]},
+            ["body", "events", 1, "features", "c1"],
+        ),
+        ({"events": [event(dense={"i1": "x"})]}, ["body", "events", 0, "dense", "i1"]),
+        ({"events": [event(colour="red")]}, ["body", "events", 0, "colour"]),
+        ({"events": [event(features={"nope": 1})]}, ["body", "events", 0, "features", "nope"]),
+        ({"events": [event(label=3)]}, ["body", "events", 0, "label"]),
+        ({"events": [{"ts": 1, "label": 0, "features": {}}]}, ["body", "events", 0, "event_id"]),
+        ({"events": [event()] * 4}, ["body", "events"]),
+        ({"events": []}, ["body", "events"]),
+        ({"events": [event()], "extra": 1}, ["body", "extra"]),
+    ],
+)
+def test_bad_events_get_422_naming_event_and_field(
+    client: TestClient, log: InMemoryLog, payload: dict[str, object], loc: list[object]
+) -> None:
+    response = client.post("/v1/events", json=payload)
+    assert response.status_code == 422, response.text
+    assert loc in [e["loc"] for e in response.json()["detail"]]
+    assert log.read("events", 0, 10, timeout_s=0) == []  # nothing produced
+
+
+def test_events_without_a_log_answer_503(store: TieredStore) -> None:
+    with TestClient(create_app(store)) as plain:
+        response = plain.post("/v1/events", json={"events": [event()]})
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert "event log" in response.text
+
+
+# -- near cache and budget ------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keys_of(table: str, *ids: object) -> Keys:
+    return np.unique(feature_keys(table, list(ids)))  # type: ignore[arg-type]
+
+
+def test_near_cache_serves_rows_at_most_ttl_old() -> None:
+    store = TieredStore(table_configs(SPEC, Settings()), MemoryTier())
+    keys = keys_of("c1", "a", "b")
+    store.admit("c1", keys)
+    clock = Clock()
+    reader = EmbeddingReader(store, ttl_s=1.0, clock=clock)
+    first = reader.lookup({"c1": keys})["c1"]
+    assert first.found.all()
+    store.update("c1", keys, np.ones((2, 16), dtype=np.float32))
+    clock.now += 0.9
+    assert np.array_equal(reader.lookup({"c1": keys})["c1"].rows, first.rows)  # cached
+    assert not np.array_equal(reader.lookup({"c1": keys}, cached=False)["c1"].rows, first.rows)
+    clock.now += 0.2  # past the TTL: the store's current row
+    fresh = reader.lookup({"c1": keys})["c1"]
+    assert not np.array_equal(fresh.rows, first.rows)
+    # Unknown ids are cached as the default too.
+    unknown = keys_of("c1", "never")
+    assert not reader.lookup({"c1": unknown})["c1"].found.any()
+    store.admit("c1", unknown)
+    assert not reader.lookup({"c1": unknown})["c1"].found.any()
+    reader.close()
+
+
+class SlowTier(MemoryTier):
+    """A hot tier whose reads take ``delay_s`` (a slow disk or a stalled server)."""
+
+    delay_s = 0.0
+
+    def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
+        time.sleep(self.delay_s)
+        return super().get_many(table, keys)
+
+
+def test_a_slow_read_answers_the_default_within_budget_then_fills_the_cache() -> None:
+    tier = SlowTier()
+    store = TieredStore(table_configs(SPEC, Settings()), tier)
+    keys = keys_of("c2", 1, 2, 3)
+    store.admit("c2", keys)
+    tier.delay_s = 0.3
+    reader = EmbeddingReader(store, budget_s=0.02)
+    started = time.perf_counter()
+    late = reader.lookup({"c2": keys})["c2"]
+    assert time.perf_counter() - started < 0.15
+    assert not late.found.any() and not late.rows.any()  # the default embedding
+    time.sleep(0.5)  # the read finished in the background and filled the near cache
+    tier.delay_s = 0.0
+    assert reader.lookup({"c2": keys})["c2"].found.all()
+    reader.close()
+
+
+def observed() -> float:
+    return REGISTRY.get_sample_value("streamrec_service_event_to_visible_seconds_count") or 0.0
+
+
+def test_freshness_observes_the_first_served_change_of_a_posted_row() -> None:
+    store = TieredStore(table_configs(SPEC, Settings()), MemoryTier())
+    clock = Clock()
+    reader = EmbeddingReader(store, ttl_s=1.0, clock=clock)
+    tracker = FreshnessTracker(reader, timeout_s=10.0, clock=clock)
+    keys = keys_of("c1", "posted")
+    count = observed()
+    tracker.watch(clock.now, {"c1": keys})
+    assert tracker.watched == 1
+    assert tracker.poll() == 0  # no row yet: nothing to see
+    store.admit("c1", keys)  # the trainer's first update of the id
+    clock.now += 0.5
+    assert tracker.poll() == 0  # the near cache still serves the miss
+    clock.now += 0.6
+    assert tracker.poll() == 1 and tracker.watched == 0
+    assert observed() == count + 1
+    reader.close()
