@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -187,6 +188,12 @@ def main() -> None:
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
     parser.add_argument("--no-torchrec", action="store_true", help="skip the TorchRec baseline")
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO,
+        format="[bench/train] %(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     events = args.events or (12_288 if args.quick else 204_800)
     universe = args.universe or (1_000_000 if args.quick else 10_000_000)
     started = time.perf_counter()

@@ -6,8 +6,15 @@ import contextlib
 import socket
 import time
 import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+import numpy as np
+
+if TYPE_CHECKING:
+    from storage.base import EmbeddingStore
+    from streamrec.runtime import TrainerRuntime
 
 
 def free_port() -> int:
@@ -43,7 +50,6 @@ def restart_service(name: str) -> str:
     this process's environment: the same ports as the test fixtures); returns its output."""
     import os
     import subprocess
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "deploy" / "local" / "services.sh"
     proc = subprocess.run(
@@ -55,3 +61,42 @@ def restart_service(name: str) -> str:
     )
     assert proc.returncode == 0, f"restart-{name} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def train_in_process(config: Path, max_events: int) -> TrainerRuntime:
+    """Train ``max_events`` events with the settings in ``config``; the runtime is left
+    for the caller to inspect and stop."""
+    from streamrec.config import load_settings
+    from streamrec.runtime import TrainerRuntime
+
+    runtime = TrainerRuntime.start(load_settings(config), max_events=max_events)
+    deadline = time.monotonic() + 300
+    while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runtime.report is not None, "trainer did not finish"
+    return runtime
+
+
+def store_rows(store: EmbeddingStore, *, metadata: bool) -> dict[str, dict[int, bytes]]:
+    """Every row of every table in a ``TieredStore``'s cold tier (all of them after a
+    flush); without ``metadata`` just embedding and optimizer state (metadata holds
+    wall-clock update times)."""
+    from storage.rows import RowCodec
+    from storage.tiered import TieredStore
+    from trainer.cache import CachedStore
+
+    if isinstance(store, CachedStore):  # a trainer's store, behind its cache
+        store = store.store
+    assert isinstance(store, TieredStore) and store.cold is not None
+    out: dict[str, dict[int, bytes]] = {}
+    for table, cfg in store.tables().items():
+        rows: dict[int, bytes] = {}
+        for keys, values in store.cold.scan(table):
+            if metadata:
+                rows.update(zip(keys.tolist(), values, strict=True))
+                continue
+            unpacked = RowCodec(cfg).unpack(keys, values)
+            both = np.concatenate([unpacked["emb"], unpacked["state"]], axis=1)
+            rows.update(zip(keys.tolist(), map(bytes, both), strict=True))
+        out[table] = rows
+    return out

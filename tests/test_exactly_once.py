@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from kafka import KafkaProducer
-from support import new_topic
+from support import new_topic, train_in_process
 
 from storage.keys import feature_keys
 from storage.rocksdb_tier import RocksDBTier
@@ -23,7 +23,6 @@ from storage.rows import RowCodec
 from storage.tiered import TieredStore
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import load_settings
-from streamrec.runtime import TrainerRuntime
 from streamrec.wiring import table_configs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,15 +60,6 @@ publish_every_s = 3600
 """
     )
     return config
-
-
-def train_in_process(config: Path, max_events: int) -> TrainerRuntime:
-    runtime = TrainerRuntime.start(load_settings(config), max_events=max_events)
-    deadline = time.monotonic() + 300
-    while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert runtime.report is not None, "trainer did not finish"
-    return runtime
 
 
 def stored_rows(store: TieredStore) -> dict[str, np.ndarray]:

@@ -17,11 +17,10 @@ import pytest
 import redis
 import torch
 from kafka import KafkaConsumer, KafkaProducer
-from support import new_topic, restart_service
+from support import new_topic, restart_service, store_rows, train_in_process
 
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
-from storage.rows import RowCodec
 from storage.tiered import TieredStore
 from streaming.log import InMemoryLog
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
@@ -41,18 +40,6 @@ THIRD = 8 * BATCH
 def rewinds(reason: str) -> float:
     value: float = metrics.REWINDS.labels(reason=reason)._value.get()
     return value
-
-
-def cold_rows(store: TieredStore) -> dict[str, dict[int, bytes]]:
-    """Every row of every table in the cold tier (complete after a flush)."""
-    assert store.cold is not None
-    out: dict[str, dict[int, bytes]] = {}
-    for table in store.tables():
-        rows: dict[int, bytes] = {}
-        for keys, values in store.cold.scan(table):
-            rows.update(zip(keys.tolist(), values, strict=True))
-        out[table] = rows
-    return out
 
 
 def test_trainer_rewinds_when_redis_loses_unflushed_rows(clean_redis: str, tmp_path: Path) -> None:
@@ -107,7 +94,7 @@ def test_trainer_rewinds_when_redis_loses_unflushed_rows(clean_redis: str, tmp_p
     assert store.position() == reference_store.position() == {f"{TOPIC}:0": 3 * THIRD}
     for name, tensor in reference.model.state_dict().items():
         assert torch.equal(tensor, trainer.model.state_dict()[name]), name
-    expected, actual = cold_rows(reference_store), cold_rows(store)
+    expected, actual = store_rows(reference_store, metadata=True), store_rows(store, metadata=True)
     assert all(len(rows) > 100 for rows in expected.values())
     assert actual == expected  # packed rows: embedding, optimizer state, metadata
     assert np.isclose(trainer.evaluator.report().auc, reference.evaluator.report().auc)
@@ -169,6 +156,7 @@ def recorded_position(config: Path) -> dict[str, int] | None:
     return position
 
 
+@pytest.mark.slow
 def test_trainer_reconnects_after_a_kafka_broker_restart(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -234,27 +222,7 @@ def test_trainer_reconnects_after_a_kafka_broker_restart(
     assert stored == set(bad)
 
 
-def train_in_process(config: Path, max_events: int) -> TrainerRuntime:
-    runtime = TrainerRuntime.start(load_settings(config), max_events=max_events)
-    deadline = time.monotonic() + 300
-    while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert runtime.report is not None, "trainer did not finish"
-    return runtime
-
-
-def trained_rows(store: TieredStore) -> dict[str, dict[int, bytes]]:
-    """Embedding and optimizer state of every row (metadata holds wall-clock times)."""
-    out = {}
-    for table, rows in cold_rows(store).items():
-        codec = RowCodec(store.tables()[table])
-        keys = np.array(sorted(rows), dtype=np.uint64)
-        unpacked = codec.unpack(keys, [rows[k] for k in keys.tolist()])
-        both = np.concatenate([unpacked["emb"], unpacked["state"]], axis=1)
-        out[table] = dict(zip(keys.tolist(), map(bytes, both), strict=True))
-    return out
-
-
+@pytest.mark.slow
 def test_trainer_survives_a_redis_restart_mid_stream(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -265,7 +233,7 @@ def test_trainer_survives_a_redis_restart_mid_stream(
     config = write_config(tmp_path / "reference", kafka_bootstrap, redis_url, topic, batch)
     reference = train_in_process(config, events)
     expected_dense = {k: v.clone() for k, v in reference.trainer.model.state_dict().items()}
-    expected_rows = trained_rows(reference.store)
+    expected_rows = store_rows(reference.store, metadata=False)
     assert reference.stop() == 0
 
     config = write_config(tmp_path / "restart", kafka_bootstrap, redis_url, topic, batch)
@@ -286,5 +254,5 @@ def test_trainer_survives_a_redis_restart_mid_stream(
     assert runtime.store.position() == {f"{topic}:0": events}
     for name, tensor in expected_dense.items():
         assert torch.equal(tensor, runtime.trainer.model.state_dict()[name]), name
-    assert trained_rows(runtime.store) == expected_rows
+    assert store_rows(runtime.store, metadata=False) == expected_rows
     assert runtime.stop() == 0
