@@ -13,6 +13,9 @@ from pathlib import Path
 
 import redis
 
+LISTPACK_SETTINGS = {"hash-max-listpack-entries": "512", "hash-max-listpack-value": "1024"}
+"""What ``storage.redis_tier`` asks Redis for (``deploy/local/services.sh`` sets it too)."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -21,7 +24,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def private_redis(settings: Mapping[str, str], log: Callable[[str], None]) -> Iterator[str]:
+def private_redis(
+    log: Callable[[str], None], settings: Mapping[str, str] = LISTPACK_SETTINGS
+) -> Iterator[str]:
     """A throwaway redis-server (no persistence, ``settings`` as extra config) on a free
     loopback port; its URL."""
     exe = shutil.which("redis-server")
@@ -53,10 +58,15 @@ def private_redis(settings: Mapping[str, str], log: Callable[[str], None]) -> It
         log(f"private redis-server (pid {proc.pid}) at {url}")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout_s: float = 15) -> None:
+    """Terminate ``proc``, killing it if it does not exit within ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

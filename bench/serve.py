@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from common import private_redis
+from common import private_redis, stop
 
 from service.schemas import PredictRequest, PredictResponse
 
@@ -50,9 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PREDICT = "/v1/models/streamrec:predict"
 INSTANCES = 64
-
-
-LISTPACK_SETTINGS = {"hash-max-listpack-entries": "512", "hash-max-listpack-value": "1024"}
 
 
 def log(msg: str) -> None:
@@ -278,12 +275,7 @@ def server(settings_path: Path, noop: bool) -> Iterator[int]:
             time.sleep(0.2)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def run_load(port: int, bodies: Path, mode: str, **opts: float) -> dict[str, Any]:
@@ -331,7 +323,7 @@ def main() -> None:
     duration = 1.5 if args.quick else 20.0
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        url = args.redis_url or stack.enter_context(private_redis(LISTPACK_SETTINGS, log))
+        url = args.redis_url or stack.enter_context(private_redis(log))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-serve-")))
         settings_path = tmp / "streamrec.toml"
         settings_path.write_text(

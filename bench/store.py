@@ -63,7 +63,6 @@ UNIVERSE = 10_000_000
 ZIPF = 1.1
 HOT_FRACTION = 0.2
 KEY_BYTES = 8
-LISTPACK_SETTINGS = {"hash-max-listpack-entries": "512", "hash-max-listpack-value": "1024"}
 
 
 def log(msg: str) -> None:
@@ -276,7 +275,7 @@ def main() -> None:
     started = time.perf_counter()
 
     with contextlib.ExitStack() as stack:
-        url = args.redis_url or stack.enter_context(private_redis(LISTPACK_SETTINGS, log))
+        url = args.redis_url or stack.enter_context(private_redis(log))
         client = redis.Redis.from_url(url)
         stack.callback(client.close)
         version = str(client.info("server")["redis_version"])

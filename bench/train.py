@@ -63,7 +63,6 @@ from trainer.trainer import StreamingTrainer, TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4096
-LISTPACK_SETTINGS = {"hash-max-listpack-entries": "512", "hash-max-listpack-value": "1024"}
 
 
 def log(msg: str) -> None:
@@ -227,7 +226,7 @@ def main() -> None:
 
     runs: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        url = args.redis_url or stack.enter_context(private_redis(LISTPACK_SETTINGS, log))
+        url = args.redis_url or stack.enter_context(private_redis(log))
 
         def redis_hot() -> RowTier:
             return RedisTier(url, prefix=f"bench-{uuid.uuid4().hex[:8]}")
