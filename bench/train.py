@@ -200,7 +200,13 @@ def main() -> None:
     log(f"generating {events:,} events (universe {universe:,} ids per field)")
     source = SyntheticSource(SyntheticConfig(universe=universe), max_events=events)
     spec = source.spec
-    payloads = [event.to_json() for event in source]
+    payloads: list[bytes] = []
+    ids: dict[str, set[object]] = {f.name: set() for f in spec.sparse}
+    for event in source:
+        payloads.append(event.to_json())
+        for name, value in event.features.items():
+            ids[name].add(value)  # the synthetic stream is one id per field
+    distinct_rows = sum(map(len, ids.values()))
     bootstrap = args.bootstrap or start_local_kafka()
     topic = kafka_topic(bootstrap, payloads)
 
@@ -287,12 +293,20 @@ def main() -> None:
         rate["streamrec_embedded"],
     )
     assert redis_rate is not None and naive is not None and embedded is not None
+    r8_rows = runs["streamrec_redis"]["store_rows"]
+    r8_demand = r8_rows["demand_read"] + r8_rows["demand_write"]
     result: dict[str, Any] = {
         "streamrec_redis_events_per_s": round(redis_rate),
         "streamrec_embedded_events_per_s": round(embedded),
         "naive_redis_events_per_s": round(naive),
         "torchrec_events_per_s": None if torchrec_rate is None else round(torchrec_rate),
         "store_traffic_reduction": round(runs["streamrec_redis"]["traffic_reduction"], 4),
+        # Any cache must read each distinct row from the store once (it may be there) and
+        # push it once: the best reduction this stream allows.
+        "store_traffic_reduction_bound": round(1.0 - 2 * distinct_rows / r8_demand, 4)
+        if r8_demand
+        else None,
+        "distinct_rows": distinct_rows,
         "streamrec_redis_sync_events_per_s": round(rate["streamrec_redis_sync"] or 0),
         "streamrec_redis_over_naive": round(redis_rate / naive, 3),
         "streamrec_redis_over_torchrec": None

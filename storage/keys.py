@@ -75,7 +75,7 @@ def feature_keys(table: str, values: Sequence[str | int] | npt.NDArray[np.generi
     n = len(values)
     if n == 0:
         return np.empty(0, dtype=np.uint64)
-    if all(type(v) is int for v in values):
+    if set(map(type, values)) == {int}:  # C-speed type scan: bool and np ints excluded
         try:
             return _int_keys(np.array(values, dtype=np.int64), salt)
         except OverflowError:

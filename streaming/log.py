@@ -218,6 +218,9 @@ unused for that long."""
 
 COMMIT_TIMEOUT_S = 5.0
 
+TOPIC_METADATA_WAIT_S = 30.0
+"""How long a new consumer waits for its topic's partitions before it joins the group."""
+
 
 class KafkaEventConsumer(EventConsumer):
     """A kafka-python consumer in a group, with auto-commit off.
@@ -292,7 +295,25 @@ class KafkaEventConsumer(EventConsumer):
                         consumer.seek(tp, max(known))
                 log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
+        self._await_topic_metadata()
         consumer.subscribe([topic], listener=_SeekToStore())
+
+    def _await_topic_metadata(self) -> None:
+        # A group leader that joins before it holds the topic's metadata assigns no
+        # partitions, and kafka-python does not always rejoin once the metadata arrives:
+        # the trainer would then wait forever on an empty assignment.
+        deadline = time.monotonic() + TOPIC_METADATA_WAIT_S
+        while not self._consumer.partitions_for_topic(self._topic):
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "topic %s has no partitions on %s after %.0f s; subscribing anyway, "
+                    "partitions are assigned once it is created",
+                    self._topic,
+                    self.bootstrap_servers,
+                    TOPIC_METADATA_WAIT_S,
+                )
+                return
+            time.sleep(0.5)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)

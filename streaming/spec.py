@@ -62,8 +62,12 @@ class FeatureSpec(BaseModel):
         return frozenset(self.dense)
 
     @cached_property
+    def sparse_name_set(self) -> frozenset[str]:
+        return frozenset(self.sparse_names)
+
+    @cached_property
     def known_names(self) -> frozenset[str]:
-        return frozenset(self.sparse_names) | self.dense_names
+        return self.sparse_name_set | self.dense_names
 
     def sparse_field(self, name: str) -> SparseFeature | None:
         return self._sparse_by_name.get(name)

@@ -15,6 +15,7 @@ import numpy as np
 if TYPE_CHECKING:
     from storage.base import EmbeddingStore
     from streamrec.runtime import TrainerRuntime
+    from trainer.trainer import TrainerReport
 
 
 def free_port() -> int:
@@ -70,11 +71,37 @@ def train_in_process(config: Path, max_events: int) -> TrainerRuntime:
     from streamrec.runtime import TrainerRuntime
 
     runtime = TrainerRuntime.start(load_settings(config), max_events=max_events)
-    deadline = time.monotonic() + 300
+    wait_for_report(runtime, 300)
+    return runtime
+
+
+def wait_for_report(runtime: TrainerRuntime, timeout_s: float) -> TrainerReport:
+    """Wait until the runtime's trainer reports (or dies); a trainer that is still
+    running at the deadline fails the test with its state and every thread's stack."""
+    deadline = time.monotonic() + timeout_s
     while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert runtime.report is not None, "trainer did not finish"
-    return runtime
+    report = runtime.report
+    assert report is not None, f"trainer did not finish\n{describe(runtime)}"
+    return report
+
+
+def describe(runtime: TrainerRuntime) -> str:
+    """Where a trainer stands, for the failure message of a test it did not finish."""
+    import sys
+    import traceback
+
+    trainer = runtime.trainer
+    lines = [
+        f"alive={runtime.alive()} failed={runtime.failed} events={trainer.evaluator.events}",
+        f"assignment={sorted(trainer.consumer.assignment())}",
+        f"trained={dict(trainer.position)} read={trainer.read_position()}",
+        f"recorded={runtime.store.position()}",
+    ]
+    for ident, frame in sys._current_frames().items():
+        lines.append(f"--- thread {ident}")
+        lines.extend(line.rstrip() for line in traceback.format_stack(frame))
+    return "\n".join(lines)
 
 
 def store_rows(store: EmbeddingStore, *, metadata: bool) -> dict[str, dict[int, bytes]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import REGISTRY
-from support import free_port, new_topic, wait_ready
+from support import free_port, new_topic, wait_for_report, wait_ready
 
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import load_settings
@@ -92,9 +91,7 @@ def test_events_to_predictions_through_kafka_redis_rocksdb(
     )
     runtime = TrainerRuntime.start(settings, max_events=EVENTS)
     assert runtime.thread is not None
-    deadline = time.monotonic() + 400
-    while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for_report(runtime, 400)
     assert runtime.stop() == 0
     report = runtime.report
     assert report is not None and report.events == EVENTS

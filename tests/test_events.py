@@ -9,6 +9,7 @@ from streaming.events import (
     check_fields,
     check_instances,
     decode_event,
+    decode_events,
     split_instance,
 )
 from streaming.spec import FeatureSpec, SparseFeature
@@ -47,25 +48,27 @@ def test_missing_features_and_dense_are_allowed() -> None:
     assert event.event_id == "3" and event.features == {} and event.dense == {}
 
 
-@pytest.mark.parametrize(
-    ("raw", "reason", "needle"),
-    [
-        (b"not json", "invalid_json", ""),
-        (b"[1, 2]", "invalid_json", "object"),
-        (orjson.dumps({"ts": 1, "label": 0, "features": {}}), "missing_field", "event_id"),
-        (wire(label=2), "wrong_type", "label"),
-        (wire(label=True), "wrong_type", "label"),
-        (wire(ts="yesterday"), "wrong_type", "ts"),
-        (wire(ts=-5), "wrong_type", "ts"),
-        (wire(features=[1]), "wrong_type", "features"),
-        (wire(features={"user": 1.5}), "wrong_type", "'user'"),
-        (wire(features={"user": True}), "wrong_type", "'user'"),
-        (wire(features={"genres": "drama"}), "wrong_type", "multi_hot"),
-        (wire(features={"colour": "red"}), "unknown_field", "colour"),
-        (wire(dense={"age": "old"}), "wrong_type", "'age'"),
-        (wire(dense={"height": 1.0}), "unknown_field", "height"),
-    ],
-)
+BAD_EVENTS = [
+    (b"not json", "invalid_json", ""),
+    (b"[1, 2]", "invalid_json", "object"),
+    (orjson.dumps({"ts": 1, "label": 0, "features": {}}), "missing_field", "event_id"),
+    (wire(label=2), "wrong_type", "label"),
+    (wire(label=True), "wrong_type", "label"),
+    (wire(ts="yesterday"), "wrong_type", "ts"),
+    (wire(ts=-5), "wrong_type", "ts"),
+    (wire(features=[1]), "wrong_type", "features"),
+    (wire(features={"user": 1.5}), "wrong_type", "'user'"),
+    (wire(features={"user": True}), "wrong_type", "'user'"),
+    (wire(features={"genres": "drama"}), "wrong_type", "multi_hot"),
+    (wire(features={"colour": "red"}), "unknown_field", "colour"),
+    (wire(dense={"age": "old"}), "wrong_type", "'age'"),
+    (wire(dense={"height": 1.0}), "unknown_field", "height"),
+    (wire(features={"user": ""}), "wrong_type", "'user'"),
+    (wire(event_id=""), "wrong_type", "event_id"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason", "needle"), BAD_EVENTS)
 def test_bad_events_name_the_problem(raw: bytes, reason: str, needle: str) -> None:
     with pytest.raises(BadEvent) as info:
         decode_event(raw, SPEC)
@@ -105,3 +108,24 @@ def test_check_instances_agrees_with_check_fields(instances: list[dict[str, obje
         for problem in check_fields(*split_instance(instance, SPEC), SPEC)
     ]
     assert check_instances(instances, SPEC) == expected
+
+
+def _outcome(result: Event | BadEvent) -> object:
+    return (result.reason, result.detail) if isinstance(result, BadEvent) else result
+
+
+@pytest.mark.parametrize(("raw", "reason", "needle"), BAD_EVENTS)
+def test_decode_events_agrees_with_decode_event(raw: bytes, reason: str, needle: str) -> None:
+    good = [wire(), orjson.dumps({"event_id": 3, "ts": 0, "label": 0, "features": {}}), wire()]
+    batch = [good[0], raw, good[1], good[2]]
+    expected = []
+    for one in batch:
+        try:
+            expected.append(_outcome(decode_event(one, SPEC)))
+        except BadEvent as bad:
+            expected.append(_outcome(bad))
+    assert [_outcome(r) for r in decode_events(batch, SPEC)] == expected
+    assert [_outcome(r) for r in decode_events(good, SPEC)] == [
+        _outcome(decode_event(one, SPEC)) for one in good
+    ]
+    assert decode_events([], SPEC) == []

@@ -17,7 +17,7 @@ import pytest
 import redis
 import torch
 from kafka import KafkaConsumer, KafkaProducer
-from support import new_topic, restart_service, store_rows, train_in_process
+from support import new_topic, restart_service, store_rows, train_in_process, wait_for_report
 
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
@@ -244,13 +244,10 @@ def test_trainer_survives_a_redis_restart_mid_stream(
         time.sleep(0.01)
     assert runtime.report is None, "the restart must land mid-stream"
     restart_service("redis")  # no persistence: every hot row and blob is gone
-    deadline = time.monotonic() + 300
-    while runtime.report is None and runtime.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert runtime.report is not None, "trainer did not finish"
+    report = wait_for_report(runtime, 300)
     assert sum(rewinds(r) for r in ("StoreUnavailable", "HotTierLost")) > before
 
-    assert runtime.report.events == events
+    assert report.events == events
     assert runtime.store.position() == {f"{topic}:0": events}
     for name, tensor in expected_dense.items():
         assert torch.equal(tensor, runtime.trainer.model.state_dict()[name]), name

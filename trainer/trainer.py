@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.base import EmbeddingStore
-from streaming.events import BadEvent, Event, decode_event
+from streaming.events import BadEvent, Event, decode_events
 from streaming.log import EventConsumer, EventProducer, LogUnavailable, Record
 from streaming.spec import FeatureSpec
 from trainer import metrics
@@ -87,6 +87,11 @@ class TrainerConfig(BaseModel):
         description="After a store fault, keep retrying the rewind this long, then exit.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op threads of the dense math (process-wide); None: torch's default.",
+    )
     seed: int = 0
 
 
@@ -130,6 +135,8 @@ class StreamingTrainer:
         self.dead_letters = dead_letters
         self.dead_letter_topic = dead_letter_topic
         self.total_events = total_events
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
         torch.manual_seed(config.seed)
         self.model = DLRM(spec, config.model)
         self.optimizer = self._new_optimizer(self.model)
@@ -257,21 +264,25 @@ class StreamingTrainer:
     # -- the loop -------------------------------------------------------------------------
     def _decode(self, records: list[Record]) -> list[Event]:
         events: list[Event] = []
-        for record in records:
-            try:
-                events.append(decode_event(record.value, self.spec))
-            except BadEvent as bad:
-                self.bad_events += 1
-                metrics.BAD_EVENTS.labels(reason=bad.reason).inc()
-                log.debug("bad event at %s@%d: %s", record.slot, record.offset, bad)
-                if self.dead_letters is not None:
-                    self.dead_letters.send(
-                        self.dead_letter_topic,
-                        record.value,
-                        headers={"reason": bad.reason, "detail": bad.detail[:500]},
-                    )
+        decoded = decode_events([record.value for record in records], self.spec)
+        for record, event in zip(records, decoded, strict=True):
+            if isinstance(event, BadEvent):
+                self._dead_letter(record, event)
+            else:
+                events.append(event)
             self._read[record.slot] = record.offset + 1
         return events
+
+    def _dead_letter(self, record: Record, bad: BadEvent) -> None:
+        self.bad_events += 1
+        metrics.BAD_EVENTS.labels(reason=bad.reason).inc()
+        log.debug("bad event at %s@%d: %s", record.slot, record.offset, bad)
+        if self.dead_letters is not None:
+            self.dead_letters.send(
+                self.dead_letter_topic,
+                record.value,
+                headers={"reason": bad.reason, "detail": bad.detail[:500]},
+            )
 
     def checkpoint(self, *, final: bool = False, commit: bool = True) -> bool:
         """Make the position durable with the rows and dense state it covers, then
