@@ -282,10 +282,13 @@ class KafkaEventConsumer(EventConsumer):
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 recorded = outer.resume_from() or {}
+                unrecorded = {
+                    tp for tp in assigned if position_slot(tp.topic, tp.partition) not in recorded
+                }
                 committed: dict[Any, Any] = {}
-                if shared and assigned:
+                if (shared and assigned) or unrecorded:
                     fetch = consumer._coordinator.fetch_committed_offsets_async
-                    committed = await fetch(set(assigned))
+                    committed = await fetch(set(assigned) if shared else unrecorded)
                 for tp in assigned:
                     offsets = [recorded.get(position_slot(tp.topic, tp.partition))]
                     if tp in committed and committed[tp] is not None:
@@ -293,6 +296,10 @@ class KafkaEventConsumer(EventConsumer):
                     known = [o for o in offsets if o is not None and o >= 0]
                     if known:
                         consumer.seek(tp, max(known))
+                    else:
+                        # Never continue from the fetch position: records fetched before
+                        # a rebalance may have been dropped untrained.
+                        consumer.seek_to_beginning(tp)
                 log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
         self._await_topic_metadata()
