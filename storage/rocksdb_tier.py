@@ -155,8 +155,8 @@ class RocksDBTier(RowTier):
         buf = np.empty((n, width), dtype=np.uint8)
         buf[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
         buf[:, len(prefix) :] = keys.astype(">u8").view(np.uint8).reshape(n, 8)
-        raw = buf.tobytes()
-        return [raw[i : i + width] for i in range(0, n * width, width)]
+        row_keys: list[bytes] = buf.view(f"V{width}").ravel().tolist()  # bytes, one per key
+        return row_keys
 
     def _multi_get(self, keys: list[bytes]) -> list[bytes | None]:
         return cast(list[bytes | None], self._db.get(cast(list[Any], keys)))

@@ -1,0 +1,153 @@
+"""``KeyIndex``: a set of distinct uint64 keys at stable positions in numpy arrays.
+
+A numpy open-addressing hash table (Fibonacci hashing, linear probing, tombstones,
+rebuilt at half load to a quarter load), so every batch operation is a handful of
+vectorised passes over the batch's keys, not a Python loop (or a dict probe) per key.
+Subclasses keep per-key data in *columns*: arrays indexed by position, declared in
+``_columns``, which a rebuild moves along with their keys. ``HotIndex``
+(``storage.eviction``) and the memory tier's slot index (``storage.memory_tier``) are
+the two.
+
+A key's position stays valid while ``epoch`` is unchanged and the key is not removed:
+``epoch`` advances when a rebuild moves every key and when ``discard`` removes keys
+(``discard_at`` does not: its caller knows which positions it removed).
+
+Not thread-safe: callers serialise access.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from storage.base import Keys, Mask
+
+Positions = npt.NDArray[np.int64]
+
+_EMPTY, _LIVE, _TOMB = 0, 1, 2
+_PHI = np.uint64(0x9E3779B97F4A7C15)
+_MIN_SIZE = 1024
+
+
+def _size_for(n: int) -> int:
+    """A power of two at least 4n (load <= 1/4 right after a rebuild)."""
+    return max(_MIN_SIZE, 1 << max(0, math.ceil(math.log2(max(1, 4 * n)))))
+
+
+class KeyIndex:
+    """Distinct uint64 keys at positions of numpy arrays (see the module docstring)."""
+
+    _columns: ClassVar[dict[str, type[np.generic]]] = {}
+    """Per-position data of a subclass: attribute name -> dtype (zeroed when allocated)."""
+
+    def __init__(self, expected: int = 0) -> None:
+        self.epoch = 0
+        self._alloc(_size_for(expected))
+
+    def _alloc(self, size: int) -> None:
+        self._mask = size - 1
+        self._shift = np.uint64(64 - (size.bit_length() - 1))
+        self.keys = np.zeros(size, dtype=np.uint64)
+        self.state = np.zeros(size, dtype=np.uint8)
+        self._owner = np.zeros(size, dtype=np.int32)  # scratch for _insert
+        for name, dtype in self._columns.items():
+            setattr(self, name, np.zeros(size, dtype=dtype))
+        self.live = 0
+        self._used = 0  # live + tombstones
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def _home(self, keys: Keys) -> Positions:
+        # Fibonacci hashing: the top bits of key * 2**64/phi, so patterned keys spread too.
+        with np.errstate(over="ignore"):
+            return ((keys * _PHI) >> self._shift).astype(np.int64)
+
+    def find(self, keys: Keys) -> Positions:
+        """Position of each key, -1 where absent."""
+        n = len(keys)
+        out = np.full(n, -1, dtype=np.int64)
+        if n == 0 or self.live == 0:
+            return out
+        active = np.arange(n)
+        pos = self._home(keys)
+        want = keys
+        while len(active):
+            st = self.state[pos]
+            hit = (st == _LIVE) & (self.keys[pos] == want)
+            out[active[hit]] = pos[hit]
+            go = ~hit & (st != _EMPTY)
+            active, pos, want = active[go], (pos[go] + 1) & self._mask, want[go]
+        return out
+
+    def reserve(self, extra: int) -> None:
+        """Rebuild first if adding ``extra`` keys would pass half load (moves every key
+        and its columns: positions found before are stale)."""
+        if 2 * (self._used + extra) <= self.size:
+            return
+        live = self.state == _LIVE
+        keys = self.keys[live]
+        columns = {name: getattr(self, name)[live] for name in self._columns}
+        self.epoch += 1
+        self._alloc(_size_for(len(keys) + extra))
+        pos = self.insert(keys)
+        for name, values in columns.items():
+            getattr(self, name)[pos] = values
+
+    def insert(self, keys: Keys) -> Positions:
+        """Place distinct absent keys (room reserved with ``reserve``); their positions.
+        Their columns hold whatever the positions held before: the caller sets them."""
+        n = len(keys)
+        out = np.empty(n, dtype=np.int64)
+        active = np.arange(n)
+        pos = self._home(keys)
+        while len(active):
+            free = self.state[pos] != _LIVE
+            cand, slot = active[free], pos[free]
+            # Keys probing the same free slot: the last scattered owns it, the rest retry.
+            self._owner[slot] = cand
+            won = self._owner[slot] == cand
+            cand, slot = cand[won], slot[won]
+            self._used += int(np.count_nonzero(self.state[slot] == _EMPTY))
+            self.state[slot] = _LIVE
+            self.keys[slot] = keys[cand]
+            out[cand] = slot
+            retry = ~free
+            retry[free] = ~won
+            # Blocked keys probe on; losers stay (the slot is live on their next look).
+            pos = np.where(free, pos, (pos + 1) & self._mask)[retry]
+            active = active[retry]
+        self.live += n
+        return out
+
+    def add(self, keys: Keys) -> tuple[Positions, Mask]:
+        """Positions of distinct ``keys``, inserting the absent ones; and which were
+        inserted. May rebuild first (see ``reserve``)."""
+        self.reserve(len(keys))
+        pos = self.find(keys)
+        new: Mask = pos < 0
+        if new.any():
+            pos[new] = self.insert(keys[new])
+        return pos, new
+
+    def discard(self, keys: Keys) -> int:
+        """Forget the (distinct) keys; returns how many were present."""
+        pos = self.find(keys)
+        pos = pos[pos >= 0]
+        self.epoch += 1
+        self.discard_at(pos)
+        return len(pos)
+
+    def discard_at(self, pos: Positions) -> None:
+        """Forget the keys at ``pos`` (distinct live positions from this index)."""
+        self.state[pos] = _TOMB
+        self.live -= len(pos)
+
+    def live_positions(self) -> Positions:
+        """Positions of every key, in no particular order."""
+        out: Positions = np.flatnonzero(self.state == _LIVE)
+        return out
