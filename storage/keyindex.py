@@ -18,7 +18,7 @@ Not thread-safe: callers serialise access.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,17 @@ Positions = npt.NDArray[np.int64]
 _EMPTY, _LIVE, _TOMB = 0, 1, 2
 _PHI = np.uint64(0x9E3779B97F4A7C15)
 _MIN_SIZE = 1024
+
+
+_Int = TypeVar("_Int", bound=np.integer)
+
+
+def sorted_distinct(keys: npt.NDArray[_Int]) -> npt.NDArray[_Int]:
+    """Sorted distinct values (a sort beats numpy 2's hash-based ``np.unique`` here)."""
+    s = np.sort(keys)
+    if len(s) > 1:
+        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
+    return s
 
 
 def _size_for(n: int) -> int:

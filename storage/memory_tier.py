@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from storage.base import Keys, Mask, Rows, RowTier
-from storage.keyindex import KeyIndex, Positions
+from storage.keyindex import KeyIndex, Positions, sorted_distinct
 
 if TYPE_CHECKING:
     from storage.rows import RowCodec
@@ -93,7 +93,7 @@ class _Arena:
 
     def delete(self, keys: Keys) -> None:
         pos = self.index.find(keys)
-        pos = np.unique(pos[pos >= 0])
+        pos = sorted_distinct(pos[pos >= 0])
         if len(pos):
             self.free = np.concatenate([self.free, self.index.slot[pos]])
             self.index.discard_at(pos)

@@ -112,6 +112,7 @@ from storage.base import (
 )
 from storage.eviction import EvictionConfig, HotIndex, choose_victims
 from storage.keyindex import Positions
+from storage.keyindex import sorted_distinct as _unique
 from storage.optim import apply_sparse
 from storage.rows import RowCodec, Rows
 
@@ -154,14 +155,6 @@ _COUNTERS = (
 def spill_table(table: str) -> str:
     """The cold-tier table holding ``table``'s demoted dirty rows until the next flush."""
     return "\x00spill\x00" + table
-
-
-def _unique(keys: Keys) -> Keys:
-    """Sorted distinct keys (a sort beats numpy 2's hash-based ``np.unique`` here)."""
-    s = np.sort(keys)
-    if len(s) > 1:
-        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
-    return s
 
 
 def _unique_inverse(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp]]:
