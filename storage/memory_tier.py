@@ -32,8 +32,8 @@ _MIN_SLOTS = 1024
 
 
 class _SlotIndex(KeyIndex):
-    _columns: ClassVar[dict[str, type[np.generic]]] = {"slot": np.int64}
-    slot: npt.NDArray[np.int64]
+    _columns: ClassVar[dict[str, type[np.generic]]] = {"slot": np.int32}  # 2**31 rows
+    slot: npt.NDArray[np.int32]
 
 
 def _last_of_each(keys: Keys) -> npt.NDArray[np.intp]:
