@@ -76,7 +76,8 @@ class EvictionConfig(BaseModel):
         0.5,
         ge=0,
         description="Past capacity x (1 + overshoot) the per-step budget no longer holds "
-        "eviction back (protected rows still stay).",
+        "eviction back: a pass evicts down to low_water of that ceiling (protected rows "
+        "still stay).",
     )
 
     write_back: Literal["spill", "direct"] = Field(
