@@ -30,6 +30,8 @@ Positions = npt.NDArray[np.int64]
 _EMPTY, _LIVE, _TOMB = 0, 1, 2
 _PHI = np.uint64(0x9E3779B97F4A7C15)
 _MIN_SIZE = 1024
+_WINDOW = 8
+_STEPS = np.arange(_WINDOW)
 
 
 _Int = TypeVar("_Int", bound=np.integer)
@@ -84,15 +86,26 @@ class KeyIndex:
         out = np.full(n, -1, dtype=np.int64)
         if n == 0 or self.live == 0:
             return out
-        active = np.arange(n)
         pos = self._home(keys)
-        want = keys
+        st = self.state[pos]
+        hit = (st == _LIVE) & (self.keys[pos] == keys)
+        out[hit] = pos[hit]
+        # The rest probe _WINDOW slots a round: one long cluster among the batch's keys
+        # costs a few rounds, not a round per slot.
+        active = np.flatnonzero(~hit & (st != _EMPTY))
+        pos = pos[active] + 1
         while len(active):
-            st = self.state[pos]
-            hit = (st == _LIVE) & (self.keys[pos] == want)
-            out[active[hit]] = pos[hit]
-            go = ~hit & (st != _EMPTY)
-            active, pos, want = active[go], (pos[go] + 1) & self._mask, want[go]
+            win = (pos[:, None] + _STEPS) & self._mask
+            st = self.state[win]
+            hit2 = (st == _LIVE) & (self.keys[win] == keys[active][:, None])
+            stop = hit2 | (st == _EMPTY)
+            first = stop.argmax(axis=1)  # the first hit or empty slot of each window
+            row = np.arange(len(active))
+            done = stop[row, first]
+            found = done & hit2[row, first]
+            out[active[found]] = win[found, first[found]]
+            go = ~done
+            active, pos = active[go], pos[go] + _WINDOW
         return out
 
     def reserve(self, extra: int) -> None:
