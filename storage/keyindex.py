@@ -129,10 +129,16 @@ class KeyIndex:
         out = np.empty(n, dtype=np.int64)
         active = np.arange(n)
         pos = self._home(keys)
+        steps = _STEPS[:1]  # home first; the rest look _WINDOW slots ahead a round
         while len(active):
-            free = self.state[pos] != _LIVE
-            cand, slot = active[free], pos[free]
-            # Keys probing the same free slot: the last scattered owns it, the rest retry.
+            win = (pos[:, None] + steps) & self._mask
+            free = self.state[win] != _LIVE
+            first = free.argmax(axis=1)
+            row = np.arange(len(active))
+            some = free[row, first]
+            slot_all = win[row, first]
+            cand, slot = active[some], slot_all[some]
+            # Keys choosing the same free slot: the last scattered owns it, the rest retry.
             self._owner[slot] = cand
             won = self._owner[slot] == cand
             cand, slot = cand[won], slot[won]
@@ -140,11 +146,13 @@ class KeyIndex:
             self.state[slot] = _LIVE
             self.keys[slot] = keys[cand]
             out[cand] = slot
-            retry = ~free
-            retry[free] = ~won
-            # Blocked keys probe on; losers stay (the slot is live on their next look).
-            pos = np.where(free, pos, (pos + 1) & self._mask)[retry]
+            retry = ~some
+            retry[some] = ~won
+            # No free slot in the window: probe on past it; losers look again from the
+            # slot they lost (live now, so skipped).
+            pos = np.where(some, slot_all, pos + len(steps))[retry]
             active = active[retry]
+            steps = _STEPS
         self.live += n
         return out
 
