@@ -42,9 +42,8 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.base import Keys
-from storage.keyindex import KeyIndex, Positions
+from storage.keyindex import LIVE, KeyIndex, Positions
 
-_LIVE = 1  # KeyIndex.state of a live key
 _FREQ_BITS = 22  # LFU score: count (capped) above 40 bits of step
 _STEP_BITS = 40
 
@@ -139,12 +138,12 @@ class HotIndex(KeyIndex):
 
     def dirty_positions(self) -> Positions:
         """Positions of live keys marked dirty."""
-        out: Positions = np.flatnonzero(self.dirty & (self.state == _LIVE))
+        out: Positions = np.flatnonzero(self.dirty & (self.state == LIVE))
         return out
 
     def candidates(self, before_step: int) -> Positions:
         """Positions of live keys last accessed before ``before_step``."""
-        out: Positions = np.flatnonzero((self.state == _LIVE) & (self.step < before_step))
+        out: Positions = np.flatnonzero((self.state == LIVE) & (self.step < before_step))
         return out
 
     def age(self) -> None:

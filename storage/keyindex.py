@@ -27,7 +27,7 @@ from storage.base import Keys, Mask
 
 Positions = npt.NDArray[np.int64]
 
-_EMPTY, _LIVE, _TOMB = 0, 1, 2
+EMPTY, LIVE, TOMB = 0, 1, 2  # values of KeyIndex.state
 _PHI = np.uint64(0x9E3779B97F4A7C15)
 _MIN_SIZE = 1024
 _WINDOW = 8
@@ -88,17 +88,17 @@ class KeyIndex:
             return out
         pos = self._home(keys)
         st = self.state[pos]
-        hit = (st == _LIVE) & (self.keys[pos] == keys)
+        hit = (st == LIVE) & (self.keys[pos] == keys)
         out[hit] = pos[hit]
         # The rest probe _WINDOW slots a round: one long cluster among the batch's keys
         # costs a few rounds, not a round per slot.
-        active = np.flatnonzero(~hit & (st != _EMPTY))
+        active = np.flatnonzero(~hit & (st != EMPTY))
         pos = pos[active] + 1
         while len(active):
             win = (pos[:, None] + _STEPS) & self._mask
             st = self.state[win]
-            hit2 = (st == _LIVE) & (self.keys[win] == keys[active][:, None])
-            stop = hit2 | (st == _EMPTY)
+            hit2 = (st == LIVE) & (self.keys[win] == keys[active][:, None])
+            stop = hit2 | (st == EMPTY)
             first = stop.argmax(axis=1)  # the first hit or empty slot of each window
             row = np.arange(len(active))
             done = stop[row, first]
@@ -113,7 +113,7 @@ class KeyIndex:
         and its columns: positions found before are stale)."""
         if 2 * (self._used + extra) <= self.size:
             return
-        live = self.state == _LIVE
+        live = self.state == LIVE
         keys = self.keys[live]
         columns = {name: getattr(self, name)[live] for name in self._columns}
         self.epoch += 1
@@ -132,7 +132,7 @@ class KeyIndex:
         steps = _STEPS[:1]  # home first; the rest look _WINDOW slots ahead a round
         while len(active):
             win = (pos[:, None] + steps) & self._mask
-            free = self.state[win] != _LIVE
+            free = self.state[win] != LIVE
             first = free.argmax(axis=1)
             row = np.arange(len(active))
             some = free[row, first]
@@ -142,8 +142,8 @@ class KeyIndex:
             self._owner[slot] = cand
             won = self._owner[slot] == cand
             cand, slot = cand[won], slot[won]
-            self._used += int(np.count_nonzero(self.state[slot] == _EMPTY))
-            self.state[slot] = _LIVE
+            self._used += int(np.count_nonzero(self.state[slot] == EMPTY))
+            self.state[slot] = LIVE
             self.keys[slot] = keys[cand]
             out[cand] = slot
             retry = ~some
@@ -176,10 +176,10 @@ class KeyIndex:
 
     def discard_at(self, pos: Positions) -> None:
         """Forget the keys at ``pos`` (distinct live positions from this index)."""
-        self.state[pos] = _TOMB
+        self.state[pos] = TOMB
         self.live -= len(pos)
 
     def live_positions(self) -> Positions:
         """Positions of every key, in no particular order."""
-        out: Positions = np.flatnonzero(self.state == _LIVE)
+        out: Positions = np.flatnonzero(self.state == LIVE)
         return out

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from storage.base import Keys, Mask, Rows, RowTier
-from storage.keyindex import KeyIndex, Positions, sorted_distinct
+from storage.keyindex import KeyIndex, sorted_distinct
 
 if TYPE_CHECKING:
     from storage.rows import RowCodec
@@ -102,15 +102,16 @@ class _Arena:
         """The ``bytes`` values in ``slots``."""
         sizes = self.sizes[slots]
         w = self.width
+        if w == 0:  # only empty values so far
+            return [b""] * len(slots)
         if (sizes == w).all():
             values: list[bytes] = self.data[slots].view(f"V{w}").ravel().tolist()
             return values
         pairs = zip(slots.tolist(), sizes.tolist(), strict=True)
         return [self.data[s, :n].tobytes() for s, n in pairs]
 
-    def live(self) -> tuple[Keys, Positions]:
-        pos = self.index.live_positions()
-        return self.index.keys[pos], pos
+    def keys(self) -> Keys:
+        return self.index.keys[self.index.live_positions()]
 
 
 class MemoryTier(RowTier):
@@ -246,7 +247,7 @@ class MemoryTier(RowTier):
             arena = self._tables.get(table)
             if arena is None:
                 return
-            snapshot, _ = arena.live()
+            snapshot = arena.keys()
         step = max(1, batch)
         for i in range(0, len(snapshot), step):
             part = snapshot[i : i + step]
