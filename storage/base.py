@@ -15,15 +15,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from itertools import repeat
+from operator import is_not
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:
+    from storage.rows import RowCodec
+
 Keys = npt.NDArray[np.uint64]
 Floats = npt.NDArray[np.float32]
 Mask = npt.NDArray[np.bool_]
+Rows = npt.NDArray[np.void]
+"""A batch of rows: a 1-d record array of one table's ``RowCodec.dtype``."""
 
 SparseOptimizerName = Literal[
     "sgd", "adagrad", "rowwise_adagrad", "lazy_adam", "partial_rowwise_adam", "ftrl"
@@ -114,10 +121,27 @@ class LookupResult:
     found: Mask
 
 
+def present_mask(values: list[bytes | None]) -> Mask:
+    """Which of ``get_many``'s values exist."""
+    return np.fromiter(map(is_not, values, repeat(None)), dtype=np.bool_, count=len(values))
+
+
+def row_values(rows: Rows) -> list[bytes]:
+    """One ``bytes`` value per record of ``rows`` (its packed row)."""
+    rows = np.ascontiguousarray(rows)
+    values: list[bytes] = rows.view(f"V{rows.dtype.itemsize}").tolist()
+    return values
+
+
 class RowTier(ABC):
     """A key/value home for packed rows. Values are opaque bytes of a fixed size per table.
 
     Every batch call returns one result per key, in the order of ``keys``.
+
+    Two ways in: values as ``bytes`` (``get_many``/``put_many``) and rows as record
+    arrays (``get_rows``/``put_rows``, what ``TieredStore`` uses). A tier implements the
+    first; one that can do better without a ``bytes`` object per row (the memory tier
+    keeps rows in arrays, Redis builds its wire bytes from arrays) overrides the second.
     """
 
     @abstractmethod
@@ -127,6 +151,23 @@ class RowTier(ABC):
     @abstractmethod
     def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
         """Store ``values[i]`` under ``keys[i]``."""
+
+    def get_rows(self, table: str, keys: Keys, codec: RowCodec) -> tuple[Rows, Mask]:
+        """The rows of ``keys`` as records of ``codec.dtype`` (zeros where a key has
+        none) and which keys have one. A value of the wrong size raises
+        ``RowFormatError`` naming the table and key (``codec.unpack``)."""
+        values = self.get_many(table, keys)
+        found = present_mask(values)
+        if found.all():
+            return codec.unpack(keys, cast(list[bytes], values)), found
+        rows = codec.zeros(len(keys))
+        if found.any():
+            rows[found] = codec.unpack(keys[found], [v for v in values if v is not None])
+        return rows, found
+
+    def put_rows(self, table: str, keys: Keys, rows: Rows) -> None:
+        """Store ``rows[i]`` (packed) under ``keys[i]``; ``keys`` are distinct."""
+        self.put_many(table, keys, row_values(rows))
 
     @abstractmethod
     def delete_many(self, table: str, keys: Keys) -> None:

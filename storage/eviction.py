@@ -4,10 +4,10 @@
 *step* each was last accessed in, an access count and a dirty flag (written since the
 last flush). A step is the store's logical clock (see ``TieredStore``: it advances when a
 training lookup comes back to a table already looked up in the current step, i.e. once
-per trainer batch). The index is a numpy open-addressing hash table (linear probing,
-tombstones, rebuilt at half load to a quarter load), so every per-batch operation is a
-handful of vectorised passes over the batch's keys, not a Python loop per key. It costs
-22 bytes a slot, 2 to 8 slots per hot row, in the process that writes the store.
+per trainer batch). The index is a ``storage.keyindex.KeyIndex`` (a numpy hash table), so
+every per-batch operation is a handful of vectorised passes over the batch's keys, not a
+Python loop per key. It costs 22 bytes a slot, 2 to 8 slots per hot row, in the process
+that writes the store.
 
 Victims (``choose_victims``) are exact at step granularity: among all rows of all tables
 that are not protected, the least recently accessed (``lru``; ties broken arbitrarily)
@@ -22,7 +22,9 @@ The floor against eviction storms (both rules always hold):
 * at most ``max_evict_fraction`` of the capacity is evicted per step, so a burst of new
   ids is absorbed over several batches instead of pushing out the warm set at once;
   the budget is lifted only while the hot tier is more than ``overshoot`` above
-  capacity (so a sustained overload cannot grow it without bound).
+  capacity (so a sustained overload cannot grow it without bound), and then a pass
+  evicts down to ``low_water`` of that ceiling (so the next lookups do not cross it at
+  once again, each with a pass of its own).
 
 Capacity is therefore soft: while the protected rows alone exceed it, or a burst outruns
 the per-step budget, the hot tier stays above it (the store counts the steps where that
@@ -33,19 +35,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.base import Keys
+from storage.keyindex import LIVE, KeyIndex, Positions
 
-Positions = npt.NDArray[np.int64]
-
-_EMPTY, _LIVE, _TOMB = 0, 1, 2
-_PHI = np.uint64(0x9E3779B97F4A7C15)
-_MIN_SIZE = 1024
 _FREQ_BITS = 22  # LFU score: count (capped) above 40 bits of step
 _STEP_BITS = 40
 
@@ -77,7 +75,8 @@ class EvictionConfig(BaseModel):
         0.5,
         ge=0,
         description="Past capacity x (1 + overshoot) the per-step budget no longer holds "
-        "eviction back (protected rows still stay).",
+        "eviction back: a pass evicts down to low_water of that ceiling (protected rows "
+        "still stay).",
     )
 
     write_back: Literal["spill", "direct"] = Field(
@@ -95,95 +94,21 @@ class EvictionConfig(BaseModel):
         return self
 
 
-class HotIndex:
-    """The keys of one table in the hot tier, with last-access step and access count.
+class HotIndex(KeyIndex):
+    """The keys of one table in the hot tier, with last-access step, access count and
+    dirty flag (see ``KeyIndex`` for positions and ``epoch``).
 
-    ``touch`` and ``discard`` take distinct keys. A key's position stays valid while
-    ``epoch`` is unchanged and the key is not removed: ``epoch`` advances when a rebuild
-    moves every key and when ``discard`` removes keys (``discard_at`` does not: its
-    caller knows which positions it removed).
+    ``touch`` and ``discard`` take distinct keys.
     """
 
-    def __init__(self, expected: int = 0) -> None:
-        self.epoch = 0
-        self._alloc(_size_for(expected))
-
-    def _alloc(self, size: int) -> None:
-        self._mask = size - 1
-        self._shift = np.uint64(64 - (size.bit_length() - 1))
-        self.keys = np.zeros(size, dtype=np.uint64)
-        self.state = np.zeros(size, dtype=np.uint8)
-        self.step = np.zeros(size, dtype=np.int32)  # 2**31 steps: years of batches
-        self.freq = np.zeros(size, dtype=np.uint32)
-        self.dirty = np.zeros(size, dtype=np.bool_)
-        self._owner = np.zeros(size, dtype=np.int32)  # scratch for _insert
-        self.live = 0
-        self._used = 0  # live + tombstones
-
-    @property
-    def size(self) -> int:
-        return len(self.keys)
-
-    def _home(self, keys: Keys) -> Positions:
-        # Fibonacci hashing: the top bits of key * 2**64/phi, so patterned keys spread too.
-        with np.errstate(over="ignore"):
-            return ((keys * _PHI) >> self._shift).astype(np.int64)
-
-    def find(self, keys: Keys) -> Positions:
-        """Position of each key, -1 where absent."""
-        n = len(keys)
-        out = np.full(n, -1, dtype=np.int64)
-        if n == 0 or self.live == 0:
-            return out
-        active = np.arange(n)
-        pos = self._home(keys)
-        want = keys
-        while len(active):
-            st = self.state[pos]
-            hit = (st == _LIVE) & (self.keys[pos] == want)
-            out[active[hit]] = pos[hit]
-            go = ~hit & (st != _EMPTY)
-            active, pos, want = active[go], (pos[go] + 1) & self._mask, want[go]
-        return out
-
-    def _reserve(self, extra: int) -> None:
-        """Rebuild first if adding ``extra`` keys would pass half load."""
-        if 2 * (self._used + extra) <= self.size:
-            return
-        live = self.state == _LIVE
-        keys, step, freq = self.keys[live], self.step[live], self.freq[live]
-        dirty = self.dirty[live]
-        self.epoch += 1
-        self._alloc(_size_for(len(keys) + extra))
-        pos = self._insert(keys)
-        self.step[pos] = step
-        self.freq[pos] = freq
-        self.dirty[pos] = dirty
-
-    def _insert(self, keys: Keys) -> Positions:
-        """Place distinct absent keys (room reserved); their positions."""
-        n = len(keys)
-        out = np.empty(n, dtype=np.int64)
-        active = np.arange(n)
-        pos = self._home(keys)
-        while len(active):
-            free = self.state[pos] != _LIVE
-            cand, slot = active[free], pos[free]
-            # Keys probing the same free slot: the last scattered owns it, the rest retry.
-            self._owner[slot] = cand
-            won = self._owner[slot] == cand
-            cand, slot = cand[won], slot[won]
-            self._used += int(np.count_nonzero(self.state[slot] == _EMPTY))
-            self.state[slot] = _LIVE
-            self.keys[slot] = keys[cand]
-            out[cand] = slot
-            retry = ~free
-            retry[free] = ~won
-            # Blocked keys probe on; losers stay (the slot is live on their next look).
-            pos = np.where(free, pos, (pos + 1) & self._mask)[retry]
-            active = active[retry]
-        self.live += n
-        return out
+    _columns: ClassVar[dict[str, type[np.generic]]] = {
+        "step": np.int32,  # 2**31 steps: years of batches
+        "freq": np.uint32,
+        "dirty": np.bool_,
+    }
+    step: npt.NDArray[np.int32]
+    freq: npt.NDArray[np.uint32]
+    dirty: npt.NDArray[np.bool_]
 
     def touch(self, keys: Keys, step: int, *, add: bool = True) -> Positions:
         """Record an access at ``step`` (count + 1) of each key: a key's step never goes
@@ -192,53 +117,38 @@ class HotIndex:
         if len(keys) == 0:
             return np.zeros(0, dtype=np.int64)
         if add:
-            self._reserve(len(keys))
-        pos = self.find(keys)
-        absent = pos < 0
+            pos, absent = self.add(keys)
+        else:
+            pos = self.find(keys)
+            absent = pos < 0
         seen = pos[~absent] if absent.any() else pos
         self.step[seen] = np.maximum(self.step[seen], step)
         self.freq[seen] += np.uint32(1)
         if add and absent.any():
-            pos[absent] = new = self._insert(keys[absent])
+            new = pos[absent]
             self.step[new] = step
             self.freq[new] = 1
             self.dirty[new] = False
         return pos
 
-    def discard(self, keys: Keys) -> int:
-        """Forget the keys (and their dirty flags); returns how many were present."""
-        pos = self.find(keys)
-        pos = pos[pos >= 0]
-        self.epoch += 1
-        self.state[pos] = _TOMB
-        self.dirty[pos] = False
-        self.live -= len(pos)
-        return len(pos)
-
     def discard_at(self, pos: Positions) -> None:
-        """Forget the keys at ``pos`` (distinct live positions from this index)."""
-        self.state[pos] = _TOMB
+        """Forget the keys at ``pos`` and their dirty flags."""
+        super().discard_at(pos)
         self.dirty[pos] = False
-        self.live -= len(pos)
 
     def dirty_positions(self) -> Positions:
         """Positions of live keys marked dirty."""
-        out: Positions = np.flatnonzero(self.dirty & (self.state == _LIVE))
+        out: Positions = np.flatnonzero(self.dirty & (self.state == LIVE))
         return out
 
     def candidates(self, before_step: int) -> Positions:
         """Positions of live keys last accessed before ``before_step``."""
-        out: Positions = np.flatnonzero((self.state == _LIVE) & (self.step < before_step))
+        out: Positions = np.flatnonzero((self.state == LIVE) & (self.step < before_step))
         return out
 
     def age(self) -> None:
         """Halve every access count (LFU aging)."""
         self.freq >>= np.uint32(1)
-
-
-def _size_for(n: int) -> int:
-    """A power of two at least 4n (load <= 1/4 right after a rebuild)."""
-    return max(_MIN_SIZE, 1 << max(0, math.ceil(math.log2(max(1, 4 * n)))))
 
 
 @dataclass(frozen=True)

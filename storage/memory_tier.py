@@ -1,56 +1,219 @@
-"""An in-process hot tier: one dict per table, int key -> packed row bytes.
+"""An in-process hot tier: per table, an arena of rows in numpy arrays.
 
-Thread safety: writers serialise on a lock; readers take no lock. Values are immutable
-``bytes`` replaced whole by single dict operations (atomic under the GIL), so a reader
-sees either the old or the new row, never a mix. A reader of a batch may see some rows
-of a concurrent write batch and not others.
+A table's values live in one 2-D ``uint8`` array (a *slot* per row, as wide as its
+longest value, with each slot's length beside it), found through a ``KeyIndex`` (a numpy
+hash table: key -> slot). Reads gather and writes scatter whole batches by slot arrays,
+so the array path (``get_rows``/``put_rows``, what ``TieredStore`` uses) does no Python
+work per row; the ``bytes`` path makes one ``bytes`` object per value. Freed slots are
+reused; the arena doubles when full and never shrinks.
+
+Thread safety: every call, reads included, holds the tier's lock, because slots are
+reused (a reader between finding a slot and gathering it could otherwise read another
+key's row) and numpy copies rows without the GIL (a reader could see half a row).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
-from storage.base import Keys, RowTier
+from storage.base import Keys, Mask, Rows, RowTier
+from storage.keyindex import KeyIndex, sorted_distinct
+
+if TYPE_CHECKING:
+    from storage.rows import RowCodec
+
+_U8 = npt.NDArray[np.uint8]
+_MIN_SLOTS = 1024
+
+
+class _SlotIndex(KeyIndex):
+    _columns: ClassVar[dict[str, type[np.generic]]] = {"slot": np.int32}  # 2**31 rows
+    slot: npt.NDArray[np.int32]
+
+
+def _last_of_each(keys: Keys) -> npt.NDArray[np.intp]:
+    """Indices of the last occurrence of each distinct key (a batch's last write wins)."""
+    _, first_from_end = np.unique(keys[::-1], return_index=True)
+    out: npt.NDArray[np.intp] = len(keys) - 1 - first_from_end
+    return out
+
+
+class _Arena:
+    """One table's rows (see the module docstring). Callers hold the tier's lock."""
+
+    def __init__(self, width: int) -> None:
+        self.index = _SlotIndex()
+        self.data: _U8 = np.zeros((_MIN_SLOTS, width), dtype=np.uint8)
+        self.sizes = np.zeros(_MIN_SLOTS, dtype=np.int32)
+        self.free = np.zeros(0, dtype=np.int64)  # freed slots, reused first
+        self.top = 0  # slots ever handed out
+
+    def slots(self, keys: Keys) -> tuple[npt.NDArray[np.int64], Mask]:
+        """The slot of each key (-1 where absent) and which keys are present."""
+        pos = self.index.find(keys)
+        found: Mask = pos >= 0
+        slots = np.full(len(keys), -1, dtype=np.int64)
+        slots[found] = self.index.slot[pos[found]]
+        return slots, found
+
+    def _alloc(self, n: int) -> npt.NDArray[np.int64]:
+        reused, self.free = self.free[:n], self.free[n:]
+        fresh = n - len(reused)
+        if self.top + fresh > len(self.data):
+            grow = max(self.top + fresh, 2 * len(self.data)) - len(self.data)
+            self.data = np.concatenate([self.data, np.zeros((grow, self.width), np.uint8)])
+            self.sizes = np.concatenate([self.sizes, np.zeros(grow, np.int32)])
+        out = np.concatenate([reused, np.arange(self.top, self.top + fresh, dtype=np.int64)])
+        self.top += fresh
+        return out
+
+    @property
+    def width(self) -> int:
+        return int(self.data.shape[1])
+
+    def put(self, keys: Keys, data: _U8, sizes: npt.NDArray[np.int32] | int) -> None:
+        """Store ``data[i, :sizes[i]]`` under ``keys[i]`` (distinct keys)."""
+        if data.shape[1] > self.width:  # a longer value than any so far: widen every slot
+            pad = np.zeros((len(self.data), data.shape[1] - self.width), np.uint8)
+            self.data = np.concatenate([self.data, pad], axis=1)
+        pos, new = self.index.add(keys)
+        if new.any():
+            self.index.slot[pos[new]] = self._alloc(int(new.sum()))
+        slots = self.index.slot[pos]
+        if data.shape[1] == self.width:
+            self.data[slots] = data
+        else:
+            self.data[slots, : data.shape[1]] = data
+        self.sizes[slots] = sizes
+
+    def delete(self, keys: Keys) -> None:
+        pos = self.index.find(keys)
+        pos = sorted_distinct(pos[pos >= 0])
+        if len(pos):
+            self.free = np.concatenate([self.free, self.index.slot[pos]])
+            self.index.discard_at(pos)
+
+    def values(self, slots: npt.NDArray[np.int64]) -> list[bytes]:
+        """The ``bytes`` values in ``slots``."""
+        sizes = self.sizes[slots]
+        w = self.width
+        if w == 0:  # only empty values so far
+            return [b""] * len(slots)
+        if (sizes == w).all():
+            values: list[bytes] = self.data[slots].view(f"V{w}").ravel().tolist()
+            return values
+        pairs = zip(slots.tolist(), sizes.tolist(), strict=True)
+        return [self.data[s, :n].tobytes() for s, n in pairs]
+
+    def keys(self) -> Keys:
+        return self.index.keys[self.index.live_positions()]
 
 
 class MemoryTier(RowTier):
-    """Rows and blobs in Python dicts; lost when the process ends."""
+    """Rows in numpy arenas, blobs in a dict; lost when the process ends."""
 
     def __init__(self) -> None:
-        self._tables: dict[str, dict[int, bytes]] = {}
+        self._tables: dict[str, _Arena] = {}
         self._blobs: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def _table(self, table: str) -> dict[int, bytes]:
-        rows = self._tables.get(table)
-        if rows is None:
-            with self._lock:
-                rows = self._tables.setdefault(table, {})
-        return rows
+    def _arena(self, table: str, width: int) -> _Arena:
+        """Lock held: the table's arena, created at ``width`` if new."""
+        arena = self._tables.get(table)
+        if arena is None:
+            arena = self._tables[table] = _Arena(width)
+        return arena
 
-    def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
-        rows = self._tables.get(table)
-        if rows is None:
-            return [None] * len(keys)
-        return list(map(rows.get, keys.tolist()))
-
-    def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
+    @staticmethod
+    def _matrix(table: str, keys: Keys, values: list[bytes]) -> tuple[_U8, npt.NDArray[np.int32]]:
+        """``values`` as rows of a byte matrix (zero-padded) and their lengths."""
         if len(keys) != len(values):
             raise ValueError(f"table {table!r}: {len(keys)} keys but {len(values)} values")
-        rows = self._table(table)
+        sizes = np.fromiter(map(len, values), dtype=np.int32, count=len(values))
+        width = int(sizes.max()) if len(values) else 0
+        if len(values) and (sizes == width).all():
+            data = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width)
+        else:
+            data = np.zeros((len(values), width), dtype=np.uint8)
+            for i, v in enumerate(values):
+                data[i, : len(v)] = np.frombuffer(v, dtype=np.uint8)
+        return data, sizes
+
+    @staticmethod
+    def _distinct(
+        keys: Keys, data: _U8, sizes: npt.NDArray[np.int32]
+    ) -> tuple[Keys, _U8, npt.NDArray[np.int32]]:
+        keys = np.asarray(keys, dtype=np.uint64)
+        last = _last_of_each(keys)
+        if len(last) == len(keys):
+            return keys, data, sizes
+        return keys[last], data[last], sizes[last]
+
+    # -- RowTier ------------------------------------------------------------------------
+
+    def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
         with self._lock:
-            rows.update(zip(keys.tolist(), values, strict=True))
+            arena = self._tables.get(table)
+            if arena is None or len(keys) == 0:
+                return out
+            slots, found = arena.slots(np.asarray(keys, dtype=np.uint64))
+            at = np.flatnonzero(found)
+            values = arena.values(slots[at])
+        for i, v in zip(at.tolist(), values, strict=True):
+            out[i] = v
+        return out
+
+    def get_rows(self, table: str, keys: Keys, codec: RowCodec) -> tuple[Rows, Mask]:
+        n = len(keys)
+        with self._lock:
+            arena = self._tables.get(table)
+            if arena is None or n == 0:
+                return codec.zeros(n), np.zeros(n, dtype=np.bool_)
+            slots, found = arena.slots(keys)
+            if not found.any():
+                return codec.zeros(n), found
+            if found.all():
+                sizes, data = arena.sizes[slots], arena.data[slots]
+            else:
+                at = slots[found]
+                sizes, data = arena.sizes[at], arena.data[at]
+        if (sizes != codec.nbytes).any():
+            codec.check_sizes(keys[found], sizes)
+        if data.shape[1] != codec.nbytes:
+            data = np.ascontiguousarray(data[:, : codec.nbytes])
+        got = data.view(codec.dtype).reshape(-1)
+        if len(got) == n:
+            return got, found
+        rows = codec.zeros(n)
+        rows[found] = got
+        return rows, found
+
+    def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
+        data, sizes = self._matrix(table, keys, values)
+        if len(keys) == 0:
+            return
+        keys, data, sizes = self._distinct(keys, data, sizes)
+        with self._lock:
+            self._arena(table, data.shape[1]).put(keys, data, sizes)
+
+    def put_rows(self, table: str, keys: Keys, rows: Rows) -> None:
+        if len(keys) == 0:
+            return
+        data = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
+        with self._lock:
+            self._arena(table, data.shape[1]).put(keys, data, data.shape[1])
 
     def delete_many(self, table: str, keys: Keys) -> None:
-        rows = self._tables.get(table)
-        if rows is None:
-            return
         with self._lock:
-            for key in keys.tolist():
-                rows.pop(key, None)
+            arena = self._tables.get(table)
+            if arena is not None and len(keys):
+                arena.delete(np.asarray(keys, dtype=np.uint64))
 
     def commit(
         self,
@@ -58,13 +221,14 @@ class MemoryTier(RowTier):
         blobs: Mapping[str, bytes],
     ) -> None:
         """All or nothing on bad input; rows become visible before blobs."""
+        prepared = []
         for table, (keys, values) in rows.items():
-            if len(keys) != len(values):
-                raise ValueError(f"table {table!r}: {len(keys)} keys but {len(values)} values")
-        targets = {table: self._table(table) for table in rows}
+            data, sizes = self._matrix(table, keys, values)
+            if len(keys):
+                prepared.append((table, *self._distinct(keys, data, sizes)))
         with self._lock:
-            for table, (keys, values) in rows.items():
-                targets[table].update(zip(keys.tolist(), values, strict=True))
+            for table, keys, data, sizes in prepared:
+                self._arena(table, data.shape[1]).put(keys, data, sizes)
             self._blobs.update({name: bytes(data) for name, data in blobs.items()})
 
     def clear(self, table: str) -> None:
@@ -72,25 +236,27 @@ class MemoryTier(RowTier):
             self._tables.pop(table, None)
 
     def count(self, table: str) -> int:
-        return len(self._tables.get(table, ()))
+        with self._lock:
+            arena = self._tables.get(table)
+            return arena.index.live if arena is not None else 0
 
     def scan(self, table: str, batch: int = 4096) -> Iterator[tuple[Keys, list[bytes]]]:
         """Chunks of a snapshot of the table's keys (so writes between chunks are safe);
         a key deleted after the snapshot is skipped."""
-        rows = self._tables.get(table)
-        if rows is None:
-            return
         with self._lock:
-            snapshot = list(rows)
+            arena = self._tables.get(table)
+            if arena is None:
+                return
+            snapshot = arena.keys()
         step = max(1, batch)
         for i in range(0, len(snapshot), step):
             part = snapshot[i : i + step]
-            got = list(map(rows.get, part))
+            got = self.get_many(table, part)
             values = [v for v in got if v is not None]
             if len(values) < len(part):  # deleted since the snapshot
-                part = [k for k, v in zip(part, got, strict=True) if v is not None]
-            if part:
-                yield np.array(part, dtype=np.uint64), values
+                part = part[[v is not None for v in got]]
+            if len(part):
+                yield part, values
 
     def put_blob(self, name: str, data: bytes) -> None:
         self._blobs[name] = bytes(data)

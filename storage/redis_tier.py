@@ -68,7 +68,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain, pairwise
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import hiredis
 import numpy as np
@@ -78,7 +78,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from storage.base import Keys, RowTier, StoreError, StoreUnavailable
+from storage.base import Keys, Mask, Rows, RowTier, StoreError, StoreUnavailable, present_mask
+
+if TYPE_CHECKING:
+    from storage.rows import RowCodec
 
 DEFAULT_EXPECTED_ROWS = 1 << 22
 """Rows per table assumed without a hint: 65536 buckets at 64 rows per bucket."""
@@ -526,13 +529,12 @@ class RedisTier(RowTier):
 
     # -- RowTier ------------------------------------------------------------------------
 
-    def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
-        n = len(keys)
-        if n == 0:
-            return []
+    def _fetch(self, table: str, keys: Keys) -> tuple[list[bytes | None], npt.NDArray[np.intp]]:
+        """HMGET of ``keys`` (not empty): the values in command order and the batch
+        positions they belong to."""
         layout = self.layout(table)
-        if layout is None:
-            return [None] * n  # nobody ever wrote the table
+        if layout is None:  # nobody ever wrote the table
+            return [None] * len(keys), np.arange(len(keys))
         batch = _build(b"HMGET", layout, np.asarray(keys, dtype=np.uint64), None)
         replies = self._roundtrip(self._chunks(batch))
         try:
@@ -540,9 +542,31 @@ class RedisTier(RowTier):
         except TypeError:  # an error reply is not a list
             self._raise_errors(replies)
             raise
+        return flat, batch.positions
+
+    def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
+        n = len(keys)
+        if n == 0:
+            return []
+        flat, positions = self._fetch(table, keys)
         inverse = np.empty(n, dtype=np.intp)
-        inverse[batch.positions] = np.arange(n)
+        inverse[positions] = np.arange(n)
         return list(map(flat.__getitem__, inverse.tolist()))
+
+    def get_rows(self, table: str, keys: Keys, codec: RowCodec) -> tuple[Rows, Mask]:
+        """Rows straight from the replies in command order (no reordered value list)."""
+        n = len(keys)
+        found = np.zeros(n, dtype=np.bool_)
+        if n == 0:
+            return codec.zeros(0), found
+        flat, positions = self._fetch(table, keys)
+        hit = present_mask(flat)
+        at = positions[hit]
+        got = codec.unpack(keys[at], [v for v in flat if v is not None])
+        rows = codec.zeros(n) if len(at) < n else np.empty(n, dtype=codec.dtype)
+        rows[at] = got
+        found[at] = True
+        return rows, found
 
     def _put_chunks(self, layout: BucketLayout, keys: Keys, values: list[bytes]) -> list[_Chunk]:
         """The HSETs of a batch, packed."""
@@ -572,12 +596,25 @@ class RedisTier(RowTier):
             return
         layout = self.layout(table, create=True)
         assert layout is not None
-        chunks = self._put_chunks(layout, keys, values)
+        self._store(layout, self._put_chunks(layout, keys, values))
+
+    def put_rows(self, table: str, keys: Keys, rows: Rows) -> None:
+        """The HSETs built from the rows' bytes (no ``bytes`` object per row)."""
+        if len(keys) == 0:
+            return
+        layout = self.layout(table, create=True)
+        assert layout is not None
+        data = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
+        batch = _build(b"HSET", layout, np.asarray(keys, dtype=np.uint64), data)
+        self._store(layout, self._chunks(batch))
+
+    def _store(self, layout: BucketLayout, chunks: list[_Chunk]) -> None:
+        """Send a batch's HSETs with the layout assertion; count the new fields."""
         replies = self._roundtrip([*self._packed(self._assert_layout(layout)), *chunks])
         self._raise_errors(replies[:2])
         added = self._sum_replies(replies[2:])
         if added:
-            self._execute([(b"INCRBY", self._count_key(table), str(added).encode())])
+            self._execute([(b"INCRBY", self._count_key(layout.table), str(added).encode())])
         self._check_layout(layout, replies[1])
 
     def delete_many(self, table: str, keys: Keys) -> None:

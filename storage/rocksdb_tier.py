@@ -35,11 +35,13 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from hashlib import blake2b
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 from rocksdict import (
     AccessType,
     BlockBasedOptions,
@@ -52,6 +54,7 @@ from rocksdict import (
 )
 
 from storage.base import Keys, ReadOnlyStore, RowTier, StoreUnavailable
+from storage.keyindex import sorted_distinct
 
 
 def _table_id(table: str) -> bytes:
@@ -71,6 +74,16 @@ def _options(block_cache_bytes: int) -> Options:
     opts.set_memtable_whole_key_filtering(True)
     opts.set_memtable_prefix_bloom_ratio(0.1)
     return opts
+
+
+def _key_order(keys: Keys) -> npt.NDArray[np.intp] | None:
+    """The stable order that sorts ``keys``, or None if they are sorted already. Sorted
+    batches are ~1.5x faster to write and read: the memtable's skiplist and the block
+    cache are walked in order instead of at random."""
+    if len(keys) < 2 or bool((keys[1:] >= keys[:-1]).all()):
+        return None
+    order: npt.NDArray[np.intp] = np.argsort(keys, kind="stable")
+    return order
 
 
 def _after(prefix: bytes) -> bytes:
@@ -155,8 +168,8 @@ class RocksDBTier(RowTier):
         buf = np.empty((n, width), dtype=np.uint8)
         buf[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
         buf[:, len(prefix) :] = keys.astype(">u8").view(np.uint8).reshape(n, 8)
-        raw = buf.tobytes()
-        return [raw[i : i + width] for i in range(0, n * width, width)]
+        row_keys: list[bytes] = buf.view(f"V{width}").ravel().tolist()  # bytes, one per key
+        return row_keys
 
     def _multi_get(self, keys: list[bytes]) -> list[bytes | None]:
         return cast(list[bytes | None], self._db.get(cast(list[Any], keys)))
@@ -199,13 +212,17 @@ class RocksDBTier(RowTier):
             raise ValueError(f"table {table!r}: {len(keys)} keys but {len(values)} values")
         if len(keys) == 0:
             return
+        order = _key_order(keys)
+        if order is not None:  # stable: of a repeated key, the last value still wins
+            keys = keys[order]
+            values = list(map(values.__getitem__, order.tolist()))
         row_keys = self._row_keys(table, keys)
         added = 0
         if self.exact_counts:
-            existing = self._multi_get(self._row_keys(table, np.unique(keys)))
-            added = sum(v is None for v in existing)
-        for k, v in zip(row_keys, values, strict=True):
-            wb.put(k, v)
+            distinct = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+            existing = self._multi_get(self._row_keys(table, distinct))
+            added = existing.count(None)
+        deque(map(wb.put, row_keys, values), maxlen=0)  # the loop in C, not bytecode
         if added:
             counts[table] = counts.get(table, self._count_locked(table)) + added
 
@@ -221,7 +238,13 @@ class RocksDBTier(RowTier):
         if len(keys) == 0:
             return []
         self._maybe_catch_up()
-        return self._multi_get(self._row_keys(table, keys))
+        order = _key_order(keys)
+        if order is None:
+            return self._multi_get(self._row_keys(table, keys))
+        got = self._multi_get(self._row_keys(table, keys[order]))
+        inverse = np.empty(len(keys), dtype=np.intp)
+        inverse[order] = np.arange(len(keys))
+        return list(map(got.__getitem__, inverse.tolist()))
 
     def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
         self._check_writable()
@@ -236,13 +259,12 @@ class RocksDBTier(RowTier):
         if len(keys) == 0:
             return
         with self._lock:
-            row_keys = self._row_keys(table, np.unique(keys))
+            row_keys = self._row_keys(table, sorted_distinct(keys))
             removed = 0
             if self.exact_counts:
-                removed = sum(v is not None for v in self._multi_get(row_keys))
+                removed = len(row_keys) - self._multi_get(row_keys).count(None)
             wb = WriteBatch(raw_mode=True)
-            for k in row_keys:
-                wb.delete(k)
+            deque(map(wb.delete, row_keys), maxlen=0)
             counts = {table: self._count_locked(table) - removed} if removed else {}
             self._write(wb, counts, sync=False)
 

@@ -31,12 +31,11 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from storage.base import Keys, RowFormatError, TableConfig
+from storage.base import Keys, RowFormatError, Rows, TableConfig, row_values
 from storage.keys import splitmix64
 from storage.optim import initial_state, state_dim
 
-Rows = npt.NDArray[np.void]
-"""A batch of rows: a 1-d record array of ``RowCodec.dtype``."""
+__all__ = ["RowCodec", "Rows"]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _U32_MAX = np.uint32(0xFFFFFFFF)
@@ -82,9 +81,19 @@ class RowCodec:
 
     def pack(self, rows: Rows) -> list[bytes]:
         """One ``bytes`` value per row."""
-        buf = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
-        s = self.nbytes
-        return [buf[i : i + s] for i in range(0, len(buf), s)]
+        return row_values(np.ascontiguousarray(rows, dtype=self.dtype))
+
+    def check_sizes(self, keys: Keys, sizes: npt.NDArray[np.integer] | Sequence[int]) -> None:
+        """Raise ``RowFormatError`` naming the table and the first key whose value has
+        ``sizes[i]`` bytes, not ``nbytes``."""
+        bad = np.flatnonzero(np.asarray(sizes) != self.nbytes)
+        if len(bad):
+            key, size = int(keys[bad[0]]), int(np.asarray(sizes)[bad[0]])
+            raise RowFormatError(
+                f"table {self.table!r}: the value of key {key} ({key:#018x}) has "
+                f"{size} bytes, expected {self.nbytes} (dim {self.dim}, "
+                f"optimizer {self.cfg.optimizer})"
+            )
 
     def unpack(self, keys: Keys, values: Sequence[bytes]) -> Rows:
         """Rows from their values (``values[i]`` belongs to ``keys[i]``, none missing).
@@ -95,16 +104,11 @@ class RowCodec:
         n = len(values)
         if n == 0:
             return self.zeros(0)
-        if set(map(len, values)) != {self.nbytes}:
-            for key, v in zip(keys.tolist(), values, strict=True):
-                if len(v) != self.nbytes:
-                    raise RowFormatError(
-                        f"table {self.table!r}: the value of key {key} ({key:#018x}) has "
-                        f"{len(v)} bytes, expected {self.nbytes} (dim {self.dim}, "
-                        f"optimizer {self.cfg.optimizer})"
-                    )
+        joined = b"".join(values)
+        if len(joined) != n * self.nbytes or max(map(len, values)) != self.nbytes:
+            self.check_sizes(keys, [len(v) for v in values])
         # frombuffer is read-only over the joined bytes; callers mutate rows, so copy.
-        return np.frombuffer(b"".join(values), dtype=self.dtype).copy()
+        return np.frombuffer(joined, dtype=self.dtype).copy()
 
     @staticmethod
     def touch(rows: Rows, idx: npt.NDArray[np.intp], now: int) -> None:

@@ -90,9 +90,7 @@ import uuid
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from itertools import repeat
-from operator import is_not
-from typing import Literal, NamedTuple, cast
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -110,8 +108,11 @@ from storage.base import (
     RowTier,
     StoreError,
     TableConfig,
+    present_mask,
 )
-from storage.eviction import EvictionConfig, HotIndex, Positions, choose_victims
+from storage.eviction import EvictionConfig, HotIndex, choose_victims
+from storage.keyindex import Positions
+from storage.keyindex import sorted_distinct as _unique
 from storage.optim import apply_sparse
 from storage.rows import RowCodec, Rows
 
@@ -156,12 +157,24 @@ def spill_table(table: str) -> str:
     return "\x00spill\x00" + table
 
 
-def _unique(keys: Keys) -> Keys:
-    """Sorted distinct keys (a sort beats numpy 2's hash-based ``np.unique`` here)."""
-    s = np.sort(keys)
-    if len(s) > 1:
-        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
-    return s
+def _unique_inverse(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp]]:
+    """``np.unique(keys, return_inverse=True)`` by one argsort (numpy 2's hash-based
+    unique is slower here)."""
+    order = np.argsort(keys)
+    s = keys[order]
+    first = np.empty(len(s), dtype=np.bool_)
+    first[:1] = True
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    inverse = np.empty(len(s), dtype=np.intp)
+    inverse[order] = np.cumsum(first) - 1
+    return s[first], inverse
+
+
+def _past_ceiling(size: int, capacity: int, cfg: EvictionConfig) -> int:
+    """How much a pass may evict beyond the per-step budget: none within the overshoot
+    ceiling, else down to ``low_water`` of it."""
+    ceiling = int(capacity * (1 + cfg.overshoot))
+    return size - int(ceiling * cfg.low_water) if size > ceiling else 0
 
 
 def _merge(sorted_keys: Keys, keys: Keys) -> Keys:
@@ -180,10 +193,6 @@ def _isin_sorted(keys: Keys, sorted_keys: Keys) -> Mask:
     at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
     found: Mask = sorted_keys[at] == keys
     return found
-
-
-def _present(values: list[bytes | None]) -> Mask:
-    return np.fromiter(map(is_not, values, repeat(None)), dtype=np.bool_, count=len(values))
 
 
 class _Touched(NamedTuple):
@@ -389,36 +398,19 @@ class TieredStore(EmbeddingStore):
             size = len(merged)
         self._dirty_len[table] = size
 
-    def _from_hot(
-        self, codec: RowCodec, keys: Keys, rows: Rows, found: Mask, idx: npt.NDArray[np.intp]
-    ) -> npt.NDArray[np.intp]:
-        """Fill ``rows[idx]`` from hot where present; return the positions still missing."""
-        values = self.hot.get_many(codec.table, keys[idx])
-        if None not in values:
-            rows[idx] = codec.unpack(keys[idx], cast(list[bytes], values))
-            found[idx] = True
-            return idx[:0]
-        hit = _present(values)
-        if hit.any():
-            at = idx[hit]
-            rows[at] = codec.unpack(keys[at], [v for v in values if v is not None])
-            found[at] = True
-        missing: npt.NDArray[np.intp] = idx[~hit]
-        return missing
+    def _from_hot(self, codec: RowCodec, keys: Keys) -> tuple[Rows, Mask, npt.NDArray[np.intp]]:
+        """Rows of ``keys`` from hot (zeros where absent), which were found, and the
+        positions still missing."""
+        rows, found = self.hot.get_rows(codec.table, keys, codec)
+        missing: npt.NDArray[np.intp] = np.flatnonzero(~found)
+        return rows, found, missing
 
     def _from_cold(
-        self,
-        codec: RowCodec,
-        keys: Keys,
-        rows: Rows,
-        found: Mask,
-        idx: npt.NDArray[np.intp],
-        *,
-        promote: bool,
-    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-        """Fill ``rows[idx]`` from the cold tier where present, spill first (promoting
-        those values into hot with ``promote``, caller holding the lock); return the
-        positions still missing and those promoted from spill (still dirty)."""
+        self, codec: RowCodec, keys: Keys, rows: Rows, found: Mask, idx: npt.NDArray[np.intp]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """Fill ``rows[idx]`` from the cold tier where present, spill first; return the
+        positions still missing, those found in spill (to stay dirty once promoted) and
+        those found in the cold table. Writes nothing: see ``_promote``."""
         assert self.cold is not None and self.spill is not None
         table = codec.table
         from_spill = idx[:0]
@@ -427,31 +419,28 @@ class TieredStore(EmbeddingStore):
             in_spill = _isin_sorted(keys[idx], spilled)
             if in_spill.any():
                 at = idx[in_spill]
-                values = self.spill.get_many(spill_table(table), keys[at])
-                hit = _present(values)
+                got, hit = self.spill.get_rows(spill_table(table), keys[at], codec)
                 from_spill = at[hit]
-                present = [v for v in values if v is not None]
-                if len(present):
-                    rows[from_spill] = codec.unpack(keys[from_spill], present)
-                    found[from_spill] = True
-                    if promote:
-                        self.hot.put_many(table, keys[from_spill], present)
+                rows[from_spill] = got[hit]
+                found[from_spill] = True
                 idx = np.concatenate([idx[~in_spill], at[~hit]])
-        values = self.cold.get_many(table, keys[idx])
-        hit = _present(values)
-        if hit.any():
-            at = idx[hit]
-            present = [v for v in values if v is not None]
-            rows[at] = codec.unpack(keys[at], present)
-            found[at] = True
-            if promote:
-                self.hot.put_many(table, keys[at], present)
-        promoted = len(from_spill) + int(hit.sum()) if promote else 0
-        if promoted:
-            self._promoted[table].inc(promoted)
-            self._count(promotions=promoted)
+        got, hit = self.cold.get_rows(table, keys[idx], codec)
+        from_cold = idx[hit]
+        rows[from_cold] = got[hit]
+        found[from_cold] = True
         missing: npt.NDArray[np.intp] = idx[~hit]
-        return missing, from_spill
+        return missing, from_spill, from_cold
+
+    def _promote(
+        self, codec: RowCodec, keys: Keys, rows: Rows, at: npt.NDArray[np.intp], promoted: int
+    ) -> None:
+        """Lock held: write ``rows[at]`` to hot in one call (``promoted`` of them come
+        from the cold tier: counted)."""
+        if len(at):
+            self.hot.put_rows(codec.table, keys[at], rows[at])
+        if promoted:
+            self._promoted[codec.table].inc(promoted)
+            self._count(promotions=promoted)
 
     def _load(
         self,
@@ -466,14 +455,14 @@ class TieredStore(EmbeddingStore):
         sightings per key for the policy). Records the access in the index."""
         table = codec.table
         n = len(keys)
-        rows = codec.zeros(n)
-        found = np.zeros(n, dtype=np.bool_)
-        missing = self._from_hot(codec, keys, rows, found, np.arange(n, dtype=np.intp))
+        rows, found, missing = self._from_hot(codec, keys)
         hot_misses = len(missing)
         dirty_idx: list[npt.NDArray[np.intp]] = []
+        to_hot: list[npt.NDArray[np.intp]] = []  # promoted and created: one write
         if hot_misses and self.cold is not None:
-            missing, from_spill = self._from_cold(codec, keys, rows, found, missing, promote=True)
+            missing, from_spill, from_cold = self._from_cold(codec, keys, rows, found, missing)
             dirty_idx.append(from_spill)
+            to_hot += [from_spill, from_cold]
         cold_hits = hot_misses - len(missing)
         if len(missing) and admit != "never":
             if admit == "force" or self._admit_all[table]:
@@ -489,10 +478,9 @@ class TieredStore(EmbeddingStore):
                     self._admissions[table, "rejected"].inc(rejected)
                     self._count(admission_rejections=rejected)
             if len(take):
-                new = codec.new_rows(keys[take], self._now())
-                rows[take] = new
-                self.hot.put_many(table, keys[take], codec.pack(new))
+                rows[take] = codec.new_rows(keys[take], self._now())
                 found[take] = True
+                to_hot.append(take)
                 dirty_idx.append(take)
                 self._created[table].inc(len(take))
                 self._admissions[table, result].inc(len(take))
@@ -500,6 +488,8 @@ class TieredStore(EmbeddingStore):
                     "forced_admissions" if admit == "force" else "admissions", len(take)
                 )
                 self._count(created_rows=len(take))
+        if to_hot:
+            self._promote(codec, keys, rows, np.concatenate(to_hot), cold_hits)
         pos: Positions | None = None
         if self._index is not None:
             index = self._index[table]
@@ -542,22 +532,25 @@ class TieredStore(EmbeddingStore):
     def _read(self, codec: RowCodec, keys: Keys) -> tuple[Rows, Mask]:
         """Serving path: rows of distinct ``keys``; creates nothing."""
         n = len(keys)
-        rows = codec.zeros(n)
-        found = np.zeros(n, dtype=np.bool_)
-        missing = self._from_hot(codec, keys, rows, found, np.arange(n, dtype=np.intp))
+        rows, found, missing = self._from_hot(codec, keys)
         hot_misses = len(missing)
         if hot_misses and self.cold is not None:
             if self.read_only:
-                missing, _ = self._from_cold(codec, keys, rows, found, missing, promote=False)
+                missing, _, _ = self._from_cold(codec, keys, rows, found, missing)
             else:
                 with self._lock:
                     # Re-read hot under the lock: the writer may have stored the row since,
                     # and promoting the older cold value would overwrite it.
-                    missing = self._from_hot(codec, keys, rows, found, missing)
+                    again, hit = self.hot.get_rows(codec.table, keys[missing], codec)
+                    rows[missing[hit]] = again[hit]
+                    found[missing[hit]] = True
+                    missing = missing[~hit]
                     hot_misses = len(missing)
-                    missing, from_spill = self._from_cold(
-                        codec, keys, rows, found, missing, promote=True
+                    missing, from_spill, from_cold = self._from_cold(
+                        codec, keys, rows, found, missing
                     )
+                    fetched = np.concatenate([from_spill, from_cold])
+                    self._promote(codec, keys, rows, fetched, len(fetched))
                     if self._index is not None:  # else there is no spill either
                         have = np.flatnonzero(found)
                         index = self._index[codec.table]
@@ -596,17 +589,19 @@ class TieredStore(EmbeddingStore):
         if self._budget_step != self._step:
             self._budget_step = self._step
             self._budget_rows = self._budget_bytes = 0
-        # The per-step budget, lifted by whatever exceeds the overshoot ceiling.
+        # The per-step budget, lifted past the overshoot ceiling: down to low_water of
+        # the ceiling, so a sustained overload costs one pass per few batches, not a
+        # pass per lookup that crosses the ceiling again.
         budget_rows = budget_bytes = None
         if cfg.max_rows is not None:
             budget_rows = max(
                 int(cfg.max_rows * cfg.max_evict_fraction) - self._budget_rows,
-                rows - int(cfg.max_rows * (1 + cfg.overshoot)),
+                _past_ceiling(rows, cfg.max_rows, cfg),
             )
         if cfg.max_bytes is not None:
             budget_bytes = max(
                 int(cfg.max_bytes * cfg.max_evict_fraction) - self._budget_bytes,
-                nbytes - int(cfg.max_bytes * (1 + cfg.overshoot)),
+                _past_ceiling(nbytes, cfg.max_bytes, cfg),
             )
         names = list(self._index)
         indexes = [self._index[t] for t in names]
@@ -641,17 +636,16 @@ class TieredStore(EmbeddingStore):
         if self.cold is not None:
             moving = keys[index.dirty[pos]]
             if len(moving):
-                values = self.hot.get_many(table, moving)
-                kept = _present(values)
-                moving = moving[kept]
-                present = [v for v in values if v is not None]
+                rows, kept = self.hot.get_rows(table, moving, self._codecs[table])
+                if not kept.all():
+                    moving, rows = moving[kept], rows[kept]
                 assert self.eviction is not None
                 if self.eviction.write_back == "direct":
-                    self.cold.put_many(table, moving, present)
+                    self.cold.put_rows(table, moving, rows)
                 elif len(moving):
                     assert self.spill is not None
                     self._note_spill(table)
-                    self.spill.put_many(spill_table(table), moving, present)
+                    self.spill.put_rows(spill_table(table), moving, rows)
                     spilled = self._spilled.get(table, _EMPTY_KEYS)
                     self._spilled[table] = _merge(spilled, moving)
             self._demoted[table].inc(len(keys))
@@ -704,7 +698,7 @@ class TieredStore(EmbeddingStore):
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
         if create:
             self._check_writable("lookup(create=True)")
-        unique, inverse = np.unique(keys, return_inverse=True)
+        unique, inverse = _unique_inverse(keys)
         if create:
             with self._lock:
                 self._advance(table)
@@ -746,7 +740,9 @@ class TieredStore(EmbeddingStore):
                 return
             rows, found = codec.zeros(len(absent)), np.zeros(len(absent), dtype=np.bool_)
             idx = np.arange(len(absent), dtype=np.intp)
-            _, from_spill = self._from_cold(codec, absent, rows, found, idx, promote=True)
+            _, from_spill, from_cold = self._from_cold(codec, absent, rows, found, idx)
+            fetched = np.concatenate([from_spill, from_cold])
+            self._promote(codec, absent, rows, fetched, len(fetched))
             have = np.flatnonzero(found)
             pos = index.touch(absent[have], self._step)
             if len(from_spill):
@@ -767,11 +763,11 @@ class TieredStore(EmbeddingStore):
             )
         if len(keys) == 0:
             return codec.zeros(0)["emb"]
-        if len(_unique(keys)) != len(keys):
-            raise ValueError(f"table {table!r}: update keys must be unique")
         with self._lock:
+            loaded = self._known(table, keys)  # its keys are distinct: no check needed
+            if loaded is None and len(_unique(keys)) != len(keys):
+                raise ValueError(f"table {table!r}: update keys must be unique")
             self._drain_reads()
-            loaded = self._known(table, keys)
             if loaded is None:
                 admit: Literal["policy", "never"] = "policy" if self._admit_all[table] else "never"
                 loaded = self._load(codec, keys, admit=admit)
@@ -791,9 +787,9 @@ class TieredStore(EmbeddingStore):
             if len(applied):
                 RowCodec.touch(rows, applied, self._now())
                 if len(applied) == len(keys):
-                    self.hot.put_many(table, keys, codec.pack(rows))
+                    self.hot.put_rows(table, keys, rows)
                 else:
-                    self.hot.put_many(table, keys[applied], codec.pack(rows[applied]))
+                    self.hot.put_rows(table, keys[applied], rows[applied])
                 if self._index is None:
                     self._mark_dirty(table, keys[applied])
                 elif self.cold is not None and loaded.pos is not None:
@@ -831,9 +827,9 @@ class TieredStore(EmbeddingStore):
         self._codec(table)
         unique = _unique(np.asarray(keys, dtype=np.uint64).reshape(-1))
         with self._lock:
-            present = _present(self.hot.get_many(table, unique))
+            present = present_mask(self.hot.get_many(table, unique))
             if self.cold is not None:
-                present |= _present(self.cold.get_many(table, unique))
+                present |= present_mask(self.cold.get_many(table, unique))
                 present |= _isin_sorted(unique, self._spilled.get(table, _EMPTY_KEYS))
             self._remove(table, unique)
         existed = int(present.sum())
@@ -900,7 +896,7 @@ class TieredStore(EmbeddingStore):
             spilled = self._spilled.get(table, _EMPTY_KEYS)
 
             def in_hot(k: Keys) -> Mask:
-                return _present(self.hot.get_many(table, k))
+                return present_mask(self.hot.get_many(table, k))
 
             if len(spilled):
                 assert self.spill is not None
@@ -958,7 +954,7 @@ class TieredStore(EmbeddingStore):
             else:
                 keys = _EMPTY_KEYS
             values = self.hot.get_many(table, keys) if len(keys) else []
-            keep = _present(values)
+            keep = present_mask(values)
             keys = keys[keep]
             present = [v for v in values if v is not None]
             spilled = self._spilled.get(table, _EMPTY_KEYS)
@@ -966,7 +962,7 @@ class TieredStore(EmbeddingStore):
                 # Rows in hot are newer than their spill copy (promoted rows stay dirty).
                 rest = spilled[~_isin_sorted(spilled, _unique(keys))]
                 more = self.spill.get_many(spill_table(table), rest)
-                ok = _present(more)
+                ok = present_mask(more)
                 keys = np.concatenate([keys, rest[ok]])
                 present.extend(v for v in more if v is not None)
                 keep = np.concatenate([keep, ok])

@@ -20,9 +20,10 @@ from test_service import SOURCE, instance, trained_store
 from service.app import EventSink, ModelHolder, ServiceConfig, create_app
 from service.embeddings import EmbeddingReader
 from service.freshness import FreshnessTracker
-from storage.base import Keys
+from storage.base import Keys, Mask, Rows
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
+from storage.rows import RowCodec
 from storage.tiered import TieredStore
 from streaming.events import decode_event
 from streaming.log import InMemoryLog
@@ -294,6 +295,10 @@ class SlowTier(MemoryTier):
     def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
         time.sleep(self.delay_s)
         return super().get_many(table, keys)
+
+    def get_rows(self, table: str, keys: Keys, codec: RowCodec) -> tuple[Rows, Mask]:
+        time.sleep(self.delay_s)
+        return super().get_rows(table, keys, codec)
 
 
 def test_a_slow_read_answers_the_default_within_budget_then_fills_the_cache() -> None:

@@ -184,6 +184,55 @@ def test_scan_while_deleting(tier: RowTier) -> None:
     assert tier.count("t") == 0
 
 
+def test_rows_path_matches_bytes_path(tier: RowTier) -> None:
+    """``put_rows``/``get_rows`` store the packed rows ``put_many``/``get_many`` see."""
+    codec = RowCodec(TableConfig(name="t", dim=4, optimizer="adagrad"))
+    rng = np.random.default_rng(3)
+    keys = keys_of(rng, 300)
+    rows = codec.new_rows(keys, 1_700_000_000)
+    rows["state"] = rng.random(rows["state"].shape, dtype=np.float32)
+    tier.put_rows("t", keys[:200], rows[:200])
+    tier.put_many("t", keys[200:], codec.pack(rows[200:]))
+    assert tier.count("t") == 300
+    assert tier.get_many("t", keys) == codec.pack(rows)
+    probe = np.concatenate([keys[::-1], u64(1, 3)])  # never written: zeros, not found
+    got, found = tier.get_rows("t", probe, codec)
+    assert found.tolist() == [True] * 300 + [False, False]
+    assert got[:300].tobytes() == rows[::-1].tobytes()
+    assert got[300:].tobytes() == codec.zeros(2).tobytes()
+    got[0]["count"] = 99  # the caller's copy: the stored row stays
+    assert tier.get_rows("t", keys[-1:], codec)[0].tobytes() == rows[-1:].tobytes()
+    none, found = tier.get_rows("never-written", keys[:3], codec)
+    assert not found.any() and none.tobytes() == codec.zeros(3).tobytes()
+
+
+def test_get_rows_names_table_and_key_of_a_wrong_size_value(tier: RowTier) -> None:
+    codec = RowCodec(TableConfig(name="t", dim=4))
+    keys = u64(11, 12, 13)
+    tier.put_many("t", keys, [*codec.pack(codec.new_rows(keys[:2], 0)), b"short"])
+    with pytest.raises(RowFormatError, match=r"'t'.*key 13\b"):
+        tier.get_rows("t", keys, codec)
+    assert tier.get_rows("t", keys[:2], codec)[1].all()
+
+
+def test_memory_tier_reuses_slots_and_takes_longer_values() -> None:
+    tier = MemoryTier()
+    keys = np.arange(1, 3001, dtype=np.uint64)
+    tier.put_many("t", keys, [b"%08d" % i for i in range(3000)])
+    tier.delete_many("t", keys[:2000])
+    tier.put_many("t", keys[:2000] + np.uint64(10_000), [b"n%07d" % i for i in range(2000)])
+    assert tier.count("t") == 3000
+    assert tier._tables["t"].top == 3000  # freed slots went to the new keys
+    tier.put_many("t", u64(5000, 2999), [b"a much longer value", b"x"])
+    assert tier.get_many("t", u64(2999, 5000, 3000, 1)) == [
+        b"x",
+        b"a much longer value",
+        b"%08d" % 2999,
+        None,
+    ]
+    assert tier.get_many("t", u64(10_001)) == [b"n0000000"]
+
+
 def test_commit_writes_rows_and_blobs(tier: RowTier) -> None:
     tier.commit({"a": (u64(1, 2), [b"a1", b"a2"]), "b": (u64(1), [b"b1"])}, {"pos": b"7"})
     assert tier.get_many("a", u64(1, 2)) == [b"a1", b"a2"]

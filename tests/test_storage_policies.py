@@ -24,6 +24,7 @@ from storage.admission import (
 )
 from storage.base import AdmissionConfig, Keys, RowTier, TableConfig
 from storage.eviction import EvictionConfig, HotIndex
+from storage.keyindex import KeyIndex
 from storage.keys import splitmix64
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
@@ -155,6 +156,21 @@ def test_hot_index_matches_a_dict() -> None:
         assert (p >= 0) == (k in model)
         if p >= 0:
             assert (int(index.step[p]), int(index.freq[p])) == model[k]
+
+
+def test_key_index_probes_across_clusters_and_the_wrap_around() -> None:
+    index = KeyIndex()
+    rng = np.random.default_rng(2)
+    cand = rng.integers(0, 2**64 - 1, 400_000, dtype=np.uint64, endpoint=True)
+    last = cand[index._home(cand) == index.size - 1]  # all probe from the last slot on
+    assert len(last) >= 60
+    index.add(last[:40])  # one cluster of 40, wrapping round to the first slots
+    pos = index.find(last)
+    assert (index.keys[pos[:40]] == last[:40]).all() and (pos[40:] == -1).all()
+    index.discard(last[:20:2])  # tombstones inside the cluster are probed past
+    pos = index.find(last[:40])
+    assert (pos[:20:2] == -1).all() and (index.keys[pos[1:40:2]] == last[1:40:2]).all()
+    assert (index.keys[pos[20:]] == last[20:40]).all()
 
 
 def test_eviction_config_needs_a_capacity() -> None:

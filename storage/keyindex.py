@@ -1,0 +1,185 @@
+"""``KeyIndex``: a set of distinct uint64 keys at stable positions in numpy arrays.
+
+A numpy open-addressing hash table (Fibonacci hashing, linear probing, tombstones,
+rebuilt at half load to a quarter load), so every batch operation is a handful of
+vectorised passes over the batch's keys, not a Python loop (or a dict probe) per key.
+Subclasses keep per-key data in *columns*: arrays indexed by position, declared in
+``_columns``, which a rebuild moves along with their keys. ``HotIndex``
+(``storage.eviction``) and the memory tier's slot index (``storage.memory_tier``) are
+the two.
+
+A key's position stays valid while ``epoch`` is unchanged and the key is not removed:
+``epoch`` advances when a rebuild moves every key and when ``discard`` removes keys
+(``discard_at`` does not: its caller knows which positions it removed).
+
+Not thread-safe: callers serialise access.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from storage.base import Keys, Mask
+
+Positions = npt.NDArray[np.int64]
+
+EMPTY, LIVE, TOMB = 0, 1, 2  # values of KeyIndex.state
+_PHI = np.uint64(0x9E3779B97F4A7C15)
+_MIN_SIZE = 1024
+_WINDOW = 8
+_STEPS = np.arange(_WINDOW)
+
+
+_Int = TypeVar("_Int", bound=np.integer)
+
+
+def sorted_distinct(keys: npt.NDArray[_Int]) -> npt.NDArray[_Int]:
+    """Sorted distinct values (a sort beats numpy 2's hash-based ``np.unique`` here)."""
+    s = np.sort(keys)
+    if len(s) > 1:
+        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
+    return s
+
+
+def _size_for(n: int) -> int:
+    """A power of two at least 4n (load <= 1/4 right after a rebuild)."""
+    return max(_MIN_SIZE, 1 << max(0, math.ceil(math.log2(max(1, 4 * n)))))
+
+
+class KeyIndex:
+    """Distinct uint64 keys at positions of numpy arrays (see the module docstring)."""
+
+    _columns: ClassVar[dict[str, type[np.generic]]] = {}
+    """Per-position data of a subclass: attribute name -> dtype (zeroed when allocated)."""
+
+    def __init__(self, expected: int = 0) -> None:
+        self.epoch = 0
+        self._alloc(_size_for(expected))
+
+    def _alloc(self, size: int) -> None:
+        self._mask = size - 1
+        self._shift = np.uint64(64 - (size.bit_length() - 1))
+        self.keys = np.zeros(size, dtype=np.uint64)
+        self.state = np.zeros(size, dtype=np.uint8)
+        self._owner = np.zeros(size, dtype=np.int32)  # scratch for _insert
+        for name, dtype in self._columns.items():
+            setattr(self, name, np.zeros(size, dtype=dtype))
+        self.live = 0
+        self._used = 0  # live + tombstones
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def _home(self, keys: Keys) -> Positions:
+        # Fibonacci hashing: the top bits of key * 2**64/phi, so patterned keys spread too.
+        with np.errstate(over="ignore"):
+            return ((keys * _PHI) >> self._shift).astype(np.int64)
+
+    def find(self, keys: Keys) -> Positions:
+        """Position of each key, -1 where absent."""
+        n = len(keys)
+        out = np.full(n, -1, dtype=np.int64)
+        if n == 0 or self.live == 0:
+            return out
+        pos = self._home(keys)
+        st = self.state[pos]
+        hit = (st == LIVE) & (self.keys[pos] == keys)
+        out[hit] = pos[hit]
+        # The rest probe _WINDOW slots a round: one long cluster among the batch's keys
+        # costs a few rounds, not a round per slot.
+        active = np.flatnonzero(~hit & (st != EMPTY))
+        pos = pos[active] + 1
+        while len(active):
+            win = (pos[:, None] + _STEPS) & self._mask
+            st = self.state[win]
+            hit2 = (st == LIVE) & (self.keys[win] == keys[active][:, None])
+            stop = hit2 | (st == EMPTY)
+            first = stop.argmax(axis=1)  # the first hit or empty slot of each window
+            row = np.arange(len(active))
+            done = stop[row, first]
+            found = done & hit2[row, first]
+            out[active[found]] = win[found, first[found]]
+            go = ~done
+            active, pos = active[go], pos[go] + _WINDOW
+        return out
+
+    def reserve(self, extra: int) -> None:
+        """Rebuild first if adding ``extra`` keys would pass half load (moves every key
+        and its columns: positions found before are stale)."""
+        if 2 * (self._used + extra) <= self.size:
+            return
+        live = self.state == LIVE
+        keys = self.keys[live]
+        columns = {name: getattr(self, name)[live] for name in self._columns}
+        self.epoch += 1
+        self._alloc(_size_for(len(keys) + extra))
+        pos = self.insert(keys)
+        for name, values in columns.items():
+            getattr(self, name)[pos] = values
+
+    def insert(self, keys: Keys) -> Positions:
+        """Place distinct absent keys (room reserved with ``reserve``); their positions.
+        Their columns hold whatever the positions held before: the caller sets them."""
+        n = len(keys)
+        out = np.empty(n, dtype=np.int64)
+        active = np.arange(n)
+        pos = self._home(keys)
+        steps = _STEPS[:1]  # home first; the rest look _WINDOW slots ahead a round
+        while len(active):
+            win = (pos[:, None] + steps) & self._mask
+            free = self.state[win] != LIVE
+            first = free.argmax(axis=1)
+            row = np.arange(len(active))
+            some = free[row, first]
+            slot_all = win[row, first]
+            cand, slot = active[some], slot_all[some]
+            # Keys choosing the same free slot: the last scattered owns it, the rest retry.
+            self._owner[slot] = cand
+            won = self._owner[slot] == cand
+            cand, slot = cand[won], slot[won]
+            self._used += int(np.count_nonzero(self.state[slot] == EMPTY))
+            self.state[slot] = LIVE
+            self.keys[slot] = keys[cand]
+            out[cand] = slot
+            retry = ~some
+            retry[some] = ~won
+            # No free slot in the window: probe on past it; losers look again from the
+            # slot they lost (live now, so skipped).
+            pos = np.where(some, slot_all, pos + len(steps))[retry]
+            active = active[retry]
+            steps = _STEPS
+        self.live += n
+        return out
+
+    def add(self, keys: Keys) -> tuple[Positions, Mask]:
+        """Positions of distinct ``keys``, inserting the absent ones; and which were
+        inserted. May rebuild first (see ``reserve``)."""
+        self.reserve(len(keys))
+        pos = self.find(keys)
+        new: Mask = pos < 0
+        if new.any():
+            pos[new] = self.insert(keys[new])
+        return pos, new
+
+    def discard(self, keys: Keys) -> int:
+        """Forget the (distinct) keys; returns how many were present."""
+        pos = self.find(keys)
+        pos = pos[pos >= 0]
+        self.epoch += 1
+        self.discard_at(pos)
+        return len(pos)
+
+    def discard_at(self, pos: Positions) -> None:
+        """Forget the keys at ``pos`` (distinct live positions from this index)."""
+        self.state[pos] = TOMB
+        self.live -= len(pos)
+
+    def live_positions(self) -> Positions:
+        """Positions of every key, in no particular order."""
+        out: Positions = np.flatnonzero(self.state == LIVE)
+        return out
