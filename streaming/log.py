@@ -248,7 +248,10 @@ class KafkaEventConsumer(EventConsumer):
         **config: Any,
     ) -> None:
         from kafka import KafkaConsumer
-        from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+        from kafka.consumer.subscription_state import (
+            AsyncConsumerRebalanceListener,
+            TopicPartitionState,
+        )
         from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
         self._topic = topic
@@ -276,34 +279,53 @@ class KafkaEventConsumer(EventConsumer):
                 if revoked and outer._revoked is not None:
                     offsets = outer._offsets(outer._revoked(), set(revoked))
                     try:
-                        await consumer._coordinator._commit_offsets_sync_async(offsets)
+                        commit = consumer._coordinator._commit_offsets_sync_async
+                        await commit(offsets, timeout_ms=int(COMMIT_TIMEOUT_S * 1000))
                     except KafkaError as e:
                         log.warning("could not commit offsets before a rebalance: %s", e)
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 recorded = outer.resume_from() or {}
-                unrecorded = {
-                    tp for tp in assigned if position_slot(tp.topic, tp.partition) not in recorded
+                known = {
+                    tp: recorded[slot]
+                    for tp in assigned
+                    if (slot := position_slot(tp.topic, tp.partition)) in recorded
                 }
-                committed: dict[Any, Any] = {}
-                if (shared and assigned) or unrecorded:
-                    fetch = consumer._coordinator.fetch_committed_offsets_async
-                    committed = await fetch(set(assigned) if shared else unrecorded)
+                if shared and known:
+                    await outer._advance_to_committed(known)
                 for tp in assigned:
-                    offsets = [recorded.get(position_slot(tp.topic, tp.partition))]
-                    if tp in committed and committed[tp] is not None:
-                        offsets.append(committed[tp].offset)
-                    known = [o for o in offsets if o is not None and o >= 0]
-                    if known:
-                        consumer.seek(tp, max(known))
+                    if tp in known:
+                        consumer.seek(tp, known[tp])
                     else:
-                        # Never continue from the fetch position: records fetched before
-                        # a rebalance may have been dropped untrained.
-                        consumer.seek_to_beginning(tp)
+                        # Forget the fetch position (records fetched before a rebalance
+                        # may have been dropped untrained): the consumer then starts from
+                        # the group's committed offset, else the beginning, on its next
+                        # poll. Fetching the offset here instead can block the group's
+                        # join without a bound.
+                        consumer._subscription.assignment[tp] = TopicPartitionState()
                 log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
         self._await_topic_metadata()
         consumer.subscribe([topic], listener=_SeekToStore())
+
+    async def _advance_to_committed(self, positions: dict[Any, int]) -> None:
+        """Move each position up to the group's committed offset (in place): another
+        member sharing the hot tier may have trained the partition further."""
+        from kafka.errors import KafkaError
+
+        fetch = self._consumer._coordinator.fetch_committed_offsets_async
+        try:
+            committed = await fetch(set(positions), timeout_ms=int(COMMIT_TIMEOUT_S * 1000))
+        except KafkaError as e:
+            log.warning(
+                "could not fetch the group's offsets (%s); resuming from the store's "
+                "positions, events another trainer took may be trained again",
+                e,
+            )
+            return
+        for tp, offset in committed.items():
+            if offset is not None and offset.offset > positions[tp]:
+                positions[tp] = offset.offset
 
     def _await_topic_metadata(self) -> None:
         # A group leader that joins before it holds the topic's metadata assigns no
