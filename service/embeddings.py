@@ -7,17 +7,19 @@
   the cold tier on every request. Each table holds at most ``max_rows`` rows; when full,
   the oldest slots are reused (FIFO), which with a 1 s TTL is what LRU would evict too.
 * **Coalescing.** A request's keys arrive distinct per table (``distinct_keys``), and
-  only the ones missing from the cache go to the store. A dispatcher thread merges the
-  misses of every request queued meanwhile into one lookup per table (a key wanted by
-  several requests is read once), spread over ``threads`` reader threads; each request
-  gets its rows as each table arrives. Under load this turns per-request store round
-  trips into per-batch ones.
-* **Time budget.** A request waits at most ``budget_s`` for its store reads; tables not
-  read by then (a slow cold-tier read, a stalled Redis) answer with the default
-  embedding, the zero vector that unknown and unadmitted ids read as in training too,
-  and the read carries on in the background: its rows land in the near cache for the
-  next request, and a writable store (``streamrec run``) promotes the cold rows it
-  read into the hot tier as part of that same lookup. Queued reads are capped
+  only the ones missing from the cache go to the store, all tables in one
+  ``lookup_tables`` (for a read-only tiered store: one Redis pipeline and one RocksDB
+  multi-get). A dispatcher thread merges the misses of every request queued meanwhile
+  into one such read (a key wanted by several requests is read once) and runs it on a
+  pool, at most ``threads`` reads in flight; while they are all busy, new misses queue
+  and coalesce into the next read. Under load this turns per-request store round trips
+  into per-batch ones.
+* **Time budget.** A request waits at most ``budget_s`` for its store read; if it is not
+  back by then (a slow cold-tier read, a stalled Redis) its missing keys answer with the
+  default embedding, the zero vector that unknown and unadmitted ids read as in
+  training too, and the read carries on in the background: its rows land in the near
+  cache for the next request, and a writable store (``streamrec run``) promotes the
+  cold rows it read into the hot tier as part of that same lookup. Queued reads are capped
   (``max_pending``): beyond it misses answer the default at once.
 
 A store that cannot be reached raises ``StoreUnavailable`` from ``lookup`` when the
@@ -98,27 +100,22 @@ class _TableCache:
 
 
 class _Read:
-    """One request's store read: its keys per table, and the rows as they arrive."""
+    """One request's store read: its keys per table, and the rows once they arrive."""
 
-    __slots__ = ("done", "error", "left", "lock", "results", "wanted")
+    __slots__ = ("done", "error", "results", "wanted")
 
     def __init__(self, wanted: Mapping[str, Keys]) -> None:
         self.wanted = wanted
         self.results: dict[str, LookupResult] = {}
         self.error: BaseException | None = None
-        self.left = len(wanted)
-        self.lock = threading.Lock()
         self.done = threading.Event()
 
-    def deliver(self, table: str, result: LookupResult | None, error: BaseException | None) -> None:
-        with self.lock:
-            if result is not None:
-                self.results[table] = result
-            if error is not None and self.error is None:
-                self.error = error
-            self.left -= 1
-            if self.left == 0 or error is not None:
-                self.done.set()
+    def deliver(self, results: dict[str, LookupResult], error: BaseException | None) -> None:
+        # Set before done: a waiter that sees done reads them, one that timed out ignores
+        # them (nothing else reads them).
+        self.results = results
+        self.error = error
+        self.done.set()
 
 
 class EmbeddingReader:
@@ -210,7 +207,7 @@ class EmbeddingReader:
         self, wanted: Mapping[str, Keys], started: float
     ) -> dict[str, LookupResult]:
         """Queue the read for the dispatcher and wait for it at most what is left of the
-        budget; the tables not read by then are left out (the caller defaults them)."""
+        budget; if it is not back by then the caller defaults every table."""
         with self._lock:
             if self._queued >= self.max_pending:
                 metrics.LOOKUP_DEFAULTED.labels(reason="overloaded").inc(
@@ -229,20 +226,21 @@ class EmbeddingReader:
                 self._dispatcher.start()
         read = _Read(wanted)
         self._queue.put(read)
-        read.done.wait(max(self.budget_s - (self._clock() - started), 0.0))
-        with read.lock:
-            if read.error is not None:
-                raise read.error  # e.g. StoreUnavailable: the request answers 503
-            results = dict(read.results)
-        late = sum(len(k) for t, k in wanted.items() if t not in results)
-        if late:
-            metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(late)
-        return results
+        if not read.done.wait(max(self.budget_s - (self._clock() - started), 0.0)):
+            metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(
+                sum(len(k) for k in wanted.values())
+            )
+            return {}
+        if read.error is not None:
+            raise read.error  # e.g. StoreUnavailable: the request answers 503
+        return read.results
 
     def _dispatch(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
-        """Coalesce the reads queued meanwhile into one store lookup per table (each key
-        once, however many requests want it), spread the tables over the pool, and
-        hand every request its rows as each table arrives."""
+        """Coalesce the reads queued meanwhile into one store read of every table they
+        want (each key once, however many requests want it) and run it on the pool, at
+        most ``threads`` reads in flight: while they are busy, reads queue up and
+        coalesce into the next one."""
+        slots = threading.Semaphore(self._threads)
         while True:
             first = self._queue.get()
             if first is None:
@@ -258,38 +256,45 @@ class EmbeddingReader:
                 reads.append(more)
             with self._lock:
                 self._queued -= len(reads)
-            by_table: dict[str, list[_Read]] = {}
-            for read in reads:
-                for table in read.wanted:
-                    by_table.setdefault(table, []).append(read)
-            tables = list(by_table)
-            chunks = [tables[i :: self._threads] for i in range(min(self._threads, len(tables)))]
+            slots.acquire()
             try:
-                futures = [pool.submit(self._read_tables, chunk, by_table) for chunk in chunks]
+                future = pool.submit(self._read, reads)
             except RuntimeError:  # shut down by close(): these reads answer the default
                 return
-            concurrent.futures.wait(futures)
+            future.add_done_callback(lambda _: slots.release())
 
-    def _read_tables(self, tables: list[str], by_table: Mapping[str, list[_Read]]) -> None:
-        for table in tables:
-            reads = by_table[table]
-            if len(reads) == 1:
-                keys = reads[0].wanted[table]
-            else:
-                keys = np.unique(np.concatenate([r.wanted[table] for r in reads]))
-            try:
-                result = self.store.lookup(table, keys)
-            except Exception as exc:  # each request still waiting re-raises it
-                log.warning("embedding read of table %s failed: %s", table, exc)
-                for read in reads:
-                    read.deliver(table, None, exc)
-                continue
+    def _read(self, reads: list[_Read]) -> None:
+        """One store read for ``reads``; fills the near cache and hands each its rows."""
+        by_table: dict[str, list[Keys]] = {}
+        for read in reads:
+            for table, table_keys in read.wanted.items():
+                by_table.setdefault(table, []).append(table_keys)
+        keys = {
+            table: parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+            for table, parts in by_table.items()
+        }
+        try:
+            result = self.store.lookup_tables(keys)
+        except Exception as exc:  # each request still waiting re-raises it
+            log.warning("embedding read of %d tables failed: %s", len(keys), exc)
+            for read in reads:
+                read.deliver({}, exc)
+            return
+        expires = self._clock() + self.ttl_s
+        for table, table_keys in keys.items():
             cache = self._caches.get(table)
             if cache is not None:
-                cache.put(keys, result, self._clock() + self.ttl_s)
-            for read in reads:
-                if len(reads) == 1:
-                    read.deliver(table, result, None)
+                cache.put(table_keys, result[table], expires)
+        if len(reads) == 1:
+            reads[0].deliver(result, None)
+            return
+        for read in reads:
+            mine: dict[str, LookupResult] = {}
+            for table, table_keys in read.wanted.items():
+                got = result[table]
+                if len(by_table[table]) == 1:
+                    mine[table] = got
                     continue
-                at = np.searchsorted(keys, read.wanted[table])
-                read.deliver(table, LookupResult(result.rows[at], result.found[at]), None)
+                at = np.searchsorted(keys[table], table_keys)
+                mine[table] = LookupResult(got.rows[at], got.found[at])
+            read.deliver(mine, None)
