@@ -4,8 +4,9 @@
   1 s), so a hot key costs one store read per second however many requests carry it;
   a served row is never older than ``ttl_s`` plus the store's own lag. Keys without a
   row are cached too (as the default embedding), which keeps unknown ids from reaching
-  the cold tier on every request. Each table holds at most ``max_rows`` rows; when full,
-  the oldest slots are reused (FIFO), which with a 1 s TTL is what LRU would evict too.
+  the cold tier on every request. Each table holds at most ``max_rows`` rows in a
+  direct-mapped array (a key's slot is a hash of it; a newer key in its slot displaces
+  it), so a batch's reads and fills are whole-array numpy operations.
 * **Coalescing.** A request's keys arrive distinct per table (``distinct_keys``), and
   only the ones missing from the cache go to the store, all tables in one
   ``lookup_tables`` (for a read-only tiered store: one Redis pipeline and one RocksDB
@@ -44,59 +45,50 @@ from storage.base import EmbeddingStore, Floats, Keys, LookupResult
 log = logging.getLogger(__name__)
 
 
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying spreads any key's bits upwards
+
+
 class _TableCache:
-    """One table's near cache: key -> slot of a preallocated row matrix (FIFO slots)."""
+    """One table's near cache, direct-mapped: a key's slot is a hash of the key, so
+    reading or filling a whole batch is a few numpy operations with no Python loop per
+    key. A key whose slot another key took since reads as a miss (and is read again)."""
 
     def __init__(self, dim: int, max_rows: int) -> None:
-        self.slot_of: dict[int, int] = {}
         self.keys = np.zeros(max_rows, dtype=np.uint64)
         self.rows = np.zeros((max_rows, dim), dtype=np.float32)
         self.found = np.zeros(max_rows, dtype=np.bool_)
-        self.expires = np.full(max_rows, -np.inf)
-        self.used = np.zeros(max_rows, dtype=np.bool_)
-        self.cursor = 0
+        self.expires = np.full(max_rows, -np.inf)  # never-filled slots: always expired
+        self.size = np.uint64(max_rows)
         self.lock = threading.Lock()
+
+    def slots(self, keys: Keys) -> npt.NDArray[np.intp]:
+        return ((keys * _MIX >> np.uint64(32)) % self.size).astype(np.intp)
 
     def get(
         self, keys: Keys, now: float
     ) -> tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
         """Rows and found flags of ``keys`` (zeros where not cached) and the positions
         of ``keys`` that are missing or expired."""
-        slot_of = self.slot_of
+        slots = self.slots(keys)
         with self.lock:
-            slots = np.fromiter(
-                (slot_of.get(k, -1) for k in keys.tolist()), dtype=np.intp, count=len(keys)
-            )
-            have = slots >= 0
-            have[have] = self.expires[slots[have]] > now
-            at = slots[have]
-            rows = np.zeros((len(keys), self.rows.shape[1]), dtype=np.float32)
-            rows[have] = self.rows[at]
-            found = np.zeros(len(keys), dtype=np.bool_)
-            found[have] = self.found[at]
+            have = (self.keys[slots] == keys) & (self.expires[slots] > now)
+            rows = self.rows[slots]
+            found = self.found[slots] & have
+        rows[~have] = 0.0
         return rows, found, np.flatnonzero(~have)
 
     def put(self, keys: Keys, result: LookupResult, expires: float) -> None:
-        n = min(len(keys), len(self.keys))
-        keys, rows, found = keys[:n], result.rows[:n], result.found[:n]
+        slots = self.slots(keys)
+        # Keys of one batch that share a slot: the last takes it, explicitly (numpy leaves
+        # the order of repeated fancy-index writes unspecified, and the four arrays must
+        # agree on whose row a slot holds).
+        taken, last = np.unique(slots[::-1], return_index=True)
+        last = len(slots) - 1 - last
         with self.lock:
-            slot_of = self.slot_of
-            slots = np.empty(n, dtype=np.intp)
-            size = len(self.keys)
-            for i, key in enumerate(keys.tolist()):
-                slot = slot_of.get(key)
-                if slot is None:
-                    slot = self.cursor
-                    self.cursor = (slot + 1) % size
-                    if self.used[slot]:
-                        del slot_of[int(self.keys[slot])]
-                    self.used[slot] = True
-                    self.keys[slot] = key
-                    slot_of[key] = slot
-                slots[i] = slot
-            self.rows[slots] = rows
-            self.found[slots] = found
-            self.expires[slots] = expires
+            self.keys[taken] = keys[last]
+            self.rows[taken] = result.rows[last]
+            self.found[taken] = result.found[last]
+            self.expires[taken] = expires
 
 
 class _Read:
@@ -128,7 +120,7 @@ class EmbeddingReader:
         ttl_s: float = 1.0,
         max_rows: int = 100_000,
         budget_s: float = 0.025,
-        threads: int = 8,
+        threads: int = 1,
         max_pending: int = 256,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
