@@ -48,46 +48,63 @@ log = logging.getLogger(__name__)
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying spreads any key's bits upwards
 
 
-class _TableCache:
-    """One table's near cache, direct-mapped: a key's slot is a hash of the key, so
-    reading or filling a whole batch is a few numpy operations with no Python loop per
-    key. A key whose slot another key took since reads as a miss (and is read again)."""
+class _Segments:
+    """The near cache of the tables of one embedding dim, direct-mapped: table ``t``
+    owns slots ``[t * max_rows, (t + 1) * max_rows)`` and a key's slot in them is a hash
+    of the key. Reading or filling every table of a batch is a few numpy operations on
+    the concatenated keys, with no Python loop per key (nor per table beyond slicing).
+    A key whose slot another key took since reads as a miss (and is read again)."""
 
-    def __init__(self, dim: int, max_rows: int) -> None:
-        self.keys = np.zeros(max_rows, dtype=np.uint64)
-        self.rows = np.zeros((max_rows, dim), dtype=np.float32)
-        self.found = np.zeros(max_rows, dtype=np.bool_)
-        self.expires = np.full(max_rows, -np.inf)  # never-filled slots: always expired
-        self.size = np.uint64(max_rows)
+    def __init__(self, tables: list[str], dim: int, max_rows: int) -> None:
+        n = len(tables) * max_rows
+        self.base = {table: t * max_rows for t, table in enumerate(tables)}
+        self.keys = np.zeros(n, dtype=np.uint64)
+        self.rows = np.zeros((n, dim), dtype=np.float32)
+        self.found = np.zeros(n, dtype=np.bool_)
+        self.expires = np.full(n, -np.inf)  # never-filled slots: always expired
+        self.max_rows = np.uint64(max_rows)
         self.lock = threading.Lock()
 
-    def slots(self, keys: Keys) -> npt.NDArray[np.intp]:
-        return ((keys * _MIX >> np.uint64(32)) % self.size).astype(np.intp)
+    def slots(self, keys: Mapping[str, Keys]) -> tuple[Keys, npt.NDArray[np.intp], list[int]]:
+        """The keys of every table in one array, their slots, and where each table's
+        keys start in it (and the end)."""
+        counts = [len(k) for k in keys.values()]
+        flat = np.concatenate(list(keys.values())) if keys else np.zeros(0, dtype=np.uint64)
+        base = np.repeat(np.array([self.base[t] for t in keys], dtype=np.uint64), counts)
+        slots = ((flat * _MIX >> np.uint64(32)) % self.max_rows + base).astype(np.intp)
+        return flat, slots, [0, *np.cumsum(counts).tolist()]
 
     def get(
-        self, keys: Keys, now: float
-    ) -> tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
-        """Rows and found flags of ``keys`` (zeros where not cached) and the positions
-        of ``keys`` that are missing or expired."""
-        slots = self.slots(keys)
+        self, keys: Mapping[str, Keys], now: float
+    ) -> dict[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]]:
+        """Per table: rows and found flags of its keys (zeros where not cached) and the
+        positions of its keys that are missing or expired."""
+        flat, slots, at = self.slots(keys)
         with self.lock:
-            have = (self.keys[slots] == keys) & (self.expires[slots] > now)
+            have = (self.keys[slots] == flat) & (self.expires[slots] > now)
             rows = self.rows[slots]
             found = self.found[slots] & have
         rows[~have] = 0.0
-        return rows, found, np.flatnonzero(~have)
+        return {
+            table: (rows[a:b], found[a:b], np.flatnonzero(~have[a:b]))
+            for table, a, b in zip(keys, at, at[1:], strict=False)
+        }
 
-    def put(self, keys: Keys, result: LookupResult, expires: float) -> None:
-        slots = self.slots(keys)
+    def put(
+        self, keys: Mapping[str, Keys], results: Mapping[str, LookupResult], expires: float
+    ) -> None:
+        flat, slots, _ = self.slots(keys)
+        rows = np.concatenate([results[t].rows for t in keys])
+        found = np.concatenate([results[t].found for t in keys])
         # Keys of one batch that share a slot: the last takes it, explicitly (numpy leaves
         # the order of repeated fancy-index writes unspecified, and the four arrays must
         # agree on whose row a slot holds).
         taken, last = np.unique(slots[::-1], return_index=True)
         last = len(slots) - 1 - last
         with self.lock:
-            self.keys[taken] = keys[last]
-            self.rows[taken] = result.rows[last]
-            self.found[taken] = result.found[last]
+            self.keys[taken] = flat[last]
+            self.rows[taken] = rows[last]
+            self.found[taken] = found[last]
             self.expires[taken] = expires
 
 
@@ -130,9 +147,14 @@ class EmbeddingReader:
         self.max_pending = max_pending
         self._clock = clock
         self._dims = {name: cfg.dim for name, cfg in store.tables().items()}
-        self._caches = {
-            name: _TableCache(dim, max_rows) for name, dim in self._dims.items() if ttl_s > 0
-        }
+        by_dim: dict[int, list[str]] = {}
+        for name, dim in self._dims.items():
+            by_dim.setdefault(dim, []).append(name)
+        self._caches = (
+            [_Segments(tables, dim, max_rows) for dim, tables in by_dim.items()]
+            if ttl_s > 0
+            else []
+        )
         self._threads = threads
         self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
         self._queued = 0
@@ -151,48 +173,46 @@ class EmbeddingReader:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _default(self, table: str, n: int) -> LookupResult:
-        return LookupResult(
-            np.zeros((n, self._dims[table]), dtype=np.float32), np.zeros(n, dtype=np.bool_)
-        )
+    def _by_cache(self, keys: Mapping[str, Keys]) -> list[tuple[_Segments, dict[str, Keys]]]:
+        return [
+            (cache, part)
+            for cache in self._caches
+            if (part := {t: k for t, k in keys.items() if t in cache.base})
+        ]
 
     def lookup(self, keys: Mapping[str, Keys], *, cached: bool = True) -> dict[str, LookupResult]:
         """One row per key of each table (keys distinct per table), within the budget.
         ``cached=False`` skips the near cache (reads the store's current rows)."""
         now = self._clock()
+        for table in keys:
+            if table not in self._dims:
+                raise KeyError(f"unknown table {table!r}; configured: {sorted(self._dims)}")
         out: dict[str, LookupResult] = {}
         partial: dict[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]] = {}
+        if cached:
+            for cache, part in self._by_cache(keys):
+                partial.update(cache.get(part, now))
         wanted: dict[str, Keys] = {}
-        hits = 0
         for table, table_keys in keys.items():
-            cache = self._caches.get(table) if cached else None
-            if cache is None:
-                if len(table_keys):
-                    wanted[table] = table_keys
-                else:
-                    out[table] = self._default(table, 0)
-                continue
-            rows, found, missing = cache.get(table_keys, now)
-            hits += len(table_keys) - len(missing)
-            if len(missing) == 0:
-                out[table] = LookupResult(rows, found)
-            else:
-                partial[table] = (rows, found, missing)
+            if table not in partial:  # not cached: read every key
+                partial[table] = (
+                    np.zeros((len(table_keys), self._dims[table]), dtype=np.float32),
+                    np.zeros(len(table_keys), dtype=np.bool_),
+                    np.arange(len(table_keys), dtype=np.intp),
+                )
+            rows, found, missing = partial[table]
+            out[table] = LookupResult(rows, found)
+            if len(missing):
                 wanted[table] = table_keys[missing]
-        metrics.NEAR_CACHE.labels(result="hit").inc(hits)
-        metrics.NEAR_CACHE.labels(result="miss").inc(sum(len(k) for k in wanted.values()))
+        misses = sum(len(k) for k in wanted.values())
+        metrics.NEAR_CACHE.labels(result="hit").inc(sum(len(k) for k in keys.values()) - misses)
+        metrics.NEAR_CACHE.labels(result="miss").inc(misses)
         fetched = self._read_within_budget(wanted, now) if wanted else {}
-        for table, table_keys in wanted.items():
-            result = fetched.get(table)
-            if result is None:
-                result = self._default(table, len(table_keys))
-            if table in partial:
-                rows, found, missing = partial[table]
-                rows[missing] = result.rows
-                found[missing] = result.found
-                out[table] = LookupResult(rows, found)
-            else:
-                out[table] = result
+        # Rows not fetched in time stay the default: zeros, not found.
+        for table, result in fetched.items():
+            rows, found, missing = partial[table]
+            rows[missing] = result.rows
+            found[missing] = result.found
         return out
 
     def _read_within_budget(
@@ -273,10 +293,8 @@ class EmbeddingReader:
                 read.deliver({}, exc)
             return
         expires = self._clock() + self.ttl_s
-        for table, table_keys in keys.items():
-            cache = self._caches.get(table)
-            if cache is not None:
-                cache.put(table_keys, result[table], expires)
+        for cache, part in self._by_cache(keys):
+            cache.put(part, result, expires)
         if len(reads) == 1:
             reads[0].deliver(result, None)
             return
