@@ -589,12 +589,12 @@ class RedisTier(RowTier):
         """``get_many`` of several tables in one pipeline on one connection: an ``HGET``
         per key (a serving read touches ~1 key per bucket, so grouping keys by bucket
         would save Redis nothing), built for all tables at once."""
-        out: dict[str, list[bytes | None]] = {}
+        # Nothing asked, or nobody ever wrote the table: all None (in the order asked).
+        out: dict[str, list[bytes | None]] = {t: [None] * len(k) for t, k in keys.items()}
         shapes: dict[tuple[int, int, int], list[tuple[str, BucketLayout, Keys]]] = {}
         for table, table_keys in keys.items():
             layout = self.layout(table) if len(table_keys) else None
-            if layout is None:  # nothing asked, or nobody ever wrote the table
-                out[table] = [None] * len(table_keys)
+            if layout is None:
                 continue
             shape = (len(layout.name_head), layout.hex_digits, layout.field_bytes)
             shapes.setdefault(shape, []).append((table, layout, table_keys))
