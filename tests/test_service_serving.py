@@ -286,7 +286,6 @@ def test_near_cache_serves_rows_at_most_ttl_old() -> None:
     reader.close()
 
 
-
 def test_near_cache_keys_sharing_a_slot_never_read_each_others_rows() -> None:
     store = TieredStore(table_configs(SPEC, Settings()), MemoryTier())
     keys = keys_of("c1", *range(20))
@@ -300,6 +299,7 @@ def test_near_cache_keys_sharing_a_slot_never_read_each_others_rows() -> None:
             one = reader.lookup({"c1": keys[k : k + 1]})["c1"]
             assert np.array_equal(one.rows, want.rows[k : k + 1])
     reader.close()
+
 
 class SlowTier(MemoryTier):
     """A hot tier whose reads take ``delay_s`` (a slow disk or a stalled server)."""

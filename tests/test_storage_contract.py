@@ -184,7 +184,6 @@ def test_scan_while_deleting(tier: RowTier) -> None:
     assert tier.count("t") == 0
 
 
-
 def test_get_tables_reads_like_get_many(tier: RowTier) -> None:
     """Several tables in one call (names of several lengths: Redis builds each command
     shape apart), present and missing keys, unsorted, an empty and an unwritten table."""
@@ -204,6 +203,7 @@ def test_get_tables_reads_like_get_many(tier: RowTier) -> None:
         assert got[name] == tier.get_many(name, keys)
     assert sum(v is not None for v in got["a"]) == 20
     assert tier.get_tables({}) == {}
+
 
 def test_commit_writes_rows_and_blobs(tier: RowTier) -> None:
     tier.commit({"a": (u64(1, 2), [b"a1", b"a2"]), "b": (u64(1), [b"b1"])}, {"pos": b"7"})
@@ -583,7 +583,6 @@ def test_read_only_secondary_sees_rows_after_primary_flushes(make_store: StoreFa
         reader.put_blob("x", b"y")
 
 
-
 def test_read_only_lookup_tables_matches_lookup(make_store: StoreFactory) -> None:
     primary = make_store()
     users = feature_keys("user", [f"u{i}" for i in range(30)])
@@ -607,6 +606,7 @@ def test_read_only_lookup_tables_matches_lookup(make_store: StoreFactory) -> Non
     assert got["tag"].rows.shape == (0, 3)
     with pytest.raises(KeyError):
         reader.lookup_tables({"nope": u64(1)})
+
 
 def test_wrong_size_value_names_table_and_key(make_store: StoreFactory) -> None:
     store = make_store()
