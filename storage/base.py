@@ -148,6 +148,11 @@ class RowTier(ABC):
     def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
         """Return the stored value of each key, or None where it has none."""
 
+    def get_tables(self, keys: Mapping[str, Keys]) -> dict[str, list[bytes | None]]:
+        """``get_many`` of several tables at once; tiers with round trips (Redis) or
+        per-call costs (RocksDB) override it to read them all in one go."""
+        return {table: self.get_many(table, table_keys) for table, table_keys in keys.items()}
+
     @abstractmethod
     def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
         """Store ``values[i]`` under ``keys[i]``."""
@@ -237,6 +242,11 @@ class EmbeddingStore(ABC):
         With ``create=True`` (training) a missing key gets a freshly initialised row;
         with ``create=False`` (serving) it reads as zeros and ``found`` is False.
         """
+
+    def lookup_tables(self, keys: Mapping[str, Keys]) -> dict[str, LookupResult]:
+        """Serving reads (``create=False``) of several tables at once; stores override
+        it to batch the tables' reads into fewer round trips."""
+        return {table: self.lookup(table, table_keys) for table, table_keys in keys.items()}
 
     @abstractmethod
     def update(self, table: str, keys: Keys, grads: Floats) -> Floats:

@@ -83,6 +83,14 @@ def feature_keys(table: str, values: Sequence[str | int] | npt.NDArray[np.generi
     return _mixed_keys(values, salt)
 
 
+def int_feature_keys(tables: Sequence[str], values: npt.NDArray[np.int64]) -> Keys:
+    """``feature_keys(tables[i], values[i])`` for each row of an int64 matrix, in one
+    vectorised pass (a predict batch: one id per field and example)."""
+    salts = np.frombuffer(b"".join(map(table_salt, tables)), dtype="<u8").astype(np.uint64)
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    return splitmix64(values.view(np.uint64) ^ salts[:, None])
+
+
 def _mixed_keys(values: Sequence[object], salt: bytes) -> Keys:
     out = np.empty(len(values), dtype=np.uint64)
     int_pos: list[int] = []

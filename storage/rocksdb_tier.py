@@ -246,6 +246,21 @@ class RocksDBTier(RowTier):
         inverse[order] = np.arange(len(keys))
         return list(map(got.__getitem__, inverse.tolist()))
 
+    def get_tables(self, keys: Mapping[str, Keys]) -> dict[str, list[bytes | None]]:
+        """One multi-get for the keys of every table (one call into RocksDB, which
+        answers absent keys from its bloom filters)."""
+        asked = [(table, table_keys) for table, table_keys in keys.items() if len(table_keys)]
+        if not asked:
+            return {t: [] for t in keys}
+        self._maybe_catch_up()
+        values = self._multi_get([k for t, tk in asked for k in self._row_keys(t, tk)])
+        out: dict[str, list[bytes | None]] = {t: [] for t in keys}
+        at = 0
+        for table, table_keys in asked:
+            out[table] = values[at : at + len(table_keys)]
+            at += len(table_keys)
+        return out
+
     def put_many(self, table: str, keys: Keys, values: list[bytes]) -> None:
         self._check_writable()
         with self._lock:

@@ -724,6 +724,76 @@ class TieredStore(EmbeddingStore):
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
         return result
 
+    def lookup_tables(self, keys: Mapping[str, Keys]) -> dict[str, LookupResult]:
+        """A read-only store (a serving process) reads every table's keys with one hot-tier
+        read and one cold-tier read for all the hot misses; a writer reads table by table
+        (``lookup``: its hot misses take the lock and promote)."""
+        if not self.read_only:
+            return super().lookup_tables(keys)
+        start = time.perf_counter()
+        distinct: dict[str, tuple[Keys, npt.NDArray[np.intp] | None]] = {}
+        for table, table_keys in keys.items():
+            self._codec(table)  # unknown table: KeyError before any read
+            k = np.asarray(table_keys, dtype=np.uint64).reshape(-1)
+            if len(k) < 2 or bool((k[1:] > k[:-1]).all()):  # sorted distinct already
+                distinct[table] = (k, None)
+            else:
+                unique, inverse = np.unique(k, return_inverse=True)
+                distinct[table] = (unique, inverse)
+        hot = self.hot.get_tables({t: u for t, (u, _) in distinct.items()})
+        rows: dict[str, Rows] = {}
+        found: dict[str, Mask] = {}
+        missing: dict[str, npt.NDArray[np.intp]] = {}
+        for table, (unique, _) in distinct.items():
+            codec = self._codecs[table]
+            rows[table] = codec.zeros(len(unique))
+            found[table] = np.zeros(len(unique), dtype=np.bool_)
+            idx = np.arange(len(unique), dtype=np.intp)
+            missing[table] = self._fill(codec, unique, rows[table], found[table], idx, hot[table])
+        hot_misses = sum(len(m) for m in missing.values())
+        if hot_misses and self.cold is not None:
+            cold = self.cold.get_tables({t: distinct[t][0][m] for t, m in missing.items()})
+            for table, (unique, _) in distinct.items():
+                missing[table] = self._fill(
+                    self._codecs[table],
+                    unique,
+                    rows[table],
+                    found[table],
+                    missing[table],
+                    cold[table],
+                )
+        misses = sum(len(m) for m in missing.values())
+        n = sum(len(d[0]) for d in distinct.values())
+        self._record(n, hot_misses, hot_misses - misses, misses)
+        out: dict[str, LookupResult] = {}
+        for table, (_, inv) in distinct.items():
+            emb = rows[table]["emb"]
+            f = found[table]
+            if inv is not None:
+                emb, f = emb[inv], f[inv]
+            out[table] = LookupResult(np.ascontiguousarray(emb, dtype=np.float32), f)
+        metrics.LOOKUP_TABLES_SECONDS.observe(time.perf_counter() - start)
+        return out
+
+    @staticmethod
+    def _fill(
+        codec: RowCodec,
+        keys: Keys,
+        rows: Rows,
+        found: Mask,
+        idx: npt.NDArray[np.intp],
+        values: list[bytes | None],
+    ) -> npt.NDArray[np.intp]:
+        """Fill ``rows[idx]`` from ``values`` (one per position) where present; return the
+        positions still missing."""
+        hit = present_mask(values)
+        if hit.any():
+            at = idx[hit]
+            rows[at] = codec.unpack(keys[at], [v for v in values if v is not None])
+            found[at] = True
+        missing: npt.NDArray[np.intp] = idx[~hit]
+        return missing
+
     def prefetch(self, table: str, keys: Keys) -> None:
         """A writer with a capacity promotes the demoted rows of ``keys`` (spill or cold)
         into hot ahead of their training lookup; creates nothing and counts no sighting.

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -56,3 +58,35 @@ def test_serving_pool_matches_embedding_bag() -> None:
     served, _ = pool(batch, spec, distinct, found, train=False)
     trained, _ = pool(batch, spec, distinct, found, train=True)
     assert torch.equal(served, trained.detach())
+
+
+def test_batch_hashing_and_dedupe_match_the_per_field_paths() -> None:
+    """encode hashes all-int categorical fields in one pass and distinct_keys dedupes
+    one-key-per-example fields together: same keys and inverses as field by field."""
+    from storage.keys import feature_keys
+
+    spec = FeatureSpec(
+        sparse=[
+            SparseFeature(name="a"),
+            SparseFeature(name="b"),
+            SparseFeature(name="m", kind="multi_hot"),
+        ],
+        dense=[],
+    )
+    rng = np.random.default_rng(3)
+    batches: list[list[dict[str, Any]]] = [
+        [{"a": int(v), "b": int(w), "m": [1, 2]} for v, w in rng.integers(-5, 5, (9, 2))],
+        [{"a": True, "b": -(2**63), "m": []}, {"a": 1, "b": 2**63 - 1, "m": [3]}],
+        [{"a": 2**63, "b": 1, "m": [1]}, {"a": "7", "b": 7, "m": [1]}],  # per-field path
+        [{"a": 4, "m": [1]}, {"a": 4, "b": 4, "m": [1]}],  # a missing id
+    ]
+    for rows in batches:
+        batch = encode(rows, [{}] * len(rows), spec)
+        distinct = distinct_keys(batch, spec)
+        for name in ("a", "b"):
+            present = [r[name] for r in rows if name in r]
+            assert np.array_equal(batch.fields[name].keys, feature_keys(name, present))
+            unique, inverse = np.unique(batch.fields[name].keys, return_inverse=True)
+            assert np.array_equal(distinct.keys[name], unique)
+            assert np.array_equal(distinct.inverse[name], inverse)
+            assert distinct.inverse[name].dtype == np.int64

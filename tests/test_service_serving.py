@@ -287,6 +287,21 @@ def test_near_cache_serves_rows_at_most_ttl_old() -> None:
     reader.close()
 
 
+def test_near_cache_keys_sharing_a_slot_never_read_each_others_rows() -> None:
+    store = TieredStore(table_configs(SPEC, Settings()), MemoryTier())
+    keys = keys_of("c1", *range(20))
+    store.admit("c1", keys[::2])
+    want = store.lookup("c1", keys)
+    reader = EmbeddingReader(store, max_rows=3, clock=Clock())  # 20 keys, 3 slots
+    for _ in range(3):
+        got = reader.lookup({"c1": keys, "c2": keys_of("c2", 1)})["c1"]
+        assert np.array_equal(got.rows, want.rows) and np.array_equal(got.found, want.found)
+        for k in range(20):
+            one = reader.lookup({"c1": keys[k : k + 1]})["c1"]
+            assert np.array_equal(one.rows, want.rows[k : k + 1])
+    reader.close()
+
+
 class SlowTier(MemoryTier):
     """A hot tier whose reads take ``delay_s`` (a slow disk or a stalled server)."""
 

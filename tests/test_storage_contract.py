@@ -233,6 +233,27 @@ def test_memory_tier_reuses_slots_and_takes_longer_values() -> None:
     assert tier.get_many("t", u64(10_001)) == [b"n0000000"]
 
 
+def test_get_tables_reads_like_get_many(tier: RowTier) -> None:
+    """Several tables in one call (names of several lengths: Redis builds each command
+    shape apart), present and missing keys, unsorted, an empty and an unwritten table."""
+    rng = np.random.default_rng(1)
+    stored = {name: np.unique(keys_of(rng, 40)) for name in ("a", "bb", "t10")}
+    for name, keys in stored.items():
+        tier.put_many(name, keys, blobs_of(rng, len(keys)))
+    asked = {
+        name: rng.permutation(np.concatenate([keys[::2], keys_of(rng, 7)]))
+        for name, keys in stored.items()
+    }
+    asked["empty"] = u64()
+    asked["never"] = keys_of(rng, 5)
+    got = tier.get_tables(asked)
+    assert list(got) == list(asked)
+    for name, keys in asked.items():
+        assert got[name] == tier.get_many(name, keys)
+    assert sum(v is not None for v in got["a"]) == 20
+    assert tier.get_tables({}) == {}
+
+
 def test_commit_writes_rows_and_blobs(tier: RowTier) -> None:
     tier.commit({"a": (u64(1, 2), [b"a1", b"a2"]), "b": (u64(1), [b"b1"])}, {"pos": b"7"})
     assert tier.get_many("a", u64(1, 2)) == [b"a1", b"a2"]
@@ -609,6 +630,31 @@ def test_read_only_secondary_sees_rows_after_primary_flushes(make_store: StoreFa
         reader.flush({"p": 3})
     with pytest.raises(ReadOnlyStore):
         reader.put_blob("x", b"y")
+
+
+def test_read_only_lookup_tables_matches_lookup(make_store: StoreFactory) -> None:
+    primary = make_store()
+    users = feature_keys("user", [f"u{i}" for i in range(30)])
+    items = feature_keys("item", [f"i{i}" for i in range(20)])
+    primary.lookup("user", users, create=True)
+    primary.lookup("item", items, create=True)
+    primary.flush({"p": 1})
+    reader = make_store("reader", read_only=True)
+    asked = {
+        "user": np.concatenate([users[::-1], feature_keys("user", ["new"]), users[:3]]),
+        "item": np.sort(np.concatenate([items[::2], feature_keys("item", ["x", "y"])])),
+        "tag": u64(),
+    }
+    got = reader.lookup_tables(asked)
+    assert list(got) == list(asked)
+    for table, keys in asked.items():
+        one = reader.lookup(table, keys)
+        assert np.array_equal(got[table].rows, one.rows), table
+        assert np.array_equal(got[table].found, one.found), table
+    assert got["user"].found.sum() == 33 and got["item"].found.sum() == 10
+    assert got["tag"].rows.shape == (0, 3)
+    with pytest.raises(KeyError):
+        reader.lookup_tables({"nope": u64(1)})
 
 
 def test_wrong_size_value_names_table_and_key(make_store: StoreFactory) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.base import EmbeddingStore, Keys, LookupResult
-from storage.keys import feature_keys
+from storage.keys import feature_keys, int_feature_keys
 from streaming.spec import FeatureSpec
 
 
@@ -47,8 +47,12 @@ def encode(
     """Hash validated feature values into store keys, field by field."""
     fields: dict[str, FieldBatch] = {}
     size = len(features)
+    ints = _int_columns(features, spec)
     for field in spec.sparse:
         name = field.name
+        if name in ints:
+            fields[name] = ints[name]
+            continue
         raw = [example.get(name) for example in features]
         if field.kind == "categorical" and None not in raw:
             # The common case: one id per example, so bag i is simply element i.
@@ -72,6 +76,29 @@ def encode(
     return EncodedBatch(fields, dense_matrix)
 
 
+def _int_columns(
+    features: Sequence[Mapping[str, object]], spec: FeatureSpec
+) -> dict[str, FieldBatch]:
+    """The categorical fields hashed in one pass when every example has an int64 id in
+    each (the usual predict batch); empty otherwise, and ``encode`` goes field by field.
+    Same keys as ``feature_keys`` per field: int64 values hash by value either way."""
+    names = [f.name for f in spec.sparse if f.kind == "categorical"]
+    if not names or not features:
+        return {}
+    try:
+        values = np.array([[example.get(name) for example in features] for name in names])
+    except (OverflowError, ValueError):  # ids beyond 64 bits, ragged (list) values
+        return {}
+    # None, str, float or uint64-only ids make another dtype: those go field by field.
+    if values.dtype != np.int64 or values.shape != (len(names), len(features)):
+        return {}
+    keys = int_feature_keys(names, values)
+    return {
+        name: FieldBatch(keys[i], np.arange(len(features), dtype=np.int64))
+        for i, name in enumerate(names)
+    }
+
+
 @dataclass
 class GatheredRows:
     """The unique rows a batch touched, per table, as leaf tensors for autograd."""
@@ -91,13 +118,31 @@ class DistinctKeys:
 
 
 def distinct_keys(batch: EncodedBatch, spec: FeatureSpec) -> DistinctKeys:
+    """What ``np.unique(keys, return_inverse=True)`` gives per field. The fields with
+    one key per example (most, in a predict batch) are done together: one sort of a
+    (fields, batch) matrix instead of a ``np.unique`` per field."""
+    names = [f.name for f in spec.sparse]
+    rows = [n for n in names if len(batch.fields[n].keys) == batch.size > 0]
     keys: dict[str, Keys] = {}
     inverse: dict[str, npt.NDArray[np.int64]] = {}
-    for field in spec.sparse:
-        unique, inv = np.unique(batch.fields[field.name].keys, return_inverse=True)
-        keys[field.name] = unique
-        inverse[field.name] = inv.astype(np.int64).reshape(-1)
-    return DistinctKeys(keys, inverse)
+    if len(rows) > 1:
+        matrix = np.stack([batch.fields[n].keys for n in rows])
+        order = np.argsort(matrix, axis=1)
+        ordered = np.take_along_axis(matrix, order, axis=1)
+        first = np.ones(matrix.shape, dtype=np.bool_)  # first of its run in sorted order
+        np.not_equal(ordered[:, 1:], ordered[:, :-1], out=first[:, 1:])
+        rank = np.cumsum(first, axis=1, dtype=np.int64) - 1
+        inv = np.empty_like(rank)
+        np.put_along_axis(inv, order, rank, axis=1)
+        for i, name in enumerate(rows):
+            keys[name] = ordered[i][first[i]]
+            inverse[name] = inv[i]
+    for name in names:
+        if name not in keys:
+            unique, field_inv = np.unique(batch.fields[name].keys, return_inverse=True)
+            keys[name] = unique
+            inverse[name] = field_inv.astype(np.int64).reshape(-1)
+    return DistinctKeys({n: keys[n] for n in names}, {n: inverse[n] for n in names})
 
 
 def pool(
