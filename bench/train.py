@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from common import private_redis
 from prometheus_client import REGISTRY
 
@@ -186,6 +187,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: local Kafka)")
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
     parser.add_argument("--no-torchrec", action="store_true", help="skip the TorchRec baseline")
+    parser.add_argument(
+        "--torch-threads", type=int, help="trainer.torch_threads for every streamrec run"
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
@@ -228,6 +232,7 @@ def main() -> None:
             lookahead_batches=lookahead,
             cache=CacheConfig(read_staleness=s, write_staleness=s),
             progress_every_s=10,
+            torch_threads=args.torch_threads,
         )
 
     runs: dict[str, dict[str, Any]] = {}
@@ -323,6 +328,7 @@ def main() -> None:
         "batch_size": BATCH,
         "sparse_fields": len(spec.sparse),
         "dim": spec.sparse[0].dim,
+        "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "wall_s": round(time.perf_counter() - started, 1),
