@@ -103,3 +103,32 @@ def test_kafka_consumer_seeks_back_and_drops_what_it_fetched(kafka_bootstrap: st
         rest += [r.offset for r in consumer.poll(100, 0.5)]
     assert rest == list(range(10, 20))
     consumer.close()
+
+
+@pytest.mark.integration
+def test_kafka_consumer_without_a_position_starts_at_the_groups_offset(
+    kafka_bootstrap: str,
+) -> None:
+    """A trainer with no recorded position for a partition starts at the group's
+    committed offset (an operator may have set it), else at the beginning."""
+    topic = new_topic(kafka_bootstrap, "no-position", partitions=1)
+    producer = KafkaEventProducer(kafka_bootstrap)
+    for i in range(20):
+        producer.send(topic, str(i).encode())
+    producer.flush()
+    producer.close()
+
+    def first_offsets(group: str, commit: int | None = None) -> list[int]:
+        consumer = KafkaEventConsumer(kafka_bootstrap, topic, group, resume_from=lambda: None)
+        seen: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(seen) < 3 and time.monotonic() < deadline:
+            seen += [r.offset for r in consumer.poll(3 - len(seen), 0.5)]
+        if commit is not None:
+            consumer.commit({f"{topic}:0": commit})
+        consumer.close()
+        return seen
+
+    assert first_offsets(f"{topic}-a", commit=12) == [0, 1, 2]
+    assert first_offsets(f"{topic}-a") == [12, 13, 14]
+    assert first_offsets(f"{topic}-b") == [0, 1, 2]
