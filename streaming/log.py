@@ -296,12 +296,12 @@ class KafkaEventConsumer(EventConsumer):
                 for tp in assigned:
                     if tp in known:
                         consumer.seek(tp, known[tp])
-                    else:
-                        # Forget the fetch position (records fetched before a rebalance
-                        # may have been dropped untrained): the consumer then starts from
-                        # the group's committed offset, else the beginning, on its next
-                        # poll. Fetching the offset here instead can block the group's
-                        # join without a bound.
+                    elif outer._revoked is not None:
+                        # The revoke callback dropped what it buffered, so the fetch
+                        # position may be past untrained records: forget it. The consumer
+                        # then starts from the group's committed offset, else the
+                        # beginning, on its next poll (fetching the offset here instead
+                        # can block the group's join without a bound).
                         consumer._subscription.assignment[tp] = TopicPartitionState()
                 log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 

@@ -13,7 +13,7 @@ from storage.memory_tier import MemoryTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.tiered import TieredStore
 from streaming.events import decode_event
-from streaming.log import InMemoryLog, JsonlFileProducer
+from streaming.log import InMemoryLog, JsonlFileProducer, Record
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import Settings
 from streamrec.wiring import table_configs
@@ -176,3 +176,33 @@ def rows_of(store: TieredStore, table: str, keys: np.ndarray) -> list[bytes | No
     assert store.cold is not None
     hot, cold = store.hot.get_many(table, keys), store.cold.get_many(table, keys)
     return [h if h is not None else c for h, c in zip(hot, cold, strict=True)]
+
+
+def test_a_revoke_records_dead_letters_read_before_the_first_dropped_event(
+    tmp_path: Path,
+) -> None:
+    """Buffered events are dropped at a revoke; the bad events read before them are
+    already dead-lettered, so the recorded position covers them (the next owner must
+    not dead-letter them again), and stops at each partition's first dropped event."""
+    source = small_source(8)
+    store = TieredStore(
+        table_configs(source.spec, Settings()), MemoryTier(), RocksDBTier(tmp_path / "db")
+    )
+    dlq = JsonlFileProducer(tmp_path / "dlq.jsonl")
+    trainer = make_trainer(source, store, InMemoryLog(), dlq)
+    good = [event.to_json() for event in source]
+    records = [
+        Record(TOPIC, 0, 0, b"{broken"),
+        Record(TOPIC, 0, 1, good[0]),
+        Record(TOPIC, 1, 0, b"{broken"),
+        Record(TOPIC, 1, 1, b"{broken"),
+        Record(TOPIC, 0, 2, good[1]),
+    ]
+    trainer._pending.extend(trainer._decode(records[:4]))
+    trainer._ready.append(trainer._cut())
+    trainer._pending.extend(trainer._decode(records[4:]))
+    assert trainer._on_revoked() == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 2}
+    assert store.position() == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 2}
+    assert not trainer._pending and not trainer._ready
+    assert trainer.read_position() == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 2}
+    assert len((tmp_path / "dlq.jsonl").read_text().splitlines()) == 3

@@ -161,6 +161,7 @@ class StreamingTrainer:
                 every_s=config.dense_sync_every_s,
             )
         self._pending: list[Event] = []  # decoded, not yet cut into a batch
+        self._pending_first: dict[str, int] = {}  # offset of each partition's first pending
         self._ready: deque[_Batch] = deque()  # cut and prefetching, not yet trained
         consumer.on_revoked(self._on_revoked)
         # Where a rewind goes back to: the bookkeeping of the recorded position, and of
@@ -270,6 +271,7 @@ class StreamingTrainer:
                 self._dead_letter(record, event)
             else:
                 events.append(event)
+                self._pending_first.setdefault(record.slot, record.offset)
             self._read[record.slot] = record.offset + 1
         return events
 
@@ -328,6 +330,7 @@ class StreamingTrainer:
         ``LogUnavailable`` while those are down (nothing is lost; call again)."""
         self.store.discard_unflushed()
         self._pending.clear()
+        self._pending_first = {}
         self._ready.clear()
         recorded = self.store.position() or {}
         # A flush that raised may still have committed (e.g. Redis failed after the
@@ -357,16 +360,38 @@ class StreamingTrainer:
     def _on_revoked(self) -> dict[str, int]:
         """Partitions are about to move to another trainer: forget the buffered, untrained
         events (whoever reads those partitions next reads them again) and record what was
-        trained; the consumer commits the returned position, so the next owner starts
-        exactly there."""
+        handled: each partition up to its first dropped event (what was read before it was
+        trained or dead-lettered), or all it read. The consumer commits the returned
+        position, so the next owner starts exactly there."""
         dropped = len(self._pending) + sum(len(b.events) for b in self._ready)
+        first: dict[str, int] = {}
+        for batch_first in [*(b.first for b in self._ready), self._pending_first]:
+            for slot, offset in batch_first.items():
+                first.setdefault(slot, offset)
+        trained = dict(self.position)
         self._pending.clear()
+        self._pending_first = {}
         self._ready.clear()
+        self.position = {**self._read, **first}
         self._read = dict(self.position)
         if not self.checkpoint(commit=False):
-            return dict(self.store.position() or {})  # dead letters not stored: not recorded
+            # Dead letters not stored: they must be read (and sent) again.
+            self.position, self._read = trained, dict(trained)
+            return dict(self.store.position() or {})
         log.info("rebalance: committed %s, dropped %d buffered events", self.position, dropped)
         return dict(self.position)
+
+    def _cut(self) -> _Batch:
+        """The pending events as a batch (encoded, ready for its lookahead)."""
+        batch = _Batch(
+            list(self._pending),
+            self.encode(self._pending),
+            dict(self._read),
+            self._pending_first,
+        )
+        self._pending.clear()
+        self._pending_first = {}
+        return batch
 
     def _publishes(self) -> bool:
         if self.group_member is None:
@@ -432,9 +457,8 @@ class StreamingTrainer:
                     or want <= 0
                     or time.monotonic() - batch_started > cfg.max_batch_wait_s
                 ):
-                    ready.append(_Batch(list(pending), self.encode(pending), dict(self._read)))
+                    ready.append(self._cut())
                     lookahead.submit(ready[-1].encoded)
-                    pending.clear()
                 # Train once the lookahead is full, or as soon as the stream is not ahead.
                 if ready and (len(ready) > cfg.lookahead_batches or not arrived):
                     batch = ready.popleft()
@@ -463,8 +487,7 @@ class StreamingTrainer:
                     next_publish = now + cfg.publish_every_s
                 progress.maybe_log(self, now)
             if pending:
-                ready.append(_Batch(list(pending), self.encode(pending), dict(self._read)))
-                pending.clear()
+                ready.append(self._cut())
             while ready:
                 batch = ready.popleft()
                 self.train_step(batch.events, batch.encoded)
@@ -490,6 +513,7 @@ class _Batch:
     events: list[Event]
     encoded: EncodedBatch
     end: dict[str, int]  # the read position after its last record (bad ones included)
+    first: dict[str, int]  # offset of each partition's first event in it
 
 
 class _Lookahead:
