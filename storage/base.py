@@ -12,6 +12,7 @@ vocabulary and no fixed table size.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -252,6 +253,23 @@ class EmbeddingStore(ABC):
     def update(self, table: str, keys: Keys, grads: Floats) -> Floats:
         """Apply the table's sparse optimizer to ``keys`` (unique) with ``grads`` (n, dim);
         returns their embeddings after the update (zeros where a key has no row)."""
+
+    @abstractmethod
+    def lookup_rows(self, table: str, keys: Keys, *, create: bool = False) -> tuple[Rows, Mask]:
+        """Whole rows (embedding, optimizer state, metadata) of distinct ``keys``, in
+        order, and which were found; ``create`` as in ``lookup``. For a single writer
+        that applies the sparse optimizer itself and hands the rows back with
+        ``write_rows`` (the trainer cache)."""
+
+    @abstractmethod
+    def write_rows(self, table: str, keys: Keys, rows: Rows) -> None:
+        """Store whole rows of distinct ``keys`` as they are, to be made durable with the
+        next ``flush``. Only a single writer may do this: it overwrites whatever others
+        wrote since its ``lookup_rows``."""
+
+    def now(self) -> int:
+        """The time, in epoch seconds, the store stamps on updated rows."""
+        return int(time.time())
 
     def prefetch(self, table: str, keys: Keys) -> None:  # noqa: B027 - optional hook
         """A hint that ``keys`` are about to be looked up: stores with slow tiers move

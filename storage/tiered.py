@@ -696,33 +696,81 @@ class TieredStore(EmbeddingStore):
         start = time.perf_counter()
         codec = self._codec(table)
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
-        if create:
-            self._check_writable("lookup(create=True)")
         unique, inverse = _unique_inverse(keys)
-        if create:
-            with self._lock:
-                self._advance(table)
-                self._drain_reads()
-                counts = None
-                if not self._admit_all[table]:
-                    counts = np.bincount(inverse, minlength=len(unique))
-                loaded = self._load(codec, unique, admit="policy", counts=counts)
-                epoch = self._index[table].epoch if self._index is not None else 0
-                self._touched[table] = _Touched(unique, loaded, self._step, epoch)
-                self._maybe_evict()
-            rows, found = loaded.rows, loaded.found
-            self._record(
-                len(unique),
-                loaded.hot_misses,
-                loaded.cold_hits,
-                loaded.hot_misses - loaded.cold_hits,
-            )
-        else:
-            rows, found = self._read(codec, unique)
+        counts = None
+        if create and not self._admit_all[table]:
+            counts = np.bincount(inverse, minlength=len(unique))
+        rows, found = self._rows(codec, unique, create, counts)
         emb: Floats = np.ascontiguousarray(rows["emb"][inverse], dtype=np.float32)
         result = LookupResult(rows=emb, found=found[inverse])
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
         return result
+
+    def lookup_rows(self, table: str, keys: Keys, *, create: bool = False) -> tuple[Rows, Mask]:
+        """See ``EmbeddingStore.lookup_rows``: ``lookup`` of distinct keys, whole rows."""
+        start = time.perf_counter()
+        codec = self._codec(table)
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        if len(_unique(keys)) != len(keys):
+            raise ValueError(f"table {table!r}: lookup_rows keys must be unique")
+        rows, found = self._rows(codec, keys, create, None)
+        metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
+        return rows, found
+
+    def _rows(
+        self,
+        codec: RowCodec,
+        keys: Keys,
+        create: bool,
+        counts: npt.NDArray[np.intp] | None,
+    ) -> tuple[Rows, Mask]:
+        """Rows of distinct ``keys``; ``counts``: sightings per key for admission."""
+        if not create:
+            return self._read(codec, keys)
+        self._check_writable("lookup(create=True)")
+        table = codec.table
+        with self._lock:
+            self._advance(table)
+            self._drain_reads()
+            loaded = self._load(codec, keys, admit="policy", counts=counts)
+            epoch = self._index[table].epoch if self._index is not None else 0
+            self._touched[table] = _Touched(keys, loaded, self._step, epoch)
+            self._maybe_evict()
+        self._record(
+            len(keys), loaded.hot_misses, loaded.cold_hits, loaded.hot_misses - loaded.cold_hits
+        )
+        return loaded.rows, loaded.found
+
+    def write_rows(self, table: str, keys: Keys, rows: Rows) -> None:
+        """See ``EmbeddingStore.write_rows``: the rows go to hot, dirty (the next flush
+        writes them to cold) and most recently used."""
+        start = time.perf_counter()
+        self._check_writable("write_rows")
+        codec = self._codec(table)
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        if rows.dtype != codec.dtype or len(rows) != len(keys):
+            raise ValueError(
+                f"table {table!r}: write_rows needs {len(keys)} rows of {codec.nbytes} bytes "
+                f"(dim {codec.dim}, optimizer {codec.cfg.optimizer}), got {len(rows)} of "
+                f"{rows.dtype.itemsize}"
+            )
+        if len(keys) == 0:
+            return
+        with self._lock:
+            self._drain_reads()
+            self._touched.pop(table, None)  # its rows are older than these
+            self.hot.put_rows(table, keys, rows)
+            if self._index is None:
+                self._mark_dirty(table, keys)
+            else:
+                pos = self._index[table].touch(keys, self._step)
+                if self.cold is not None:
+                    self._index[table].dirty[pos] = True
+            self._maybe_evict()
+        metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
+
+    def now(self) -> int:
+        return self._now()
 
     def lookup_tables(self, keys: Mapping[str, Keys]) -> dict[str, LookupResult]:
         """A read-only store (a serving process) reads every table's keys with one hot-tier

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import get_args
+
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from storage.base import AdmissionConfig, Keys, TableConfig
+from storage.base import AdmissionConfig, Keys, SparseOptimizerName, TableConfig
 from storage.memory_tier import MemoryTier
+from storage.rocksdb_tier import RocksDBTier
 from storage.tiered import TieredStore
 from trainer.cache import CacheConfig, CachedStore
 
@@ -55,9 +59,9 @@ def test_synchronous_cache_trains_bit_identically() -> None:
     )
 
 
-def test_write_bound_accumulates_then_pushes_the_sum() -> None:
+def test_shared_write_bound_accumulates_then_pushes_the_sum() -> None:
     inner = store_of(SGD)
-    cached = CachedStore(inner, CacheConfig(read_staleness=10, write_staleness=2))
+    cached = CachedStore(inner, CacheConfig(read_staleness=10, write_staleness=2), shared=True)
     key = ids(7)
     start = step(cached, "s", key, 1.0)
     for _ in range(2):  # two pending updates: nothing reaches the store yet
@@ -68,9 +72,10 @@ def test_write_bound_accumulates_then_pushes_the_sum() -> None:
     assert cached.stats()["cache_pending_rows"] == 0
 
 
-def test_flush_pushes_every_pending_update_before_recording_the_position() -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_flush_pushes_every_pending_update_before_recording_the_position(shared: bool) -> None:
     inner = store_of(SGD)
-    cached = CachedStore(inner, CacheConfig(read_staleness=8, write_staleness=8))
+    cached = CachedStore(inner, CacheConfig(read_staleness=8, write_staleness=8), shared=shared)
     keys = ids(1, 2, 3)
     start = step(cached, "s", keys, 2.0)
     assert cached.stats()["cache_pending_rows"] == 3
@@ -80,9 +85,9 @@ def test_flush_pushes_every_pending_update_before_recording_the_position() -> No
     assert cached.stats()["cache_pending_rows"] == 0
 
 
-def test_read_bound_sees_another_writer_after_s_r_lookups() -> None:
+def test_shared_read_bound_sees_another_writer_after_s_r_lookups() -> None:
     shared = store_of(SGD)
-    mine = CachedStore(shared, CacheConfig(read_staleness=2, write_staleness=0))
+    mine = CachedStore(shared, CacheConfig(read_staleness=2, write_staleness=0), shared=True)
     key = ids(9)
     first = mine.lookup("s", key, create=True).rows
     shared.update("s", key, np.ones((1, 4), dtype=np.float32))  # another trainer
@@ -92,9 +97,9 @@ def test_read_bound_sees_another_writer_after_s_r_lookups() -> None:
     assert np.allclose(mine.lookup("s", key, create=True).rows, first - 0.5)
 
 
-def test_a_read_after_pending_updates_includes_them() -> None:
+def test_a_shared_read_after_pending_updates_includes_them() -> None:
     inner = store_of(SGD)
-    cached = CachedStore(inner, CacheConfig(read_staleness=1, write_staleness=5))
+    cached = CachedStore(inner, CacheConfig(read_staleness=1, write_staleness=5), shared=True)
     key = ids(4)
     start = step(cached, "s", key, 1.0)  # pending 1, age 0
     cached.lookup("s", key, create=True)  # served from the cache (age 0 < 1)
@@ -102,14 +107,15 @@ def test_a_read_after_pending_updates_includes_them() -> None:
     assert np.allclose(cached.lookup("s", key, create=True).rows, start - 0.5)
 
 
-def test_unadmitted_ids_are_never_served_from_the_cache() -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_unadmitted_ids_are_never_served_from_the_cache(shared: bool) -> None:
     gated = TableConfig(
         name="g",
         dim=4,
         admission=AdmissionConfig(policy="count_min", threshold=3, sketch_width=1 << 10),
     )
     inner = store_of(gated)
-    cached = CachedStore(inner, CacheConfig(read_staleness=8, write_staleness=8))
+    cached = CachedStore(inner, CacheConfig(read_staleness=8, write_staleness=8), shared=shared)
     key = ids(42)
     for _ in range(2):  # every sighting reaches the store's admission policy
         assert not cached.lookup("g", key, create=True).found.any()
@@ -118,9 +124,10 @@ def test_unadmitted_ids_are_never_served_from_the_cache() -> None:
     assert inner.stats()["dropped_gradients"] == 2
 
 
-def test_nan_gradients_are_rejected_by_the_store_and_never_accumulated() -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_nan_gradients_are_rejected_by_the_store_and_never_accumulated(shared: bool) -> None:
     inner = store_of(SGD)
-    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4))
+    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4), shared=shared)
     keys = ids(1, 2)
     start = step(cached, "s", keys, 1.0)
     cached.lookup("s", keys, create=True)
@@ -132,9 +139,12 @@ def test_nan_gradients_are_rejected_by_the_store_and_never_accumulated() -> None
     assert np.allclose(rows[1], start[1] - 1.0)
 
 
-def test_capacity_drops_rows_but_never_their_updates() -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_capacity_drops_rows_but_never_their_updates(shared: bool) -> None:
     plain, inner = store_of(SGD), store_of(SGD)
-    cached = CachedStore(inner, CacheConfig(read_staleness=3, write_staleness=3, capacity_rows=40))
+    cached = CachedStore(
+        inner, CacheConfig(read_staleness=3, write_staleness=3, capacity_rows=40), shared=shared
+    )
     rng = np.random.default_rng(3)
     for _ in range(30):
         keys = np.unique(rng.integers(0, 200, 25).astype(np.uint64))
@@ -146,9 +156,10 @@ def test_capacity_drops_rows_but_never_their_updates() -> None:
     assert np.allclose(plain.lookup("s", everything).rows, inner.lookup("s", everything).rows)
 
 
-def test_prefetch_fills_the_cache_and_cuts_store_reads() -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_prefetch_fills_the_cache_and_cuts_store_reads(shared: bool) -> None:
     inner = store_of(T)
-    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4))
+    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4), shared=shared)
     keys = ids(*range(100))
     inner.lookup("t", keys, create=True)  # rows exist in the store
     cached.prefetch("t", keys)
@@ -159,10 +170,10 @@ def test_prefetch_fills_the_cache_and_cuts_store_reads() -> None:
     assert result.rows.tobytes() == inner.lookup("t", keys).rows.tobytes()
 
 
-@pytest.mark.parametrize("s", [0, 8])
-def test_traffic_counters(s: int) -> None:
+@pytest.mark.parametrize(("s", "shared"), [(0, False), (8, False), (8, True)])
+def test_traffic_counters(s: int, shared: bool) -> None:
     inner = store_of(T)
-    cached = CachedStore(inner, CacheConfig(read_staleness=s, write_staleness=s))
+    cached = CachedStore(inner, CacheConfig(read_staleness=s, write_staleness=s), shared=shared)
     names = ("read", "write", "demand_read", "demand_write")
     before = {n: metric("streamrec_trainer_store_rows_total", op=n) for n in names}
     keys = ids(*range(10))
@@ -173,7 +184,80 @@ def test_traffic_counters(s: int) -> None:
     assert d["demand_read"] == d["demand_write"] == 180
     if s == 0:
         assert d["read"] == 180 and d["write"] == 180
-    else:
+    elif shared:
         # Per row: reads at lookups 1 and 18 (age 8 = s_r); pushes at update 9 (9 pending
         # > s_w), before the read at lookup 18, and of update 18 at the flush.
         assert d["read"] == 20 and d["write"] == 30
+    else:
+        # Per row: one read (the only writer never re-reads) and a write-back at updates
+        # 9 and 18 (9 pending > s_w); nothing left for the flush.
+        assert d["read"] == 10 and d["write"] == 20
+
+
+@pytest.mark.parametrize("optimizer", sorted(get_args(SparseOptimizerName)))
+def test_write_back_trains_bit_identically_at_any_staleness(optimizer: str) -> None:
+    cfg = TableConfig(name="t", dim=4, optimizer=optimizer, learning_rate=0.05)
+    plain, inner = store_of(cfg), store_of(cfg)
+    cached = CachedStore(inner, CacheConfig(read_staleness=8, write_staleness=8))
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        keys = np.unique(rng.integers(0, 60, 30).astype(np.uint64))
+        grads = rng.standard_normal((len(keys), 4)).astype(np.float32)
+        a = plain.lookup("t", keys, create=True).rows
+        b = cached.lookup("t", keys, create=True).rows
+        assert a.tobytes() == b.tobytes()  # the rows trained on are never stale
+        assert plain.update("t", keys, grads).tobytes() == cached.update("t", keys, grads).tobytes()
+    cached.flush()
+    everything = ids(*range(60))
+    want, _ = plain.lookup_rows("t", everything)
+    got, _ = inner.lookup_rows("t", everything)
+    # Embedding and optimizer state; the update times may differ by the test's seconds.
+    assert want["emb"].tobytes() == got["emb"].tobytes()
+    assert want["state"].tobytes() == got["state"].tobytes()
+    assert (want["count"] == got["count"]).all()
+
+
+def test_write_back_store_lags_by_at_most_s_w_updates() -> None:
+    plain, inner = store_of(T), store_of(T)
+    cached = CachedStore(inner, CacheConfig(read_staleness=0, write_staleness=3))
+    key = ids(5)
+    step(plain, "t", key, 0.2)
+    start = step(cached, "t", key, 0.2)
+    for _ in range(2):  # pending 1..3: the store still has the created row
+        assert inner.lookup("t", key).rows.tobytes() != plain.lookup("t", key).rows.tobytes()
+        step(plain, "t", key, 0.2)
+        step(cached, "t", key, 0.2)
+    assert inner.lookup("t", key).rows.tobytes() == start.tobytes()
+    step(plain, "t", key, 0.2)
+    step(cached, "t", key, 0.2)  # the 4th pending update (> s_w = 3): written back
+    assert inner.lookup("t", key).rows.tobytes() == plain.lookup("t", key).rows.tobytes()
+    assert cached.stats()["cache_pending_rows"] == 0
+
+
+def test_write_back_through_a_capacity_bounded_store_with_a_cold_tier(tmp_path: Path) -> None:
+    """Rows the store demotes to RocksDB while the cache holds them come back right."""
+
+    def bounded(path: Path) -> TieredStore:
+        return TieredStore([T], MemoryTier(), RocksDBTier(path), hot_capacity_rows=30)
+
+    plain, inner = bounded(tmp_path / "plain"), bounded(tmp_path / "cached")
+    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4, capacity_rows=50))
+    rng = np.random.default_rng(7)
+    for i in range(60):
+        keys = np.unique(rng.zipf(1.3, 40).astype(np.uint64) % 300)
+        grads = rng.standard_normal((len(keys), 4)).astype(np.float32)
+        for s in (plain, cached):
+            s.lookup("t", keys, create=True)
+            s.update("t", keys, grads)
+        if i % 10 == 9:
+            plain.flush({"log:0": i})
+            cached.flush({"log:0": i})
+    assert inner.position() == {"log:0": 59}
+    everything = ids(*range(300))
+    want, found = plain.lookup_rows("t", everything)
+    got, got_found = inner.lookup_rows("t", everything)
+    assert (found == got_found).all()
+    assert want["emb"].tobytes() == got["emb"].tobytes()
+    assert want["state"].tobytes() == got["state"].tobytes()
+    for s in (plain, inner):
+        s.close()

@@ -34,7 +34,9 @@ SOURCE = SyntheticSource(
 )
 
 
-def write_config(path: Path, kafka: str, redis_url: str, topic: str, name: str) -> Path:
+def write_config(
+    path: Path, kafka: str, redis_url: str, topic: str, name: str, staleness: int = 0
+) -> Path:
     path.mkdir(parents=True)
     config = path / "streamrec.toml"
     sparse = ", ".join(f'{{name = "{f.name}", dim = {f.dim}}}' for f in SOURCE.spec.sparse)
@@ -57,6 +59,9 @@ batch_size = {BATCH}
 max_batch_wait_s = 60
 flush_every_s = 0.25
 publish_every_s = 3600
+[trainer.cache]
+read_staleness = {staleness}
+write_staleness = {staleness}
 """
     )
     return config
@@ -82,9 +87,13 @@ def stored_rows(store: TieredStore) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("staleness", [0, 8])
 def test_kill_9_then_restart_matches_an_uninterrupted_run(
-    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path, staleness: int
 ) -> None:
+    """The crashed trainer runs with the trainer cache at s_r = s_w = ``staleness``; the
+    reference is synchronous. A single writer's cache writes whole rows back, so both
+    match it bit for bit."""
     topic = new_topic(kafka_bootstrap, "eo", partitions=1)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20)
     for event in SOURCE:
@@ -102,7 +111,7 @@ def test_kill_9_then_restart_matches_an_uninterrupted_run(
     assert reference.stop() == 0
 
     crash_config = write_config(
-        tmp_path / "crash", kafka_bootstrap, redis_url, topic, f"crash{run}"
+        tmp_path / "crash", kafka_bootstrap, redis_url, topic, f"crash{run}", staleness
     )
     trainer = subprocess.Popen(
         [

@@ -563,6 +563,33 @@ def test_flush_and_reopen_restore_rows_bit_exact(make_store: StoreFactory) -> No
     assert stats["cold_hits"] == 150 and stats["misses"] == 0
 
 
+def test_written_rows_read_back_bit_exact_and_flush_with_the_position(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store()
+    cfg = TABLES[1]
+    codec = RowCodec(cfg)
+    keys = feature_keys(cfg.name, list(range(40)))
+    rows, found = store.lookup_rows(cfg.name, keys, create=True)
+    assert found.all() and rows.dtype == codec.dtype
+    rng = np.random.default_rng(5)
+    rows["emb"] = rng.normal(size=rows["emb"].shape)
+    rows["state"] = rng.random(size=rows["state"].shape)
+    rows["count"] = 3
+    store.write_rows(cfg.name, keys[:30], rows[:30])
+    again, found = store.lookup_rows(cfg.name, keys)
+    assert found.all()
+    assert again[:30].tobytes() == rows[:30].tobytes()
+    assert store.lookup(cfg.name, keys[:30]).rows.tobytes() == rows["emb"][:30].tobytes()
+    store.flush({"events-0": 9})
+    assert store.cold is not None
+    assert store.cold.get_many(cfg.name, keys[:30]) == codec.pack(rows[:30])
+    with pytest.raises(ValueError, match="unique"):
+        store.lookup_rows(cfg.name, keys[[0, 0]])
+    with pytest.raises(ValueError, match="write_rows needs 2 rows"):
+        store.write_rows(cfg.name, keys[:2], RowCodec(TABLES[0]).zeros(2))
+
+
 def test_flush_is_incremental_and_position_optional(make_store: StoreFactory) -> None:
     store = make_store()
     keys = feature_keys("tag", [1, 2])

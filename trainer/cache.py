@@ -2,29 +2,43 @@
 
 ``CachedStore`` wraps the store the trainer writes and keeps the rows it touched
 locally, so popular rows (most of the traffic under a skewed id distribution) are
-not read from and written to the store on every batch:
+not read from and written to the store on every batch. It works in one of two modes.
+
+**Write-back** (the default: this trainer is the store's only writer). The cache holds
+whole rows (embedding, optimizer state, metadata) and applies the table's sparse
+optimizer to them itself, with the store's code, so training at any staleness is
+bit-identical to training without the cache: no other writer can make a cached row
+stale.
+
+* Write bound ``s_w``: a row goes back to the store (``write_rows``) once more than
+  ``s_w`` of its updates are pending, and every row at each ``flush``, so a recorded
+  stream position never covers updates that are only in the cache. Serving, which
+  reads the store, sees a row at most ``s_w`` updates (or one flush interval) late.
+* ``s_r`` bounds how far behind the store a served row may be; with one writer a
+  cached row is never behind, so it does not force re-reads here.
+
+**Shared** (``shared=True``: scale-out, several trainers write the same hot tier). The
+cache holds embeddings and sends gradients, as HET does:
 
 * Read bound ``s_r``: a cached row serves at most ``s_r`` training lookups after it
   was last synchronised with the store (read from it, or written to it: ``update``
   returns the rows it produced); the next lookup reads the store again, after
   pushing the row's pending updates so the read includes them.
 * Write bound ``s_w``: gradients accumulate per row (summed) and are pushed as one
-  update once more than ``s_w`` are pending, and for every row at each ``flush``, so
-  a recorded stream position never covers updates that are only in the cache.
-* ``s_r = s_w = 0`` is synchronous: every lookup and update goes to the store, and
-  training is bit-identical to training without the cache.
+  update once more than ``s_w`` are pending, and for every row at each ``flush``.
+* A cached copy misses at most ``s_w`` of its own trainer's updates and at most the
+  updates other trainers made within its last ``s_r`` lookups. For stateful
+  optimizers (AdaGrad, Adam) one step on the summed gradients is not the same as
+  several steps, and the rows trained on are stale: the accuracy price of ``s > 0``.
 
-A cached copy therefore misses at most ``s_w`` of its own trainer's updates and at
-most the updates other trainers made within its last ``s_r`` lookups. Summing
-pending gradients is what HET does; for stateful optimizers (AdaGrad, Adam) one step
-on the sum is not the same as several steps, which is the price of ``s_w > 0``.
-
-Rows the store did not find (ids not admitted yet) are never served from the cache:
-every lookup of them reaches the store, so admission sees every sighting. The
-cache holds at most ``capacity_rows`` rows; beyond that the least recently used go
-(their pending updates pushed first). ``prefetch`` (the trainer's lookahead) reads
-uncached rows into the cache ahead of their lookup, creating them in tables that admit
-every id (as the lookup would); at s = 0 it only passes the hint on to the store.
+In both modes ``s_r = s_w = 0`` is synchronous: every lookup and update goes to the
+store. Rows the store did not find (ids not admitted yet) are never served from the
+cache: every lookup of them reaches the store, so admission sees every sighting;
+gradients with NaN/inf go to the store too, which rejects and counts them. The cache
+holds at most ``capacity_rows`` rows; beyond that the least recently used go (their
+pending updates written first). ``prefetch`` (the trainer's lookahead) reads uncached
+rows into the cache ahead of their lookup, creating them in tables that admit every id
+(as the lookup would); at s = 0 it only passes the hint on to the store.
 """
 
 from __future__ import annotations
@@ -38,7 +52,8 @@ import numpy.typing as npt
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.base import EmbeddingStore, Floats, Keys, LookupResult, Mask, TableConfig
+from storage.base import EmbeddingStore, Floats, Keys, LookupResult, Mask, Rows, TableConfig
+from storage.optim import apply_sparse, finite_rows
 from storage.rows import RowCodec
 
 READS = Counter(
@@ -107,19 +122,24 @@ def _observe_many(histogram: Histogram, values: npt.NDArray[np.int64]) -> None:
 class _Table:
     """One table's cached rows in slot arrays; ``slot`` maps a key to its row."""
 
-    def __init__(self, cfg: TableConfig) -> None:
+    def __init__(self, cfg: TableConfig, *, shared: bool) -> None:
+        self.cfg = cfg
         self.dim = cfg.dim
-        self.row_bytes = RowCodec(cfg).nbytes
+        self.codec = RowCodec(cfg)
+        self.row_bytes = self.codec.nbytes
         self.slot: dict[int, int] = {}
         self.keys = np.zeros(0, dtype=np.uint64)
-        self.emb = np.zeros((0, cfg.dim), dtype=np.float32)
-        self.grad = np.zeros((0, cfg.dim), dtype=np.float32)
+        self.rows = self.codec.zeros(0)  # shared mode keeps only "emb" current
+        # Summed pending gradients: shared mode only (no columns otherwise).
+        self.grad = np.zeros((0, cfg.dim if shared else 0), dtype=np.float32)
         self.pending = np.zeros(0, dtype=np.int64)
         self.age = np.zeros(0, dtype=np.int64)
         self.used = np.zeros(0, dtype=np.int64)  # the step of the last access
         self.live = np.zeros(0, dtype=np.bool_)
         self.free: list[int] = []
-        self.pushes = 0  # bumped by every push: a prefetch that raced one is dropped
+        # Bumped by every write to the store and every drop: a prefetch that raced one
+        # is discarded (it may have read a row older than the one written).
+        self.changes = 0
 
     def slots_of(self, keys: Keys) -> npt.NDArray[np.int64]:
         """Slot of each key, -1 where it is not cached."""
@@ -128,7 +148,7 @@ class _Table:
         )
 
     def allocate(self, keys: Keys) -> npt.NDArray[np.int64]:
-        """Fresh slots for ``keys`` (not cached yet); the caller fills ``emb``."""
+        """Fresh slots for ``keys`` (not cached yet); the caller fills ``rows``."""
         n = len(keys)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
@@ -148,8 +168,10 @@ class _Table:
     def _grow(self, size: int) -> None:
         old = len(self.keys)
         self.keys = np.resize(self.keys, size)
-        self.emb = np.resize(self.emb, (size, self.dim))
-        self.grad = np.resize(self.grad, (size, self.dim))
+        rows = self.codec.zeros(size)
+        rows[:old] = self.rows
+        self.rows = rows
+        self.grad = np.resize(self.grad, (size, self.grad.shape[1]))
         self.pending = np.resize(self.pending, size)
         self.age = np.resize(self.age, size)
         self.used = np.resize(self.used, size)
@@ -162,18 +184,31 @@ class _Table:
             del self.slot[key]
         self.live[slots] = False
         self.free.extend(slots.tolist())
+        self.changes += 1
 
     def __len__(self) -> int:
         return len(self.slot)
 
 
-class CachedStore(EmbeddingStore):
-    """``store`` behind a bounded-staleness cache (see the module docstring)."""
+def _distinct(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp] | None]:
+    """``keys`` without repeats, and the inverse map (None: they had none)."""
+    if len(keys) < 2 or bool((keys[1:] > keys[:-1]).all()):  # sorted distinct already
+        return keys, None
+    unique, inverse = np.unique(keys, return_inverse=True)
+    return unique, inverse
 
-    def __init__(self, store: EmbeddingStore, config: CacheConfig | None = None) -> None:
+
+class CachedStore(EmbeddingStore):
+    """``store`` behind a bounded-staleness cache (see the module docstring);
+    ``shared``: other trainers write the same store."""
+
+    def __init__(
+        self, store: EmbeddingStore, config: CacheConfig | None = None, *, shared: bool = False
+    ) -> None:
         self.store = store
         self.config = config or CacheConfig()
-        self._tables = {name: _Table(cfg) for name, cfg in store.tables().items()}
+        self.shared = shared
+        self._tables = {name: _Table(cfg, shared=shared) for name, cfg in store.tables().items()}
         self._admit_all = {
             name: cfg.admission.policy == "always" for name, cfg in store.tables().items()
         }
@@ -182,18 +217,21 @@ class CachedStore(EmbeddingStore):
 
     # -- the cache ----------------------------------------------------------------------
 
-    def _push(self, table: str, t: _Table, slots: npt.NDArray[np.int64]) -> None:
-        """Lock held: send the pending gradients of ``slots`` as one update; the rows the
-        store returns become the cached copies (synchronised: age 0)."""
+    def _sync(self, table: str, t: _Table, slots: npt.NDArray[np.int64]) -> None:
+        """Lock held: hand the pending updates of ``slots`` to the store (whole rows, or
+        in shared mode their summed gradients, whose resulting rows become the cached
+        copies). The rows are then synchronised: age 0."""
         slots = slots[t.pending[slots] > 0]
         if len(slots) == 0:
             return
-        emb = self.store.update(table, t.keys[slots], t.grad[slots])
-        t.emb[slots] = emb
-        t.grad[slots] = 0.0
+        if self.shared:
+            t.rows["emb"][slots] = self.store.update(table, t.keys[slots], t.grad[slots])
+            t.grad[slots] = 0.0
+        else:
+            self.store.write_rows(table, t.keys[slots], t.rows[slots])
         t.pending[slots] = 0
         t.age[slots] = 0
-        t.pushes += 1
+        t.changes += 1
         self._count_io(t, written=len(slots))
 
     def _count_io(self, t: _Table, *, read: int = 0, written: int = 0) -> None:
@@ -223,7 +261,7 @@ class CachedStore(EmbeddingStore):
             # Never the current step's rows: the trainer is about to update them.
             victims = np.flatnonzero(t.live & (t.used <= cutoff) & (t.used < self._step))
             if len(victims):
-                self._push(name, t, victims)
+                self._sync(name, t, victims)
                 t.drop(victims)
 
     def cached_rows(self) -> int:
@@ -244,26 +282,29 @@ class CachedStore(EmbeddingStore):
             self._count_io(t, read=len(keys))
             MISSES.inc(len(keys))
             return result
+        keys, inverse = _distinct(keys)
         with self._lock:
             self._step += 1
             slots = t.slots_of(keys)
             cached = slots >= 0
-            usable = np.zeros(len(keys), dtype=np.bool_)
-            usable[cached] = t.age[slots[cached]] < self.config.read_staleness
-            refresh = slots[cached & ~usable]
-            self._push(table, t, refresh)  # the read below then includes them
+            if self.shared:
+                usable = np.zeros(len(keys), dtype=np.bool_)
+                usable[cached] = t.age[slots[cached]] < self.config.read_staleness
+                self._sync(table, t, slots[cached & ~usable])  # the read then includes them
+            else:
+                usable = cached  # the only writer: a cached row is never behind
             need = np.flatnonzero(~usable)
             if len(need):
-                result = self.store.lookup(table, keys[need], create=True)
+                rows, found = self.store.lookup_rows(table, keys[need], create=True)
                 self._count_io(t, read=len(need))
-                got = need[result.found]
+                got = need[found]
                 have = slots[got] >= 0
                 slots[got[~have]] = t.allocate(keys[got[~have]])
                 fill = slots[got]
-                t.emb[fill] = result.rows[result.found]
+                t.rows[fill] = rows[found]
                 t.age[fill] = 0
                 # Unfound keys (not admitted) stay uncached: zeros, counted by the store.
-                gone = need[~result.found]
+                gone = need[~found]
                 stale = slots[gone]
                 if (stale >= 0).any():
                     t.drop(stale[stale >= 0])
@@ -275,11 +316,13 @@ class CachedStore(EmbeddingStore):
             HITS.inc(len(served))
             MISSES.inc(len(need))
             present = slots >= 0
-            rows = np.zeros((len(keys), t.dim), dtype=np.float32)
-            rows[present] = t.emb[slots[present]]
+            emb = np.zeros((len(keys), t.dim), dtype=np.float32)
+            emb[present] = t.rows["emb"][slots[present]]
             t.used[slots[present]] = self._step
             self._make_room(0)
-        return LookupResult(rows=rows, found=present)
+        if inverse is not None:
+            emb, present = emb[inverse], present[inverse]
+        return LookupResult(rows=emb, found=present)
 
     def update(self, table: str, keys: Keys, grads: Floats) -> Floats:
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
@@ -289,25 +332,44 @@ class CachedStore(EmbeddingStore):
         if self.config.synchronous:
             self._count_io(t, written=len(keys))
             return self.store.update(table, keys, grads)
+        if grads.shape != (len(keys), t.dim):
+            raise ValueError(
+                f"table {table!r}: gradient shape {grads.shape} != ({len(keys)}, {t.dim})"
+            )
         with self._lock:
             slots = t.slots_of(keys)
             # Uncached keys (not admitted, or dropped) and non-finite gradients go straight
             # to the store, which applies, drops or rejects and counts them.
-            direct: Mask = (slots < 0) | ~np.isfinite(grads).all(axis=1)
+            direct: Mask = (slots < 0) | ~finite_rows(grads)
             out = np.zeros((len(keys), t.dim), dtype=np.float32)
+            local = np.flatnonzero(~direct)
+            s = slots[local]
+            if self.shared:
+                t.grad[s] += grads[local]
+                t.pending[s] += 1
+            elif len(s):
+                rows = t.rows[s]
+                ok = apply_sparse(t.cfg, rows["emb"], rows["state"], grads[local])
+                RowCodec.touch(rows, np.flatnonzero(ok), self.store.now())
+                t.rows[s] = rows
+                t.pending[s[ok]] += 1
+                if not ok.all():
+                    # The step would overflow the row: the store, given the same row and
+                    # gradient, rejects it the same way and counts it.
+                    self._sync(table, t, s[~ok])
+                    direct[local[~ok]] = True
             if direct.any():
                 d = np.flatnonzero(direct)
                 out[d] = self.store.update(table, keys[d], grads[d])
                 self._count_io(t, written=len(d))
                 hit = slots[d] >= 0
                 if hit.any():
-                    t.emb[slots[d[hit]]] = out[d[hit]]
-            local = np.flatnonzero(~direct)
-            s = slots[local]
-            t.grad[s] += grads[local]
-            t.pending[s] += 1
-            self._push(table, t, s[t.pending[s] > self.config.write_staleness])
-            out[local] = t.emb[s]
+                    if self.shared:  # the store's row is the newer one
+                        t.rows["emb"][slots[d[hit]]] = out[d[hit]]
+                    else:  # the store rejected these: the cached row is unchanged
+                        out[d[hit]] = t.rows["emb"][slots[d[hit]]]
+            self._sync(table, t, s[t.pending[s] > self.config.write_staleness])
+            out[local] = t.rows["emb"][s]
         return out
 
     def prefetch(self, table: str, keys: Keys) -> None:
@@ -318,27 +380,50 @@ class CachedStore(EmbeddingStore):
             self.store.prefetch(table, keys)
             return
         t = self._tables[table]
+        keys, _ = _distinct(keys)
         with self._lock:
             slots = t.slots_of(keys)
             keys = keys[slots < 0]  # cached rows are refreshed by their lookup if due
-            pushes = t.pushes
+            changes = t.changes
         if len(keys) == 0:
             return
         # An id's sighting counts at its training lookup: only tables that admit every id
         # get rows here (as that lookup would give them); gated ones are read as they are.
-        result = self.store.lookup(table, keys, create=self._admit_all[table])
+        rows, found = self.store.lookup_rows(table, keys, create=self._admit_all[table])
         self._count_io(t, read=len(keys))
         with self._lock:
-            if t.pushes != pushes:
-                return  # a push may have changed rows we read: the lookup reads them
-            fresh = keys[result.found]
-            fresh_rows = result.rows[result.found]
+            if t.changes != changes:
+                return  # a write or drop may have changed rows we read: the lookup reads them
+            fresh = keys[found]
+            fresh_rows = rows[found]
             absent = t.slots_of(fresh) < 0
             if absent.any():
                 self._make_room(int(absent.sum()))
                 slots = t.allocate(fresh[absent])
-                t.emb[slots] = fresh_rows[absent]
+                t.rows[slots] = fresh_rows[absent]
                 t.used[slots] = self._step
+
+    def lookup_rows(self, table: str, keys: Keys, *, create: bool = False) -> tuple[Rows, Mask]:
+        """The store's rows, after the cached updates of ``keys`` are written to it."""
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        t = self._tables[table]
+        with self._lock:
+            slots = t.slots_of(keys)
+            self._sync(table, t, slots[slots >= 0])
+            return self.store.lookup_rows(table, keys, create=create)
+
+    def write_rows(self, table: str, keys: Keys, rows: Rows) -> None:
+        """Straight to the store; cached copies of ``keys`` (and their pending updates)
+        are dropped."""
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        t = self._tables[table]
+        with self._lock:
+            slots = t.slots_of(keys)
+            t.drop(slots[slots >= 0])
+            self.store.write_rows(table, keys, rows)
+
+    def now(self) -> int:
+        return self.store.now()
 
     def admit(self, table: str, keys: Keys) -> None:
         with self._lock:
@@ -354,20 +439,20 @@ class CachedStore(EmbeddingStore):
 
     def expire(self, now: float | None = None) -> dict[str, int]:
         with self._lock:
-            self._push_all()
+            self._sync_all()
             removed = self.store.expire(now)
             if any(removed.values()):
                 for t in self._tables.values():  # some cached rows may be gone
                     t.drop(np.flatnonzero(t.live))
             return removed
 
-    def _push_all(self) -> None:
+    def _sync_all(self) -> None:
         for name, t in self._tables.items():
-            self._push(name, t, np.flatnonzero(t.live & (t.pending > 0)))
+            self._sync(name, t, np.flatnonzero(t.live & (t.pending > 0)))
 
     def flush(self, position: Mapping[str, int] | None = None) -> None:
         with self._lock:
-            self._push_all()
+            self._sync_all()
             self.store.flush(position)
 
     def discard_unflushed(self) -> None:

@@ -129,7 +129,7 @@ class StreamingTrainer:
         dense weights are then averaged with the others' (``trainer.dense_sync``) and
         only the trainer reading partition 0 publishes versions."""
         self.spec = spec
-        self.store = CachedStore(store, config.cache)
+        self.store = CachedStore(store, config.cache, shared=group_member is not None)
         self.consumer = consumer
         self.config = config
         self.dead_letters = dead_letters
