@@ -289,8 +289,16 @@ class EmbeddingStore(ABC):
         returns how many went, by reason."""
 
     @abstractmethod
-    def flush(self, position: Mapping[str, int] | None = None) -> None:
-        """Make every update so far durable, recording ``position`` atomically with it."""
+    def flush(
+        self,
+        position: Mapping[str, int] | None = None,
+        *,
+        rows: Mapping[str, tuple[Keys, Rows]] | None = None,
+    ) -> None:
+        """Make every update so far durable, recording ``position`` atomically with it.
+        ``rows``: whole rows of distinct keys per table to store first, as ``write_rows``
+        does, in the same commit (a single writer's last versions: the store need not
+        read them back to make them durable)."""
 
     @abstractmethod
     def position(self) -> dict[str, int] | None:

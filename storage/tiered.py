@@ -746,28 +746,35 @@ class TieredStore(EmbeddingStore):
         writes them to cold) and most recently used."""
         start = time.perf_counter()
         self._check_writable("write_rows")
-        codec = self._codec(table)
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        self._check_rows(table, keys, rows)
+        with self._lock:
+            self._write_rows(table, keys, rows)
+        metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
+
+    def _check_rows(self, table: str, keys: Keys, rows: Rows) -> None:
+        codec = self._codec(table)
         if rows.dtype != codec.dtype or len(rows) != len(keys):
             raise ValueError(
                 f"table {table!r}: write_rows needs {len(keys)} rows of {codec.nbytes} bytes "
                 f"(dim {codec.dim}, optimizer {codec.cfg.optimizer}), got {len(rows)} of "
                 f"{rows.dtype.itemsize}"
             )
+
+    def _write_rows(self, table: str, keys: Keys, rows: Rows) -> None:
+        """Lock held: ``write_rows``."""
         if len(keys) == 0:
             return
-        with self._lock:
-            self._drain_reads()
-            self._touched.pop(table, None)  # its rows are older than these
-            self.hot.put_rows(table, keys, rows)
-            if self._index is None:
-                self._mark_dirty(table, keys)
-            else:
-                pos = self._index[table].touch(keys, self._step)
-                if self.cold is not None:
-                    self._index[table].dirty[pos] = True
-            self._maybe_evict()
-        metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
+        self._drain_reads()
+        self._touched.pop(table, None)  # its rows are older than these
+        self.hot.put_rows(table, keys, rows)
+        if self._index is None:
+            self._mark_dirty(table, keys)
+        else:
+            pos = self._index[table].touch(keys, self._step)
+            if self.cold is not None:
+                self._index[table].dirty[pos] = True
+        self._maybe_evict()
 
     def now(self) -> int:
         return self._now()
@@ -1029,29 +1036,42 @@ class TieredStore(EmbeddingStore):
         self._remove(table, keys_u)
         return {"ttl": int((why_u == 1).sum()), "l2_norm": int((why_u == 2).sum())}
 
-    def flush(self, position: Mapping[str, int] | None = None) -> None:
+    def flush(
+        self,
+        position: Mapping[str, int] | None = None,
+        *,
+        rows: Mapping[str, tuple[Keys, Rows]] | None = None,
+    ) -> None:
         self._check_writable("flush")
         blob = None
         if position is not None:
             blob = json.dumps({str(k): int(v) for k, v in position.items()}, sort_keys=True)
+        given: dict[str, tuple[Keys, Rows]] = {}
+        for table, (table_keys, table_rows) in (rows or {}).items():
+            keys = np.asarray(table_keys, dtype=np.uint64).reshape(-1)
+            self._check_rows(table, keys, table_rows)
+            if len(keys):
+                given[table] = (keys, table_rows)
         start = time.perf_counter()
         with self._lock:
+            for table, (keys, table_rows) in given.items():
+                self._write_rows(table, keys, table_rows)
             if self.cold is None:
                 if blob is not None:
                     self.hot.put_blob(POSITION_BLOB, blob.encode())
             else:
-                self._flush_to_cold(blob)
+                self._flush_to_cold(blob, given)
             self._set_gauges()
         elapsed = time.perf_counter() - start
         metrics.FLUSH_SECONDS.observe(elapsed)
         metrics.FLUSH_OP_SECONDS.observe(elapsed)
 
-    def _flush_to_cold(self, blob: str | None) -> None:
-        """Lock held: dirty rows from hot and spilled rows (not in hot) with the position
-        in one commit; then the spill is dropped. Raises ``HotTierLost`` (committing
-        nothing) if the hot tier lost its contents since the last flush: rows promoted
-        from cold since then carry updates on top of stale values, and rows gone cannot
-        be written back."""
+    def _flush_to_cold(self, blob: str | None, given: Mapping[str, tuple[Keys, Rows]]) -> None:
+        """Lock held: dirty rows from hot (``given`` ones as given, not read back) and
+        spilled rows (not in hot) with the position in one commit; then the spill is
+        dropped. Raises ``HotTierLost`` (committing nothing) if the hot tier lost its
+        contents since the last flush: rows promoted from cold since then carry updates
+        on top of stale values, and rows gone cannot be written back."""
         assert self.cold is not None
         if self.hot.get_blob(self._marker_blob) != self._marker:
             raise HotTierLost(
@@ -1071,10 +1091,19 @@ class TieredStore(EmbeddingStore):
                 keys = _unique(np.concatenate(self._dirty[table]))
             else:
                 keys = _EMPTY_KEYS
+            fresh_keys, fresh_rows = given.get(table, (_EMPTY_KEYS, None))
+            if fresh_rows is not None and len(keys):
+                # Dirty rows the writer handed over: newest by definition, and still in
+                # hot unless the write just evicted them (then spilled, newer than cold).
+                keys = keys[~_isin_sorted(keys, _unique(fresh_keys))]
             values = self.hot.get_many(table, keys) if len(keys) else []
             keep = present_mask(values)
             keys = keys[keep]
             present = [v for v in values if v is not None]
+            if fresh_rows is not None:
+                keys = np.concatenate([keys, fresh_keys])
+                present.extend(self._codecs[table].pack(fresh_rows))
+                keep = np.concatenate([keep, np.ones(len(fresh_keys), dtype=np.bool_)])
             spilled = self._spilled.get(table, _EMPTY_KEYS)
             if len(spilled) and self.spill is not None:
                 # Rows in hot are newer than their spill copy (promoted rows stay dirty).

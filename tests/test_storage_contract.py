@@ -584,6 +584,15 @@ def test_written_rows_read_back_bit_exact_and_flush_with_the_position(
     store.flush({"events-0": 9})
     assert store.cold is not None
     assert store.cold.get_many(cfg.name, keys[:30]) == codec.pack(rows[:30])
+    # Rows handed to flush are committed as given, with the other dirty rows.
+    rows["count"] = 4
+    store.update(cfg.name, keys[:1], np.ones((1, cfg.dim), dtype=np.float32))
+    store.flush({"events-0": 10}, rows={cfg.name: (keys[30:], rows[30:])})
+    assert store.position() == {"events-0": 10}
+    assert store.stats()["dirty_rows"] == 0
+    assert store.cold.get_many(cfg.name, keys[30:]) == codec.pack(rows[30:])
+    assert store.cold.get_many(cfg.name, keys[:1]) == store.hot.get_many(cfg.name, keys[:1])
+    assert store.hot.get_many(cfg.name, keys[30:]) == codec.pack(rows[30:])
     with pytest.raises(ValueError, match="unique"):
         store.lookup_rows(cfg.name, keys[[0, 0]])
     with pytest.raises(ValueError, match="write_rows needs 2 rows"):

@@ -450,10 +450,34 @@ class CachedStore(EmbeddingStore):
         for name, t in self._tables.items():
             self._sync(name, t, np.flatnonzero(t.live & (t.pending > 0)))
 
-    def flush(self, position: Mapping[str, int] | None = None) -> None:
+    def flush(
+        self,
+        position: Mapping[str, int] | None = None,
+        *,
+        rows: Mapping[str, tuple[Keys, Rows]] | None = None,
+    ) -> None:
+        """Every pending update goes to the store, then the store flushes. Write-back
+        rows travel with the flush, so the store need not read them back."""
         with self._lock:
-            self._sync_all()
-            self.store.flush(position)
+            for table, (keys, table_rows) in (rows or {}).items():
+                self.write_rows(table, keys, table_rows)
+            if self.shared:
+                self._sync_all()
+                self.store.flush(position)
+                return
+            pending: dict[str, tuple[Keys, Rows]] = {}
+            synced: list[tuple[_Table, npt.NDArray[np.int64]]] = []
+            for name, t in self._tables.items():
+                slots = np.flatnonzero(t.live & (t.pending > 0))
+                if len(slots):
+                    pending[name] = (t.keys[slots], t.rows[slots])
+                    synced.append((t, slots))
+            self.store.flush(position, rows=pending)
+            for t, slots in synced:
+                t.pending[slots] = 0
+                t.age[slots] = 0
+                t.changes += 1
+                self._count_io(t, written=len(slots))
 
     def discard_unflushed(self) -> None:
         """Forget every cached row (pending updates are past the recorded position too),
