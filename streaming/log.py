@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,16 @@ unused for that long."""
 
 COMMIT_TIMEOUT_S = 5.0
 
+GROUP_REJOINS = Counter(
+    "streamrec_log_group_rejoins",
+    "Kafka group members replaced because their group join did not settle in time.",
+)
+
+GROUP_STUCK_S = 60.0
+"""How long a group join may go unsettled, the coordinator reachable, before the consumer
+gives up on it and joins as a new member (a healthy join of trainers that poll every
+few hundred milliseconds takes seconds)."""
+
 TOPIC_METADATA_WAIT_S = 30.0
 """How long a new consumer waits for its topic's partitions before it joins the group."""
 
@@ -245,8 +256,31 @@ class KafkaEventConsumer(EventConsumer):
         resume_from: Callable[[], Mapping[str, int] | None],
         *,
         shared: bool = False,
+        group_stuck_s: float = GROUP_STUCK_S,
         **config: Any,
     ) -> None:
+        """``group_stuck_s``: a group join that has not settled after this long, with the
+        coordinator reachable, is abandoned: this member leaves and a new one joins."""
+        self._topic = topic
+        self.resume_from = resume_from
+        self.bootstrap_servers = bootstrap_servers
+        self.group_id = group_id
+        self.shared = shared
+        self.group_stuck_s = group_stuck_s
+        self._config = {
+            "bootstrap_servers": bootstrap_servers,
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
+            **config,
+        }
+        self._revoked: Callable[[], Mapping[str, int]] | None = None
+        self._unsettled_since: float | None = None
+        self._consumer = self._join()
+
+    def _join(self) -> Any:
+        """A new kafka-python consumer, subscribed to the topic as a new group member."""
         from kafka import KafkaConsumer
         from kafka.consumer.subscription_state import (
             AsyncConsumerRebalanceListener,
@@ -254,22 +288,10 @@ class KafkaEventConsumer(EventConsumer):
         )
         from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-        self._topic = topic
-        self.resume_from = resume_from
-        self.bootstrap_servers = bootstrap_servers
         try:
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=bootstrap_servers,
-                group_id=group_id,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                **{"reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS, **config},
-            )
+            consumer = KafkaConsumer(**self._config)
         except (KafkaConnectionError, KafkaTimeoutError):
-            raise LogUnavailable(f"no Kafka broker reachable at {bootstrap_servers}") from None
-
-        consumer = self._consumer
-        self._revoked: Callable[[], Mapping[str, int]] | None = None
+            raise LogUnavailable(f"no Kafka broker reachable at {self.bootstrap_servers}") from None
         outer = self
 
         # kafka-python 3 runs listeners on its IO loop, where blocking consumer calls are
@@ -291,8 +313,8 @@ class KafkaEventConsumer(EventConsumer):
                     for tp in assigned
                     if (slot := position_slot(tp.topic, tp.partition)) in recorded
                 }
-                if shared and known:
-                    await outer._advance_to_committed(known)
+                if outer.shared and known:
+                    await outer._advance_to_committed(consumer, known)
                 for tp in assigned:
                     if tp in known:
                         consumer.seek(tp, known[tp])
@@ -305,15 +327,54 @@ class KafkaEventConsumer(EventConsumer):
                         consumer._subscription.assignment[tp] = TopicPartitionState()
                 log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
-        self._await_topic_metadata()
-        consumer.subscribe([topic], listener=_SeekToStore())
+        self._await_topic_metadata(consumer)
+        consumer.subscribe([self._topic], listener=_SeekToStore())
+        return consumer
 
-    async def _advance_to_committed(self, positions: dict[Any, int]) -> None:
+    def _watch_group(self) -> None:
+        """Replace this member if its group join has not settled for ``group_stuck_s``
+        while the coordinator is reachable (kafka-python 3.0 has been seen waiting
+        forever on a SyncGroup answer, fetching nothing). The new member's assignment
+        seeks to ``resume_from()``, so nothing is skipped or read twice. A broker that is
+        down is not a stuck join: reconnecting is kafka-python's job."""
+        from kafka.coordinator.base import MemberState
+
+        coordinator = self._consumer._coordinator
+        now = time.monotonic()
+        if coordinator.state is MemberState.STABLE and not coordinator.need_rejoin():
+            self._unsettled_since = None
+            return
+        if self._unsettled_since is None or coordinator.coordinator() is None:
+            self._unsettled_since = now
+            return
+        if now - self._unsettled_since < self.group_stuck_s:
+            return
+        log.warning(
+            "group %s has not settled for %.0f s with its coordinator reachable; leaving "
+            "it and joining as a new member",
+            self.group_id,
+            now - self._unsettled_since,
+        )
+        self._unsettled_since = None
+        try:
+            fresh = self._join()
+        except LogUnavailable as e:
+            log.warning("could not create a new member (%s); keeping the old one", e)
+            return
+        stuck, self._consumer = self._consumer, fresh
+        GROUP_REJOINS.inc()
+        try:
+            stuck.close(autocommit=False, timeout_ms=int(COMMIT_TIMEOUT_S * 1000))
+        except Exception as e:  # best effort: the broker drops a silent member anyway
+            log.warning("closing the stuck group member failed: %s", e)
+
+    @staticmethod
+    async def _advance_to_committed(consumer: Any, positions: dict[Any, int]) -> None:
         """Move each position up to the group's committed offset (in place): another
         member sharing the hot tier may have trained the partition further."""
         from kafka.errors import KafkaError
 
-        fetch = self._consumer._coordinator.fetch_committed_offsets_async
+        fetch = consumer._coordinator.fetch_committed_offsets_async
         try:
             committed = await fetch(set(positions), timeout_ms=int(COMMIT_TIMEOUT_S * 1000))
         except KafkaError as e:
@@ -327,12 +388,12 @@ class KafkaEventConsumer(EventConsumer):
             if offset is not None and offset.offset > positions[tp]:
                 positions[tp] = offset.offset
 
-    def _await_topic_metadata(self) -> None:
+    def _await_topic_metadata(self, consumer: Any) -> None:
         # A group leader that joins before it holds the topic's metadata assigns no
         # partitions, and kafka-python does not always rejoin once the metadata arrives:
         # the trainer would then wait forever on an empty assignment.
         deadline = time.monotonic() + TOPIC_METADATA_WAIT_S
-        while not self._consumer.partitions_for_topic(self._topic):
+        while not consumer.partitions_for_topic(self._topic):
             if time.monotonic() >= deadline:
                 log.warning(
                     "topic %s has no partitions on %s after %.0f s; subscribing anyway, "
@@ -346,6 +407,8 @@ class KafkaEventConsumer(EventConsumer):
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        if not batches:
+            self._watch_group()
         out: list[Record] = []
         for tp, messages in batches.items():
             out.extend(Record(tp.topic, tp.partition, m.offset, m.value) for m in messages)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from support import new_topic
 
 from streaming.log import InMemoryLog, JsonlFileProducer, KafkaEventConsumer, KafkaEventProducer
@@ -132,3 +133,39 @@ def test_kafka_consumer_without_a_position_starts_at_the_groups_offset(
     assert first_offsets(f"{topic}-a", commit=12) == [0, 1, 2]
     assert first_offsets(f"{topic}-a") == [12, 13, 14]
     assert first_offsets(f"{topic}-b") == [0, 1, 2]
+
+
+@pytest.mark.integration
+def test_a_member_whose_group_join_never_settles_is_replaced(kafka_bootstrap: str) -> None:
+    """kafka-python has been seen waiting forever on a group join; after
+    ``group_stuck_s`` the consumer joins as a new member, which resumes where the
+    trainer had read to: nothing skipped, nothing read twice."""
+    topic = new_topic(kafka_bootstrap, "stuck-join", partitions=1)
+    producer = KafkaEventProducer(kafka_bootstrap)
+    for i in range(20):
+        producer.send(topic, str(i).encode())
+    producer.flush()
+    producer.close()
+    seen: list[int] = []
+    consumer = KafkaEventConsumer(
+        kafka_bootstrap,
+        topic,
+        topic,
+        resume_from=lambda: {f"{topic}:0": seen[-1] + 1} if seen else None,
+        group_stuck_s=1.0,
+    )
+    deadline = time.monotonic() + 30
+    while len(seen) < 5 and time.monotonic() < deadline:
+        seen += [r.offset for r in consumer.poll(5 - len(seen), 0.5)]
+    assert seen == [0, 1, 2, 3, 4]
+    before = REGISTRY.get_sample_value("streamrec_log_group_rejoins_total") or 0.0
+    stuck = consumer._consumer
+    # What a join that never completes looks like: never settled, nothing fetched.
+    stuck._coordinator.need_rejoin = lambda: True
+    stuck.pause(*stuck.assignment())
+    while len(seen) < 20 and time.monotonic() < deadline:
+        seen += [r.offset for r in consumer.poll(100, 0.5)]
+    assert seen == list(range(20))
+    assert consumer._consumer is not stuck
+    assert REGISTRY.get_sample_value("streamrec_log_group_rejoins_total") == before + 1
+    consumer.close()
