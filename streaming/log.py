@@ -333,8 +333,8 @@ class KafkaEventConsumer(EventConsumer):
 
     def _watch_group(self) -> None:
         """Replace this member if its group join has not settled for ``group_stuck_s``
-        while the coordinator is reachable (kafka-python 3.0 has been seen waiting
-        forever on a SyncGroup answer, fetching nothing). The new member's assignment
+        while the coordinator is reachable (kafka-python 3.0 has been seen sitting in a
+        join forever, fetching nothing). The new member's assignment
         seeks to ``resume_from()``, so nothing is skipped or read twice. A broker that is
         down is not a stuck join: reconnecting is kafka-python's job."""
         from kafka.coordinator.base import MemberState
