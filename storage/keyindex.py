@@ -45,6 +45,32 @@ def sorted_distinct(keys: npt.NDArray[_Int]) -> npt.NDArray[_Int]:
     return s
 
 
+def is_sorted_distinct(keys: Keys) -> bool:
+    """Whether ``keys`` strictly increase (so they are distinct): one vectorised pass."""
+    return len(keys) < 2 or bool((keys[1:] > keys[:-1]).all())
+
+
+def unique_inverse(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp]]:
+    """``np.unique(keys, return_inverse=True)`` by one argsort (numpy 2's hash-based
+    unique is slower here)."""
+    order = np.argsort(keys)
+    s = keys[order]
+    first = np.empty(len(s), dtype=np.bool_)
+    first[:1] = True
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    inverse = np.empty(len(s), dtype=np.intp)
+    inverse[order] = np.cumsum(first) - 1
+    return s[first], inverse
+
+
+def distinct(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp] | None]:
+    """``keys`` sorted without repeats and the inverse map; None for the map when they
+    were sorted and distinct already (the common case: nothing to copy)."""
+    if is_sorted_distinct(keys):
+        return keys, None
+    return unique_inverse(keys)
+
+
 def _size_for(n: int) -> int:
     """A power of two at least 4n (load <= 1/4 right after a rebuild)."""
     return max(_MIN_SIZE, 1 << max(0, math.ceil(math.log2(max(1, 4 * n)))))

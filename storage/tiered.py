@@ -111,7 +111,7 @@ from storage.base import (
     present_mask,
 )
 from storage.eviction import EvictionConfig, HotIndex, choose_victims
-from storage.keyindex import Positions
+from storage.keyindex import Positions, distinct, is_sorted_distinct, unique_inverse
 from storage.keyindex import sorted_distinct as _unique
 from storage.optim import apply_sparse
 from storage.rows import RowCodec, Rows
@@ -155,19 +155,6 @@ _COUNTERS = (
 def spill_table(table: str) -> str:
     """The cold-tier table holding ``table``'s demoted dirty rows until the next flush."""
     return "\x00spill\x00" + table
-
-
-def _unique_inverse(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp]]:
-    """``np.unique(keys, return_inverse=True)`` by one argsort (numpy 2's hash-based
-    unique is slower here)."""
-    order = np.argsort(keys)
-    s = keys[order]
-    first = np.empty(len(s), dtype=np.bool_)
-    first[:1] = True
-    np.not_equal(s[1:], s[:-1], out=first[1:])
-    inverse = np.empty(len(s), dtype=np.intp)
-    inverse[order] = np.cumsum(first) - 1
-    return s[first], inverse
 
 
 def _past_ceiling(size: int, capacity: int, cfg: EvictionConfig) -> int:
@@ -696,7 +683,7 @@ class TieredStore(EmbeddingStore):
         start = time.perf_counter()
         codec = self._codec(table)
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
-        unique, inverse = _unique_inverse(keys)
+        unique, inverse = unique_inverse(keys)
         counts = None
         if create and not self._admit_all[table]:
             counts = np.bincount(inverse, minlength=len(unique))
@@ -711,7 +698,7 @@ class TieredStore(EmbeddingStore):
         start = time.perf_counter()
         codec = self._codec(table)
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
-        if len(_unique(keys)) != len(keys):
+        if not is_sorted_distinct(keys) and len(_unique(keys)) != len(keys):
             raise ValueError(f"table {table!r}: lookup_rows keys must be unique")
         rows, found = self._rows(codec, keys, create, None)
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
@@ -786,20 +773,15 @@ class TieredStore(EmbeddingStore):
         if not self.read_only:
             return super().lookup_tables(keys)
         start = time.perf_counter()
-        distinct: dict[str, tuple[Keys, npt.NDArray[np.intp] | None]] = {}
+        wanted: dict[str, tuple[Keys, npt.NDArray[np.intp] | None]] = {}
         for table, table_keys in keys.items():
             self._codec(table)  # unknown table: KeyError before any read
-            k = np.asarray(table_keys, dtype=np.uint64).reshape(-1)
-            if len(k) < 2 or bool((k[1:] > k[:-1]).all()):  # sorted distinct already
-                distinct[table] = (k, None)
-            else:
-                unique, inverse = np.unique(k, return_inverse=True)
-                distinct[table] = (unique, inverse)
-        hot = self.hot.get_tables({t: u for t, (u, _) in distinct.items()})
+            wanted[table] = distinct(np.asarray(table_keys, dtype=np.uint64).reshape(-1))
+        hot = self.hot.get_tables({t: u for t, (u, _) in wanted.items()})
         rows: dict[str, Rows] = {}
         found: dict[str, Mask] = {}
         missing: dict[str, npt.NDArray[np.intp]] = {}
-        for table, (unique, _) in distinct.items():
+        for table, (unique, _) in wanted.items():
             codec = self._codecs[table]
             rows[table] = codec.zeros(len(unique))
             found[table] = np.zeros(len(unique), dtype=np.bool_)
@@ -807,8 +789,8 @@ class TieredStore(EmbeddingStore):
             missing[table] = self._fill(codec, unique, rows[table], found[table], idx, hot[table])
         hot_misses = sum(len(m) for m in missing.values())
         if hot_misses and self.cold is not None:
-            cold = self.cold.get_tables({t: distinct[t][0][m] for t, m in missing.items()})
-            for table, (unique, _) in distinct.items():
+            cold = self.cold.get_tables({t: wanted[t][0][m] for t, m in missing.items()})
+            for table, (unique, _) in wanted.items():
                 missing[table] = self._fill(
                     self._codecs[table],
                     unique,
@@ -818,10 +800,10 @@ class TieredStore(EmbeddingStore):
                     cold[table],
                 )
         misses = sum(len(m) for m in missing.values())
-        n = sum(len(d[0]) for d in distinct.values())
+        n = sum(len(d[0]) for d in wanted.values())
         self._record(n, hot_misses, hot_misses - misses, misses)
         out: dict[str, LookupResult] = {}
-        for table, (_, inv) in distinct.items():
+        for table, (_, inv) in wanted.items():
             emb = rows[table]["emb"]
             f = found[table]
             if inv is not None:
@@ -1103,7 +1085,6 @@ class TieredStore(EmbeddingStore):
             if fresh_rows is not None:
                 keys = np.concatenate([keys, fresh_keys])
                 present.extend(self._codecs[table].pack(fresh_rows))
-                keep = np.concatenate([keep, np.ones(len(fresh_keys), dtype=np.bool_)])
             spilled = self._spilled.get(table, _EMPTY_KEYS)
             if len(spilled) and self.spill is not None:
                 # Rows in hot are newer than their spill copy (promoted rows stay dirty).

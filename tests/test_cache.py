@@ -41,18 +41,25 @@ def metric(name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-def test_synchronous_cache_trains_bit_identically() -> None:
-    plain, inner = store_of(T), store_of(T)
-    cached = CachedStore(inner, CacheConfig())
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        keys = np.unique(rng.integers(0, 50, 30).astype(np.uint64))
+def train_side_by_side(
+    plain: TieredStore, cached: CachedStore, *, steps: int, ids_below: int, seed: int
+) -> None:
+    """The same random training steps on both stores; every lookup and update must
+    give them the same rows, bit for bit."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        keys = np.unique(rng.integers(0, ids_below, 30).astype(np.uint64))
         grads = rng.standard_normal((len(keys), 4)).astype(np.float32)
         a = plain.lookup("t", keys, create=True).rows
         b = cached.lookup("t", keys, create=True).rows
-        assert a.tobytes() == b.tobytes()
-        plain.update("t", keys, grads)
-        cached.update("t", keys, grads)
+        assert a.tobytes() == b.tobytes()  # the rows trained on are never stale
+        assert plain.update("t", keys, grads).tobytes() == cached.update("t", keys, grads).tobytes()
+
+
+def test_synchronous_cache_trains_bit_identically() -> None:
+    plain, inner = store_of(T), store_of(T)
+    cached = CachedStore(inner, CacheConfig())
+    train_side_by_side(plain, cached, steps=20, ids_below=50, seed=0)
     everything = ids(*range(50))
     assert (
         plain.lookup("t", everything).rows.tobytes() == inner.lookup("t", everything).rows.tobytes()
@@ -199,14 +206,7 @@ def test_write_back_trains_bit_identically_at_any_staleness(optimizer: str) -> N
     cfg = TableConfig(name="t", dim=4, optimizer=optimizer, learning_rate=0.05)
     plain, inner = store_of(cfg), store_of(cfg)
     cached = CachedStore(inner, CacheConfig(read_staleness=8, write_staleness=8))
-    rng = np.random.default_rng(1)
-    for _ in range(40):
-        keys = np.unique(rng.integers(0, 60, 30).astype(np.uint64))
-        grads = rng.standard_normal((len(keys), 4)).astype(np.float32)
-        a = plain.lookup("t", keys, create=True).rows
-        b = cached.lookup("t", keys, create=True).rows
-        assert a.tobytes() == b.tobytes()  # the rows trained on are never stale
-        assert plain.update("t", keys, grads).tobytes() == cached.update("t", keys, grads).tobytes()
+    train_side_by_side(plain, cached, steps=40, ids_below=60, seed=1)
     cached.flush()
     everything = ids(*range(60))
     want, _ = plain.lookup_rows("t", everything)

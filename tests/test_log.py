@@ -12,6 +12,15 @@ from support import new_topic
 from streaming.log import InMemoryLog, JsonlFileProducer, KafkaEventConsumer, KafkaEventProducer
 
 
+def produce_numbers(kafka_bootstrap: str, topic: str, n: int) -> None:
+    """Records ``b"0"`` ... ``str(n - 1)`` at offsets 0 ... n - 1."""
+    producer = KafkaEventProducer(kafka_bootstrap)
+    for i in range(n):
+        producer.send(topic, str(i).encode())
+    producer.flush()
+    producer.close()
+
+
 def test_consumer_reads_in_order_and_commit_trims() -> None:
     log = InMemoryLog(capacity=100)
     producer = log.producer()
@@ -81,11 +90,7 @@ def test_in_memory_consumer_seeks_back_to_a_position() -> None:
 @pytest.mark.integration
 def test_kafka_consumer_seeks_back_and_drops_what_it_fetched(kafka_bootstrap: str) -> None:
     topic = new_topic(kafka_bootstrap, "seek", partitions=1)
-    producer = KafkaEventProducer(kafka_bootstrap)
-    for i in range(20):
-        producer.send(topic, str(i).encode())
-    producer.flush()
-    producer.close()
+    produce_numbers(kafka_bootstrap, topic, 20)
     consumer = KafkaEventConsumer(kafka_bootstrap, topic, topic, resume_from=lambda: None)
     seen: list[int] = []
     deadline = time.monotonic() + 30
@@ -113,11 +118,7 @@ def test_kafka_consumer_without_a_position_starts_at_the_groups_offset(
     """A trainer with no recorded position for a partition starts at the group's
     committed offset (an operator may have set it), else at the beginning."""
     topic = new_topic(kafka_bootstrap, "no-position", partitions=1)
-    producer = KafkaEventProducer(kafka_bootstrap)
-    for i in range(20):
-        producer.send(topic, str(i).encode())
-    producer.flush()
-    producer.close()
+    produce_numbers(kafka_bootstrap, topic, 20)
 
     def first_offsets(group: str, commit: int | None = None) -> list[int]:
         consumer = KafkaEventConsumer(kafka_bootstrap, topic, group, resume_from=lambda: None)
@@ -141,11 +142,7 @@ def test_a_member_whose_group_join_never_settles_is_replaced(kafka_bootstrap: st
     ``group_stuck_s`` the consumer joins as a new member, which resumes where the
     trainer had read to: nothing skipped, nothing read twice."""
     topic = new_topic(kafka_bootstrap, "stuck-join", partitions=1)
-    producer = KafkaEventProducer(kafka_bootstrap)
-    for i in range(20):
-        producer.send(topic, str(i).encode())
-    producer.flush()
-    producer.close()
+    produce_numbers(kafka_bootstrap, topic, 20)
     seen: list[int] = []
     consumer = KafkaEventConsumer(
         kafka_bootstrap,

@@ -53,6 +53,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.base import EmbeddingStore, Floats, Keys, LookupResult, Mask, Rows, TableConfig
+from storage.keyindex import distinct
 from storage.optim import apply_sparse, finite_rows
 from storage.rows import RowCodec
 
@@ -190,14 +191,6 @@ class _Table:
         return len(self.slot)
 
 
-def _distinct(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp] | None]:
-    """``keys`` without repeats, and the inverse map (None: they had none)."""
-    if len(keys) < 2 or bool((keys[1:] > keys[:-1]).all()):  # sorted distinct already
-        return keys, None
-    unique, inverse = np.unique(keys, return_inverse=True)
-    return unique, inverse
-
-
 class CachedStore(EmbeddingStore):
     """``store`` behind a bounded-staleness cache (see the module docstring);
     ``shared``: other trainers write the same store."""
@@ -229,6 +222,10 @@ class CachedStore(EmbeddingStore):
             t.grad[slots] = 0.0
         else:
             self.store.write_rows(table, t.keys[slots], t.rows[slots])
+        self._synced(t, slots)
+
+    def _synced(self, t: _Table, slots: npt.NDArray[np.int64]) -> None:
+        """Lock held: the store now holds every update of ``slots``."""
         t.pending[slots] = 0
         t.age[slots] = 0
         t.changes += 1
@@ -282,7 +279,7 @@ class CachedStore(EmbeddingStore):
             self._count_io(t, read=len(keys))
             MISSES.inc(len(keys))
             return result
-        keys, inverse = _distinct(keys)
+        keys, inverse = distinct(keys)
         with self._lock:
             self._step += 1
             slots = t.slots_of(keys)
@@ -380,7 +377,7 @@ class CachedStore(EmbeddingStore):
             self.store.prefetch(table, keys)
             return
         t = self._tables[table]
-        keys, _ = _distinct(keys)
+        keys, _ = distinct(keys)
         with self._lock:
             slots = t.slots_of(keys)
             keys = keys[slots < 0]  # cached rows are refreshed by their lookup if due
@@ -474,10 +471,7 @@ class CachedStore(EmbeddingStore):
                     synced.append((t, slots))
             self.store.flush(position, rows=pending)
             for t, slots in synced:
-                t.pending[slots] = 0
-                t.age[slots] = 0
-                t.changes += 1
-                self._count_io(t, written=len(slots))
+                self._synced(t, slots)
 
     def discard_unflushed(self) -> None:
         """Forget every cached row (pending updates are past the recorded position too),
