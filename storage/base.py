@@ -214,11 +214,16 @@ class RowTier(ABC):
         self,
         rows: Mapping[str, tuple[Keys, list[bytes]]],
         blobs: Mapping[str, bytes],
+        *,
+        absent: Mapping[str, Keys] | None = None,
     ) -> None:
         """Write rows of several tables and blobs together.
 
         Durable tiers (RocksDB) make this atomic, so a recorded stream position
         never runs ahead of the rows it covers. The default is not atomic.
+        ``absent``: per table, keys of ``rows`` the caller knows this tier does not
+        hold yet (it created them since its last commit), so a tier that keeps exact
+        row counts need not read them first; a promise, not checked.
         """
         for table, (keys, values) in rows.items():
             self.put_many(table, keys, values)

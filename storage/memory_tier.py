@@ -219,6 +219,8 @@ class MemoryTier(RowTier):
         self,
         rows: Mapping[str, tuple[Keys, list[bytes]]],
         blobs: Mapping[str, bytes],
+        *,
+        absent: Mapping[str, Keys] | None = None,
     ) -> None:
         """All or nothing on bad input; rows become visible before blobs."""
         prepared = []

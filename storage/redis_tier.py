@@ -731,6 +731,8 @@ class RedisTier(RowTier):
         self,
         rows: Mapping[str, tuple[Keys, list[bytes]]],
         blobs: Mapping[str, bytes],
+        *,
+        absent: Mapping[str, Keys] | None = None,
     ) -> None:
         """Rows and blobs in one MULTI/EXEC (atomic on one server); counters after."""
         for table, (keys, values) in rows.items():

@@ -206,7 +206,13 @@ class RocksDBTier(RowTier):
         return count
 
     def _batch_puts(
-        self, wb: WriteBatch, table: str, keys: Keys, values: list[bytes], counts: dict[str, int]
+        self,
+        wb: WriteBatch,
+        table: str,
+        keys: Keys,
+        values: list[bytes],
+        counts: dict[str, int],
+        absent: Keys | None = None,
     ) -> None:
         if len(keys) != len(values):
             raise ValueError(f"table {table!r}: {len(keys)} keys but {len(values)} values")
@@ -220,8 +226,12 @@ class RocksDBTier(RowTier):
         added = 0
         if self.exact_counts:
             distinct = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
-            existing = self._multi_get(self._row_keys(table, distinct))
-            added = existing.count(None)
+            if absent is not None and len(absent):
+                new = np.isin(distinct, absent)
+                added = int(new.sum())
+                distinct = distinct[~new]
+            if len(distinct):
+                added += self._multi_get(self._row_keys(table, distinct)).count(None)
         deque(map(wb.put, row_keys, values), maxlen=0)  # the loop in C, not bytecode
         if added:
             counts[table] = counts.get(table, self._count_locked(table)) + added
@@ -342,14 +352,18 @@ class RocksDBTier(RowTier):
         self,
         rows: Mapping[str, tuple[Keys, list[bytes]]],
         blobs: Mapping[str, bytes],
+        *,
+        absent: Mapping[str, Keys] | None = None,
     ) -> None:
-        """Rows of several tables and blobs in one atomic (synced) WriteBatch."""
+        """Rows of several tables and blobs in one atomic (synced) WriteBatch; rows of
+        ``absent`` keys count as new without the existence read."""
         self._check_writable()
+        absent = absent or {}
         with self._lock:
             wb = WriteBatch(raw_mode=True)
             counts: dict[str, int] = {}
             for table, (keys, values) in rows.items():
-                self._batch_puts(wb, table, keys, values, counts)
+                self._batch_puts(wb, table, keys, values, counts, absent.get(table))
             for name, data in blobs.items():
                 wb.put(b"b" + name.encode(), bytes(data))
             self._write(wb, counts, sync=True)

@@ -242,6 +242,9 @@ class TieredStore(EmbeddingStore):
         self._lock = threading.RLock()
         self._dirty: dict[str, list[Keys]] = {}  # without an index (no eviction)
         self._dirty_len: dict[str, int] = {}
+        # Rows created since the last flush, which the cold tier cannot hold yet (it was
+        # read before each was created): the flush's commit need not check them.
+        self._created_keys: dict[str, list[Keys]] = {}
         self._tally: Tally[str] = Tally()
         self._tally_lock = threading.Lock()
         self._policies: dict[str, AdmissionPolicy] = {
@@ -467,6 +470,8 @@ class TieredStore(EmbeddingStore):
             if len(take):
                 rows[take] = codec.new_rows(keys[take], self._now())
                 found[take] = True
+                if self.cold is not None:
+                    self._created_keys.setdefault(table, []).append(keys[take])
                 to_hot.append(take)
                 dirty_idx.append(take)
                 self._created[table].inc(len(take))
@@ -1106,7 +1111,9 @@ class TieredStore(EmbeddingStore):
             )
         blobs = {POSITION_BLOB: blob.encode()} if blob is not None else {}
         if rows or blobs:
-            self.cold.commit(rows, blobs)
+            absent = {t: np.concatenate(k) for t, k in self._created_keys.items() if t in rows}
+            self.cold.commit(rows, blobs, absent=absent)
+        self._created_keys.clear()
         if self._index is not None:
             for table, pos in cleaned.items():
                 self._index[table].dirty[pos] = False
@@ -1149,6 +1156,7 @@ class TieredStore(EmbeddingStore):
             self._spilled.clear()
             self._dirty.clear()
             self._dirty_len.clear()
+            self._created_keys.clear()
             self._touched.clear()
             self._reads.clear()
             if self._index is not None:

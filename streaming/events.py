@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -146,19 +147,32 @@ _ID_TYPES = frozenset({str, int})
 _NUMBER_TYPES = frozenset({int, float})
 
 
+def _columns(rows: Sequence[Mapping[str, object]], names: Sequence[str]) -> list[Sequence[object]]:
+    """The values of each of ``names`` over ``rows``, column by column, skipping rows
+    without the name. When every row has every name (the usual batch) the columns are
+    cut in C with one ``itemgetter`` pass instead of a Python loop per field."""
+    if not names:
+        return []
+    try:
+        table = list(map(itemgetter(*names), rows))
+    except KeyError:
+        return [[x[name] for x in rows if name in x] for name in names]
+    if len(names) == 1:  # itemgetter of one name returns the value, not a 1-tuple
+        return [table]
+    return list(zip(*table, strict=True)) if table else [() for _ in names]
+
+
 def _columns_valid(instances: Sequence[Mapping[str, object]], spec: FeatureSpec) -> bool:
-    names: set[str] = set().union(*instances)
-    if not names <= spec.known_names:
+    if not all(map(spec.known_names.issuperset, instances)):
         return False
     return _sparse_columns_valid(instances, spec) and _dense_columns_valid(instances, spec)
 
 
 def _sparse_columns_valid(rows: Sequence[Mapping[str, object]], spec: FeatureSpec) -> bool:
-    for feature in spec.sparse:
-        column = [x[feature.name] for x in rows if feature.name in x]
+    for feature, column in zip(spec.sparse, _columns(rows, spec.sparse_names), strict=True):
         if feature.kind == "categorical":
             # type(), not isinstance: bool (an int subclass) is not an id.
-            if not {type(v) for v in column} <= _ID_TYPES or "" in column:
+            if not set(map(type, column)) <= _ID_TYPES or "" in column:
                 return False
         elif not all(type(v) is list and all(map(_is_id, v)) for v in column):
             return False
@@ -166,9 +180,8 @@ def _sparse_columns_valid(rows: Sequence[Mapping[str, object]], spec: FeatureSpe
 
 
 def _dense_columns_valid(rows: Sequence[Mapping[str, object]], spec: FeatureSpec) -> bool:
-    for name in spec.dense:
-        column = [x[name] for x in rows if name in x]
-        if not {type(v) for v in column} <= _NUMBER_TYPES or not all(
+    for column in _columns(rows, spec.dense):
+        if not set(map(type, column)) <= _NUMBER_TYPES or not all(
             map(math.isfinite, column)  # type: ignore[arg-type]
         ):
             return False
@@ -178,29 +191,31 @@ def _dense_columns_valid(rows: Sequence[Mapping[str, object]], spec: FeatureSpec
 def _events_valid(objs: Sequence[Any], spec: FeatureSpec) -> bool:
     """Whether ``check_event`` would find no problem in any of ``objs``, checked column
     by column (the trainer's common case: a whole batch of good events)."""
-    if {type(o) for o in objs} != {dict} or not all(map(_REQUIRED.issubset, objs)):
+    if not objs:
+        return True
+    if set(map(type, objs)) != {dict}:
         return False
-    ids = [o["event_id"] for o in objs]
-    if not {type(v) for v in ids} <= _ID_TYPES or "" in ids:
+    try:
+        ids, stamps, labels, features = zip(*map(_REQUIRED_VALUES, objs), strict=True)
+    except KeyError:
         return False
-    stamps = [o["ts"] for o in objs]
-    if {type(v) for v in stamps} != {int} or min(stamps) < 0:
+    if not set(map(type, ids)) <= _ID_TYPES or "" in ids:
         return False
-    labels = [o["label"] for o in objs]
-    if {type(v) for v in labels} != {int} or not set(labels) <= {0, 1}:
+    if set(map(type, stamps)) != {int} or min(stamps) < 0:
         return False
-    features = [o["features"] for o in objs]
+    if set(map(type, labels)) != {int} or not set(labels) <= {0, 1}:
+        return False
     dense = [o.get("dense", _NO_DENSE) for o in objs]
-    if {type(v) for v in features} != {dict} or {type(v) for v in dense} != {dict}:
+    if set(map(type, features)) != {dict} or set(map(type, dense)) != {dict}:
         return False
-    if not set().union(*features) <= spec.sparse_name_set:
+    if not all(map(spec.sparse_name_set.issuperset, features)):
         return False
-    if not set().union(*dense) <= spec.dense_names:
+    if not all(map(spec.dense_names.issuperset, dense)):
         return False
     return _sparse_columns_valid(features, spec) and _dense_columns_valid(dense, spec)
 
 
-_REQUIRED = frozenset({"event_id", "ts", "label", "features"})
+_REQUIRED_VALUES = itemgetter("event_id", "ts", "label", "features")
 _NO_DENSE: dict[str, object] = {}
 
 
@@ -253,13 +268,15 @@ def check_event(obj: Mapping[str, Any], spec: FeatureSpec) -> list[FieldError]:
 
 
 def event_from(obj: Mapping[str, Any]) -> Event:
-    """The ``Event`` of an object ``check_event`` found no problem with."""
+    """The ``Event`` of an object ``check_event`` found no problem with. Its dicts are
+    taken as they are (dense values stay the ints or floats they were sent as)."""
+    event_id = obj["event_id"]
     return Event(
-        event_id=str(obj["event_id"]),
-        ts=obj["ts"],
-        label=obj["label"],
-        features=obj["features"],
-        dense={k: float(v) for k, v in obj.get("dense", {}).items()},
+        event_id if type(event_id) is str else str(event_id),
+        obj["ts"],
+        obj["label"],
+        obj["features"],
+        obj.get("dense") or {},
     )
 
 

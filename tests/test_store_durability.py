@@ -196,3 +196,39 @@ def test_discard_unflushed_drops_spill_and_reads_as_of_the_position(tmp_path: Pa
     reference = TieredStore([TABLE], MemoryTier(), clock=lambda: 1000.0)
     apply_events(reference, 0, 300)
     assert np.array_equal(store.lookup("a", KEYS).rows, reference.lookup("a", KEYS).rows)
+
+
+@pytest.mark.parametrize("capacity", [None, 30], ids=["unbounded", "spilling"])
+def test_cold_row_count_stays_exact_when_flushes_skip_reading_created_rows(
+    tmp_path: Path, capacity: int | None
+) -> None:
+    """A flush commits the rows it created since the last one as new without reading
+    the cold tier first; the count must still match what the tier holds, through
+    re-updates, spills, removals and re-creation."""
+    store = TieredStore(
+        [TABLE],
+        MemoryTier(),
+        RocksDBTier(tmp_path / "db"),
+        clock=lambda: 1000.0,
+        hot_capacity_rows=capacity,
+    )
+    assert store.cold is not None
+
+    def train(keys: np.ndarray, offset: int) -> None:
+        store.lookup("a", keys, create=True)
+        store.update("a", np.sort(keys), np.full((len(keys), TABLE.dim), 0.1, dtype=np.float32))
+        store.flush({"t:0": offset})
+
+    def stored() -> int:
+        assert store.cold is not None
+        return sum(len(keys) for keys, _ in store.cold.scan("a"))
+
+    train(KEYS[:40], 1)
+    assert store.cold.count("a") == stored() == 40
+    train(KEYS[20:70], 2)  # 20 rows again, 30 new
+    assert store.cold.count("a") == stored() == 70
+    assert store.evict("a", KEYS[60:70]) == 10
+    train(KEYS[65:80], 3)  # 5 removed rows created again, 10 new
+    assert store.cold.count("a") == stored() == 75
+    train(KEYS[:80], 4)  # the other 5 removed rows come back
+    assert store.cold.count("a") == stored() == 80

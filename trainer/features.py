@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -86,13 +87,15 @@ def _int_columns(
     if not names or not features:
         return {}
     try:
-        values = np.array([[example.get(name) for example in features] for name in names])
-    except (OverflowError, ValueError):  # ids beyond 64 bits, ragged (list) values
+        # One C pass cuts the rows (KeyError: an example lacks a field).
+        table = list(map(itemgetter(*names), features))
+        values = np.array(table)
+    except (KeyError, OverflowError, ValueError):  # missing, beyond 64 bits, ragged
         return {}
-    # None, str, float or uint64-only ids make another dtype: those go field by field.
-    if values.dtype != np.int64 or values.shape != (len(names), len(features)):
+    # str, float or uint64-only ids make another dtype: those go field by field.
+    if values.dtype != np.int64 or values.shape != (len(features), len(names)):
         return {}
-    keys = int_feature_keys(names, values)
+    keys = int_feature_keys(names, values.T)
     return {
         name: FieldBatch(keys[i], np.arange(len(features), dtype=np.int64))
         for i, name in enumerate(names)

@@ -266,13 +266,17 @@ class StreamingTrainer:
     def _decode(self, records: list[Record]) -> list[Event]:
         events: list[Event] = []
         decoded = decode_events([record.value for record in records], self.spec)
+        topic, partition, slot = "", -1, ""
         for record, event in zip(records, decoded, strict=True):
+            if record.partition != partition or record.topic != topic:
+                # A poll returns runs of one partition: name each run's slot once.
+                topic, partition, slot = record.topic, record.partition, record.slot
             if isinstance(event, BadEvent):
                 self._dead_letter(record, event)
             else:
                 events.append(event)
-                self._pending_first.setdefault(record.slot, record.offset)
-            self._read[record.slot] = record.offset + 1
+                self._pending_first.setdefault(slot, record.offset)
+            self._read[slot] = record.offset + 1
         return events
 
     def _dead_letter(self, record: Record, bad: BadEvent) -> None:
