@@ -24,6 +24,9 @@ group join excluded). Configurations, measured one after another in the same run
 
 ``store_traffic_reduction``: 1 - (rows read from + rows pushed to the store) / (rows
 the trainer looked up + rows it updated), in the ``streamrec_redis`` run (s = 8).
+``gc_share``: per configuration, the share of its wall time spent in Python's garbage
+collector (``gc.callbacks``); ``--gc-threshold 0`` runs the trainers under Python's
+default collector thresholds instead of ``trainer.gc_threshold``'s.
 
 Without ``--bootstrap`` the local Kafka of ``deploy/local/services.sh`` is started
 (idempotent); without ``--redis-url`` a private ``redis-server`` is started.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -93,6 +97,20 @@ class _Timed(EventConsumer):
         self.inner.close()
 
 
+class _CollectorClock:
+    """Wall time spent in Python's garbage collector, from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+
 def traffic() -> dict[str, float]:
     return {
         op: REGISTRY.get_sample_value("streamrec_trainer_store_rows_total", {"op": op}) or 0.0
@@ -111,10 +129,13 @@ def train(
     timed = _Timed(consumer)
     before = traffic()
     trainer = StreamingTrainer(spec, store, timed, config)
+    collector = _CollectorClock()
+    gc.callbacks.append(collector)
     started = time.perf_counter()
     try:
         report = trainer.run(threading.Event(), max_events=events)
     finally:
+        gc.callbacks.remove(collector)
         timed.close()
         store.close()
     ended = time.perf_counter()
@@ -128,6 +149,7 @@ def train(
     demand = moved["demand_read"] + moved["demand_write"]
     return {
         "events_per_s": rate,
+        "gc_share": round(collector.seconds / (ended - started), 4),
         "events": report.events,
         "window_auc": report.evaluation.window_auc,
         "store_rows": moved,
@@ -190,6 +212,12 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads", type=int, help="trainer.torch_threads for every streamrec run"
     )
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=TrainerConfig.model_fields["gc_threshold"].default,
+        help="trainer.gc_threshold for every streamrec run (0: Python's default)",
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
@@ -233,6 +261,7 @@ def main() -> None:
             cache=CacheConfig(read_staleness=s, write_staleness=s),
             progress_every_s=10,
             torch_threads=args.torch_threads,
+            gc_threshold=args.gc_threshold,
         )
 
     runs: dict[str, dict[str, Any]] = {}
@@ -322,6 +351,9 @@ def main() -> None:
         else round(embedded / torchrec_rate, 3),
         "store_rows": {k: v.get("store_rows") for k, v in runs.items() if "store_rows" in v},
         "window_auc": {k: round(v["window_auc"], 4) for k, v in runs.items() if "window_auc" in v},
+        # Share of each run's wall time in Python's garbage collector.
+        "gc_share": {k: v["gc_share"] for k, v in runs.items() if "gc_share" in v},
+        "gc_threshold": args.gc_threshold,
         "torchrec": runs["torchrec"],
         "events": events,
         "universe": universe,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import Settings
 from streamrec.wiring import table_configs
 from trainer.model import DLRM, ModelConfig
-from trainer.trainer import StreamingTrainer, TrainerConfig
+from trainer.trainer import StreamingTrainer, TrainerConfig, collector_threshold
 from trainer.versions import latest_version, load_version, publish
 
 TOPIC = "events"
@@ -206,3 +207,45 @@ def test_a_revoke_records_dead_letters_read_before_the_first_dropped_event(
     assert not trainer._pending and not trainer._ready
     assert trainer.read_position() == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 2}
     assert len((tmp_path / "dlq.jsonl").read_text().splitlines()) == 3
+
+
+def test_collector_threshold_is_raised_while_trainers_run_and_restored_after_the_last() -> None:
+    original = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with collector_threshold(0):
+            assert gc.get_threshold() == (700, 10, 10)
+        first = collector_threshold(50_000)
+        second = collector_threshold(50_000)
+        first.__enter__()
+        assert gc.get_threshold() == (50_000, 10, 10)
+        second.__enter__()
+        first.__exit__(None, None, None)  # another trainer still runs
+        assert gc.get_threshold() == (50_000, 10, 10)
+        second.__exit__(None, None, None)
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*original)
+
+
+def test_training_runs_under_the_configured_collector_threshold() -> None:
+    source = small_source(600)
+    log = InMemoryLog()
+    for event in source:
+        log.append(TOPIC, event.to_json())
+    store = TieredStore(table_configs(source.spec, Settings()), MemoryTier())
+    seen: list[tuple[int, int, int]] = []
+    consumer = log.consumer(TOPIC, store.position())
+    poll = consumer.poll
+
+    def watched_poll(max_records: int, timeout_s: float) -> list[Record]:
+        seen.append(gc.get_threshold())
+        return poll(max_records, timeout_s)
+
+    consumer.poll = watched_poll  # type: ignore[method-assign]
+    config = TrainerConfig(batch_size=256, gc_threshold=12_345)
+    trainer = StreamingTrainer(source.spec, store, consumer, config)
+    before = gc.get_threshold()
+    trainer.run(threading.Event(), max_events=600)
+    assert seen and all(t[0] == max(12_345, before[0]) for t in seen)
+    assert gc.get_threshold() == before
