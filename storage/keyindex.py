@@ -5,8 +5,8 @@ rebuilt at half load to a quarter load), so every batch operation is a handful o
 vectorised passes over the batch's keys, not a Python loop (or a dict probe) per key.
 Subclasses keep per-key data in *columns*: arrays indexed by position, declared in
 ``_columns``, which a rebuild moves along with their keys. ``HotIndex``
-(``storage.eviction``) and the memory tier's slot index (``storage.memory_tier``) are
-the two.
+(``storage.eviction``) and ``SlotIndex`` (the memory tier's arenas, the trainer cache)
+are the two.
 
 A key's position stays valid while ``epoch`` is unchanged and the key is not removed:
 ``epoch`` advances when a rebuild moves every key and when ``discard`` removes keys
@@ -209,3 +209,11 @@ class KeyIndex:
         """Positions of every key, in no particular order."""
         out: Positions = np.flatnonzero(self.state == LIVE)
         return out
+
+
+class SlotIndex(KeyIndex):
+    """Each key's slot in a caller's row arrays (the memory tier's arenas, the trainer
+    cache's tables)."""
+
+    _columns: ClassVar[dict[str, type[np.generic]]] = {"slot": np.int32}  # 2**31 rows
+    slot: npt.NDArray[np.int32]

@@ -16,24 +16,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from storage.base import Keys, Mask, Rows, RowTier
-from storage.keyindex import KeyIndex, sorted_distinct
+from storage.keyindex import SlotIndex, sorted_distinct
 
 if TYPE_CHECKING:
     from storage.rows import RowCodec
 
 _U8 = npt.NDArray[np.uint8]
 _MIN_SLOTS = 1024
-
-
-class _SlotIndex(KeyIndex):
-    _columns: ClassVar[dict[str, type[np.generic]]] = {"slot": np.int32}  # 2**31 rows
-    slot: npt.NDArray[np.int32]
 
 
 def _last_of_each(keys: Keys) -> npt.NDArray[np.intp]:
@@ -47,7 +42,7 @@ class _Arena:
     """One table's rows (see the module docstring). Callers hold the tier's lock."""
 
     def __init__(self, width: int) -> None:
-        self.index = _SlotIndex()
+        self.index = SlotIndex()
         self.data: _U8 = np.zeros((_MIN_SLOTS, width), dtype=np.uint8)
         self.sizes = np.zeros(_MIN_SLOTS, dtype=np.int32)
         self.free = np.zeros(0, dtype=np.int64)  # freed slots, reused first

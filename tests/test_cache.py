@@ -261,3 +261,16 @@ def test_write_back_through_a_capacity_bounded_store_with_a_cold_tier(tmp_path: 
     assert want["state"].tobytes() == got["state"].tobytes()
     for s in (plain, inner):
         s.close()
+
+
+def test_evicting_repeated_keys_drops_each_cached_row_once() -> None:
+    cached = CachedStore(store_of(T), CacheConfig(read_staleness=4, write_staleness=4))
+    step(cached, "t", ids(1, 2, 3, 4), 0.5)
+    assert cached.cached_rows() == 4
+    assert cached.evict("t", ids(2, 2, 3, 9)) == 2
+    assert cached.cached_rows() == 2
+    # The evicted ids come back as new rows; the others are still served from the cache.
+    before = metric("streamrec_trainer_cache_lookups_total", result="hit")
+    step(cached, "t", ids(1, 2, 3, 4), 0.5)
+    assert metric("streamrec_trainer_cache_lookups_total", result="hit") - before == 2
+    assert cached.cached_rows() == 4

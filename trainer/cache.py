@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +52,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.base import EmbeddingStore, Floats, Keys, LookupResult, Mask, Rows, TableConfig
-from storage.keyindex import distinct
+from storage.keyindex import SlotIndex, distinct, sorted_distinct
 from storage.optim import apply_sparse, finite_rows
 from storage.rows import RowCodec
 
@@ -121,14 +120,15 @@ def _observe_many(histogram: Histogram, values: npt.NDArray[np.int64]) -> None:
 
 
 class _Table:
-    """One table's cached rows in slot arrays; ``slot`` maps a key to its row."""
+    """One table's cached rows in slot arrays; ``index`` maps a key to its slot (a numpy
+    hash table: a batch's keys are found in a few vectorised passes)."""
 
     def __init__(self, cfg: TableConfig, *, shared: bool) -> None:
         self.cfg = cfg
         self.dim = cfg.dim
         self.codec = RowCodec(cfg)
         self.row_bytes = self.codec.nbytes
-        self.slot: dict[int, int] = {}
+        self.index = SlotIndex()
         self.keys = np.zeros(0, dtype=np.uint64)
         self.rows = self.codec.zeros(0)  # shared mode keeps only "emb" current
         # Summed pending gradients: shared mode only (no columns otherwise).
@@ -144,12 +144,14 @@ class _Table:
 
     def slots_of(self, keys: Keys) -> npt.NDArray[np.int64]:
         """Slot of each key, -1 where it is not cached."""
-        return np.fromiter(
-            map(self.slot.get, keys.tolist(), repeat(-1)), dtype=np.int64, count=len(keys)
-        )
+        pos = self.index.find(keys)
+        cached = pos >= 0
+        slots = np.full(len(keys), -1, dtype=np.int64)
+        slots[cached] = self.index.slot[pos[cached]]
+        return slots
 
     def allocate(self, keys: Keys) -> npt.NDArray[np.int64]:
-        """Fresh slots for ``keys`` (not cached yet); the caller fills ``rows``."""
+        """Fresh slots for distinct ``keys`` (not cached yet); the caller fills ``rows``."""
         n = len(keys)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
@@ -158,7 +160,8 @@ class _Table:
             self._grow(max(size + n - len(self.free), size * 3 // 2, 1024))
         slots = np.asarray(self.free[-n:], dtype=np.int64)
         del self.free[-n:]
-        self.slot.update(zip(keys.tolist(), slots.tolist(), strict=True))
+        pos, _ = self.index.add(keys)
+        self.index.slot[pos] = slots
         self.keys[slots] = keys
         self.grad[slots] = 0.0
         self.pending[slots] = 0
@@ -181,14 +184,14 @@ class _Table:
         self.free.extend(range(size - 1, old - 1, -1))
 
     def drop(self, slots: npt.NDArray[np.int64]) -> None:
-        for key in self.keys[slots].tolist():
-            del self.slot[key]
+        slots = sorted_distinct(slots)
+        self.index.discard(self.keys[slots])
         self.live[slots] = False
         self.free.extend(slots.tolist())
         self.changes += 1
 
     def __len__(self) -> int:
-        return len(self.slot)
+        return self.index.live
 
 
 class CachedStore(EmbeddingStore):
