@@ -388,8 +388,10 @@ def create_app(
         response_model=PredictResponse,
         responses={400: {}, 404: {}, 422: {}, 503: {}},
     )
-    def predict(name: str, body: PredictRequest) -> PredictResponse:
-        """Click probabilities for ``instances``; ``parameters.version`` pins a version."""
+    async def predict(name: str, body: PredictRequest) -> PredictResponse:
+        """Click probabilities for ``instances``; ``parameters.version`` pins a version.
+        Async: the work is CPU on the loop, and only the store read waits in a thread
+        (``EmbeddingReader.lookup_async``)."""
         started = time.perf_counter()
         known(name)
         version = body.parameters.version if body.parameters is not None else None
@@ -400,7 +402,7 @@ def create_app(
                 raise _unavailable("no model version published yet")
         else:
             try:
-                current = holder.load(version)
+                current = await asyncio.to_thread(holder.load, version)  # may read the store
             except UnknownVersion as exc:
                 metrics.REQUESTS.labels(status="404").inc()
                 raise HTTPException(404, detail=exc.args[0]) from None
@@ -434,7 +436,7 @@ def create_app(
         # A flat instance serves as both parts: encode reads only the spec's names.
         batch = encode(body.instances, body.instances, spec)
         distinct = distinct_keys(batch, spec)
-        rows = reader.lookup(distinct.keys)
+        rows = await reader.lookup_async(distinct.keys)
         with torch.inference_mode():
             sparse, gathered = pool(batch, spec, distinct, rows, train=False)
             probabilities = torch.sigmoid(model(torch.from_numpy(batch.dense), sparse))

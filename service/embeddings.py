@@ -10,11 +10,15 @@
 * **Coalescing.** A request's keys arrive distinct per table (``distinct_keys``), and
   only the ones missing from the cache go to the store, all tables in one
   ``lookup_tables`` (for a read-only tiered store: one Redis pipeline and one RocksDB
-  multi-get). A dispatcher thread merges the misses of every request queued meanwhile
-  into one such read (a key wanted by several requests is read once) and runs it on a
-  pool, at most ``threads`` reads in flight; while they are all busy, new misses queue
-  and coalesce into the next read. Under load this turns per-request store round trips
-  into per-batch ones.
+  multi-get). ``threads`` reader threads take the queued misses: each takes every read
+  queued so far and does them as one store read (a key wanted by several requests is
+  read once). While they are all busy, new misses queue and coalesce into the next read,
+  so under load per-request store round trips become per-batch ones.
+* **Async waits.** ``lookup_async`` is ``lookup`` for an event loop: the request waits
+  on an asyncio future the reader thread resolves, so an async handler does its CPU work
+  on the loop and hands off to a thread only for the store read (a sync handler in a
+  thread pool costs a few more thread wake-ups per request, which on a 2-core machine
+  cost more than the work they hand off).
 * **Time budget.** A request waits at most ``budget_s`` for its store read; if it is not
   back by then (a slow cold-tier read, a stalled Redis) its missing keys answer with the
   default embedding, the zero vector that unknown and unadmitted ids read as in
@@ -29,7 +33,8 @@ request is still waiting for it.
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -84,9 +89,10 @@ class _Segments:
             have = (self.keys[slots] == flat) & (self.expires[slots] > now)
             rows = self.rows[slots]
             found = self.found[slots] & have
-        rows[~have] = 0.0
+        stale = ~have
+        rows[stale] = 0.0
         return {
-            table: (rows[a:b], found[a:b], np.flatnonzero(~have[a:b]))
+            table: (rows[a:b], found[a:b], stale[a:b].nonzero()[0])
             for table, a, b in zip(keys, at, at[1:], strict=False)
         }
 
@@ -109,15 +115,19 @@ class _Segments:
 
 
 class _Read:
-    """One request's store read: its keys per table, and the rows once they arrive."""
+    """One request's store read: its keys per table, and the rows once they arrive.
+    ``on_done`` (from the reader thread) wakes an async waiter."""
 
-    __slots__ = ("done", "error", "results", "wanted")
+    __slots__ = ("done", "error", "on_done", "results", "wanted")
 
-    def __init__(self, wanted: Mapping[str, Keys]) -> None:
+    def __init__(
+        self, wanted: Mapping[str, Keys], on_done: Callable[[], None] | None = None
+    ) -> None:
         self.wanted = wanted
         self.results: dict[str, LookupResult] = {}
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.on_done = on_done
 
     def deliver(self, results: dict[str, LookupResult], error: BaseException | None) -> None:
         # Set before done: a waiter that sees done reads them, one that timed out ignores
@@ -125,6 +135,20 @@ class _Read:
         self.results = results
         self.error = error
         self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+
+
+def _wake(loop: asyncio.AbstractEventLoop, woken: asyncio.Future[None]) -> Callable[[], None]:
+    def resolve() -> None:
+        if not woken.done():  # cancelled: the waiter timed out
+            woken.set_result(None)
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(resolve)
+
+    return wake
 
 
 class EmbeddingReader:
@@ -159,19 +183,16 @@ class EmbeddingReader:
         self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
         self._queued = 0
         self._lock = threading.Lock()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._dispatcher: threading.Thread | None = None
+        self._readers: list[threading.Thread] = []
 
     def close(self) -> None:
-        """Stop the reader threads (a later lookup starts new ones: an app's lifespan
-        may run more than once, e.g. under test clients)."""
+        """Stop the reader threads once they have done the reads queued before (a later
+        lookup starts new ones: an app's lifespan may run more than once, e.g. under
+        test clients)."""
         with self._lock:
-            pool, self._pool = self._pool, None
-            dispatcher, self._dispatcher = self._dispatcher, None
-        if dispatcher is not None:
-            self._queue.put(None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            readers, self._readers = self._readers, []
+            for _ in readers:
+                self._queue.put(None)
 
     def _by_cache(self, keys: Mapping[str, Keys]) -> list[tuple[_Segments, dict[str, Keys]]]:
         return [
@@ -184,6 +205,34 @@ class EmbeddingReader:
         """One row per key of each table (keys distinct per table), within the budget.
         ``cached=False`` skips the near cache (reads the store's current rows)."""
         now = self._clock()
+        out, partial, wanted = self._from_cache(keys, cached, now)
+        if wanted:
+            self._fill(partial, self._wait(self._enqueue(wanted), now))
+        return out
+
+    async def lookup_async(self, keys: Mapping[str, Keys]) -> dict[str, LookupResult]:
+        """``lookup`` from an event loop: waits for the store without blocking it."""
+        now = self._clock()
+        out, partial, wanted = self._from_cache(keys, True, now)
+        if wanted:
+            loop = asyncio.get_running_loop()
+            woken: asyncio.Future[None] = loop.create_future()
+            read = self._enqueue(wanted, _wake(loop, woken))
+            if read is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken, self._remaining(now))
+            self._fill(partial, self._wait(read, now))
+        return out
+
+    def _from_cache(
+        self, keys: Mapping[str, Keys], cached: bool, now: float
+    ) -> tuple[
+        dict[str, LookupResult],
+        dict[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]],
+        dict[str, Keys],
+    ]:
+        """The results to fill (cached rows in place, zeros elsewhere), each table's rows,
+        found flags and missing positions, and the missing keys per table."""
         for table in keys:
             if table not in self._dims:
                 raise KeyError(f"unknown table {table!r}; configured: {sorted(self._dims)}")
@@ -207,52 +256,64 @@ class EmbeddingReader:
         misses = sum(len(k) for k in wanted.values())
         metrics.NEAR_CACHE.labels(result="hit").inc(sum(len(k) for k in keys.values()) - misses)
         metrics.NEAR_CACHE.labels(result="miss").inc(misses)
-        fetched = self._read_within_budget(wanted, now) if wanted else {}
+        return out, partial, wanted
+
+    @staticmethod
+    def _fill(
+        partial: Mapping[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]],
+        fetched: Mapping[str, LookupResult],
+    ) -> None:
         # Rows not fetched in time stay the default: zeros, not found.
         for table, result in fetched.items():
             rows, found, missing = partial[table]
             rows[missing] = result.rows
             found[missing] = result.found
-        return out
 
-    def _read_within_budget(
-        self, wanted: Mapping[str, Keys], started: float
-    ) -> dict[str, LookupResult]:
-        """Queue the read for the dispatcher and wait for it at most what is left of the
-        budget; if it is not back by then the caller defaults every table."""
+    def _remaining(self, started: float) -> float:
+        return max(self.budget_s - (self._clock() - started), 0.0)
+
+    def _enqueue(
+        self, wanted: Mapping[str, Keys], on_done: Callable[[], None] | None = None
+    ) -> _Read | None:
+        """Queue the read for the reader threads (started on first use); None when
+        ``max_pending`` reads are queued already (the caller defaults every key)."""
         with self._lock:
             if self._queued >= self.max_pending:
                 metrics.LOOKUP_DEFAULTED.labels(reason="overloaded").inc(
                     sum(len(k) for k in wanted.values())
                 )
-                return {}
+                return None
             self._queued += 1
-            if self._dispatcher is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "embedding-read")
-                self._dispatcher = threading.Thread(
-                    target=self._dispatch,
-                    args=(self._pool,),
-                    name="embedding-dispatch",
-                    daemon=True,
-                )
-                self._dispatcher.start()
-        read = _Read(wanted)
+            if not self._readers:
+                self._readers = [
+                    threading.Thread(
+                        target=self._serve_reads, name=f"embedding-read-{i}", daemon=True
+                    )
+                    for i in range(self._threads)
+                ]
+                for thread in self._readers:
+                    thread.start()
+        read = _Read(wanted, on_done)
         self._queue.put(read)
-        if not read.done.wait(max(self.budget_s - (self._clock() - started), 0.0)):
+        return read
+
+    def _wait(self, read: _Read | None, started: float) -> dict[str, LookupResult]:
+        """The read's rows if it is back within what is left of the budget, else none
+        (the caller defaults every key); a failed read re-raises its error."""
+        if read is None:
+            return {}
+        if not read.done.wait(self._remaining(started)):
             metrics.LOOKUP_DEFAULTED.labels(reason="budget").inc(
-                sum(len(k) for k in wanted.values())
+                sum(len(k) for k in read.wanted.values())
             )
             return {}
         if read.error is not None:
             raise read.error  # e.g. StoreUnavailable: the request answers 503
         return read.results
 
-    def _dispatch(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
-        """Coalesce the reads queued meanwhile into one store read of every table they
-        want (each key once, however many requests want it) and run it on the pool, at
-        most ``threads`` reads in flight: while they are busy, reads queue up and
-        coalesce into the next one."""
-        slots = threading.Semaphore(self._threads)
+    def _serve_reads(self) -> None:
+        """A reader thread: take every read queued so far (each key once, however many
+        requests want it) and do them as one store read, until ``close``."""
         while True:
             first = self._queue.get()
             if first is None:
@@ -263,17 +324,19 @@ class EmbeddingReader:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    return
+                if more is None:  # another reader's stop: leave it for that reader
+                    self._queue.put(None)
+                    break
                 reads.append(more)
             with self._lock:
                 self._queued -= len(reads)
-            slots.acquire()
             try:
-                future = pool.submit(self._read, reads)
-            except RuntimeError:  # shut down by close(): these reads answer the default
-                return
-            future.add_done_callback(lambda _: slots.release())
+                self._read(reads)
+            except Exception:  # a bug must not stop the thread: these answer the default
+                log.exception("embedding read of %d requests failed", len(reads))
+                for read in reads:
+                    if not read.done.is_set():
+                        read.deliver({}, None)
 
     def _read(self, reads: list[_Read]) -> None:
         """One store read for ``reads``; fills the near cache and hands each its rows."""

@@ -90,6 +90,7 @@ import uuid
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from itertools import chain
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -105,6 +106,7 @@ from storage.base import (
     LookupResult,
     Mask,
     ReadOnlyStore,
+    RowFormatError,
     RowTier,
     StoreError,
     TableConfig,
@@ -198,6 +200,36 @@ class _Loaded(NamedTuple):
     pos: Positions | None  # hot-index positions of found keys (-1 elsewhere), if indexed
     hot_misses: int
     cold_hits: int
+
+
+def _fill_rows(
+    codecs: Sequence[RowCodec],
+    bounds: npt.NDArray[np.intp],
+    keys: Keys,
+    rows: Rows,
+    found: Mask,
+    idx: npt.NDArray[np.intp],
+    values: list[bytes | None],
+) -> npt.NDArray[np.intp]:
+    """Fill ``rows[idx]`` from ``values`` (one per position) where present and return
+    the positions still missing. Positions ``bounds[i]:bounds[i + 1]`` are table ``i``'s
+    (``codecs[i]``, all of one row layout): a value of the wrong size raises
+    ``RowFormatError`` naming its own table."""
+    hit = present_mask(values)
+    if hit.any():
+        at = idx[hit]
+        present = [v for v in values if v is not None]
+        try:
+            rows[at] = codecs[0].unpack(keys[at], present)
+        except RowFormatError:
+            sizes = np.fromiter(map(len, present), dtype=np.intp, count=len(present))
+            bad = int(np.flatnonzero(sizes != codecs[0].nbytes)[0])
+            table = int(np.searchsorted(bounds, at[bad], side="right")) - 1
+            codecs[table].check_sizes(keys[at[bad : bad + 1]], sizes[bad : bad + 1])
+            raise
+        found[at] = True
+    missing: npt.NDArray[np.intp] = idx[~hit]
+    return missing
 
 
 class TieredStore(EmbeddingStore):
@@ -779,62 +811,53 @@ class TieredStore(EmbeddingStore):
             return super().lookup_tables(keys)
         start = time.perf_counter()
         wanted: dict[str, tuple[Keys, npt.NDArray[np.intp] | None]] = {}
+        layouts: dict[np.dtype[np.void], list[str]] = {}
         for table, table_keys in keys.items():
-            self._codec(table)  # unknown table: KeyError before any read
+            codec = self._codec(table)  # unknown table: KeyError before any read
             wanted[table] = distinct(np.asarray(table_keys, dtype=np.uint64).reshape(-1))
+            layouts.setdefault(codec.dtype, []).append(table)
         hot = self.hot.get_tables({t: u for t, (u, _) in wanted.items()})
-        rows: dict[str, Rows] = {}
-        found: dict[str, Mask] = {}
-        missing: dict[str, npt.NDArray[np.intp]] = {}
-        for table, (unique, _) in wanted.items():
-            codec = self._codecs[table]
-            rows[table] = codec.zeros(len(unique))
-            found[table] = np.zeros(len(unique), dtype=np.bool_)
-            idx = np.arange(len(unique), dtype=np.intp)
-            missing[table] = self._fill(codec, unique, rows[table], found[table], idx, hot[table])
-        hot_misses = sum(len(m) for m in missing.values())
-        if hot_misses and self.cold is not None:
-            cold = self.cold.get_tables({t: wanted[t][0][m] for t, m in missing.items()})
-            for table, (unique, _) in wanted.items():
-                missing[table] = self._fill(
-                    self._codecs[table],
-                    unique,
-                    rows[table],
-                    found[table],
-                    missing[table],
-                    cold[table],
-                )
-        misses = sum(len(m) for m in missing.values())
-        n = sum(len(d[0]) for d in wanted.values())
-        self._record(n, hot_misses, hot_misses - misses, misses)
         out: dict[str, LookupResult] = {}
-        for table, (_, inv) in wanted.items():
-            emb = rows[table]["emb"]
-            f = found[table]
-            if inv is not None:
-                emb, f = emb[inv], f[inv]
-            out[table] = LookupResult(np.ascontiguousarray(emb, dtype=np.float32), f)
+        for tables in layouts.values():
+            out.update(self._read_tables(tables, wanted, hot))
         metrics.LOOKUP_TABLES_SECONDS.observe(time.perf_counter() - start)
-        return out
+        return {table: out[table] for table in keys}
 
-    @staticmethod
-    def _fill(
-        codec: RowCodec,
-        keys: Keys,
-        rows: Rows,
-        found: Mask,
-        idx: npt.NDArray[np.intp],
-        values: list[bytes | None],
-    ) -> npt.NDArray[np.intp]:
-        """Fill ``rows[idx]`` from ``values`` (one per position) where present; return the
-        positions still missing."""
-        hit = present_mask(values)
-        if hit.any():
-            at = idx[hit]
-            rows[at] = codec.unpack(keys[at], [v for v in values if v is not None])
-            found[at] = True
-        missing: npt.NDArray[np.intp] = idx[~hit]
-        return missing
+    def _read_tables(
+        self,
+        tables: list[str],
+        wanted: Mapping[str, tuple[Keys, npt.NDArray[np.intp] | None]],
+        hot: Mapping[str, list[bytes | None]],
+    ) -> dict[str, LookupResult]:
+        """``lookup_tables`` of tables whose rows share one layout, as one array (a
+        serving read has a few dozen tables of a few dozen keys each: per-table numpy
+        calls would cost more than the reads)."""
+        codecs = [self._codecs[t] for t in tables]
+        keys = np.concatenate([wanted[t][0] for t in tables])
+        bounds = np.cumsum([0, *(len(wanted[t][0]) for t in tables)])
+        rows = codecs[0].zeros(len(keys))
+        found = np.zeros(len(keys), dtype=np.bool_)
+        values = list(chain.from_iterable(hot[t] for t in tables))
+        idx = np.arange(len(keys), dtype=np.intp)
+        missing = _fill_rows(codecs, bounds, keys, rows, found, idx, values)
+        hot_misses = len(missing)
+        if hot_misses and self.cold is not None:
+            cuts = np.searchsorted(missing, bounds)
+            cold = self.cold.get_tables(
+                {t: keys[missing[cuts[i] : cuts[i + 1]]] for i, t in enumerate(tables)}
+            )
+            values = list(chain.from_iterable(cold[t] for t in tables))
+            missing = _fill_rows(codecs, bounds, keys, rows, found, missing, values)
+        self._record(len(keys), hot_misses, hot_misses - len(missing), len(missing))
+        emb = np.ascontiguousarray(rows["emb"], dtype=np.float32)
+        out: dict[str, LookupResult] = {}
+        for table, a, b in zip(tables, bounds, bounds[1:], strict=False):
+            table_emb, table_found = emb[a:b], found[a:b]
+            inverse = wanted[table][1]
+            if inverse is not None:
+                table_emb, table_found = table_emb[inverse], table_found[inverse]
+            out[table] = LookupResult(table_emb, table_found)
+        return out
 
     def prefetch(self, table: str, keys: Keys) -> None:
         """A writer with a capacity promotes the demoted rows of ``keys`` (spill or cold)

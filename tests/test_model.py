@@ -31,6 +31,24 @@ def test_unequal_dims_are_refused_with_a_clear_message() -> None:
         DLRM(spec([], dims=(8, 16, 8)))
 
 
+def test_interactions_are_the_pairwise_dots_of_bottom_output_and_fields() -> None:
+    """The top MLP sees [bottom output, every dot product between two distinct vectors
+    of (bottom output, field 1, ..., field n)] in row-major upper-triangle order, and
+    gradients flow back through exactly those products."""
+    model = DLRM(spec(["x", "y"]))
+    seen: list[torch.Tensor] = []
+    model.top.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    dense = torch.randn(4, 2)
+    sparse = torch.randn(4, 3, 8, requires_grad=True)
+    model(dense, sparse).sum().backward()
+    x = model.bottom(torch.sign(dense) * torch.log1p(dense.abs()))
+    vectors = [x, *sparse.unbind(1)]
+    dots = [(vectors[i] * vectors[j]).sum(1) for i in range(4) for j in range(i + 1, 4)]
+    torch.testing.assert_close(seen[0], torch.cat([x, torch.stack(dots, 1)], 1))
+    assert sparse.grad is not None and torch.isfinite(sparse.grad).all()
+    assert sparse.grad.abs().sum() > 0
+
+
 def test_state_round_trip() -> None:
     a, b = DLRM(spec(["x"])), DLRM(spec(["x"]))
     load_state(b, dump_state(a))

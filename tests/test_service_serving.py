@@ -3,11 +3,12 @@ the near cache and the read time budget."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from test_service import SOURCE, instance, trained_store
 from service.app import EventSink, ModelHolder, ServiceConfig, create_app
 from service.embeddings import EmbeddingReader
 from service.freshness import FreshnessTracker
-from storage.base import Keys, Mask, Rows
+from storage.base import Keys, LookupResult, Mask, Rows
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
 from storage.rows import RowCodec
@@ -330,6 +331,82 @@ def test_a_slow_read_answers_the_default_within_budget_then_fills_the_cache() ->
     time.sleep(0.5)  # the read finished in the background and filled the near cache
     tier.delay_s = 0.0
     assert reader.lookup({"c2": keys})["c2"].found.all()
+    reader.close()
+
+
+def test_async_lookup_waits_without_blocking_the_loop_and_keeps_the_budget() -> None:
+    tier = SlowTier()
+    store = TieredStore(table_configs(SPEC, Settings()), tier)
+    keys = keys_of("c2", 1, 2, 3)
+    store.admit("c2", keys)
+    want = store.lookup("c2", keys)
+    reader = EmbeddingReader(store, budget_s=0.2)
+
+    async def scenario() -> tuple[int, bool, bool]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        tier.delay_s = 0.1
+        got = (await reader.lookup_async({"c2": keys}))["c2"]
+        exact = np.array_equal(got.rows, want.rows) and bool(got.found.all())
+        tier.delay_s = 1.0
+        started = time.perf_counter()
+        late = (await reader.lookup_async({"c2": keys_of("c2", 4)}))["c2"]
+        defaulted = not late.found.any() and time.perf_counter() - started < 0.6
+        task.cancel()
+        return ticks, exact, defaulted
+
+    ticks, exact, defaulted = asyncio.run(scenario())
+    assert exact  # the store's rows, read on a reader thread
+    assert defaulted  # a read past the budget answers the default
+    assert ticks >= 10  # the loop kept running while both reads waited
+    tier.delay_s = 0.0
+    reader.close()
+
+
+def test_reads_queued_while_the_reader_is_busy_coalesce_into_one_store_read() -> None:
+    tier = SlowTier()
+    store = TieredStore(table_configs(SPEC, Settings()), tier)
+    ids = list(range(9))
+    store.admit("c1", keys_of("c1", *ids))
+    reads: list[int] = []
+    reading = threading.Event()
+    lookup_tables = store.lookup_tables
+
+    def counted(keys: Mapping[str, Keys]) -> dict[str, LookupResult]:
+        reads.append(sum(len(k) for k in keys.values()))
+        reading.set()
+        return lookup_tables(keys)
+
+    store.lookup_tables = counted  # type: ignore[method-assign]
+    reader = EmbeddingReader(store, budget_s=5.0, threads=1)
+
+    async def scenario() -> list[dict[str, LookupResult]]:
+        tier.delay_s = 0.3
+        first = asyncio.create_task(reader.lookup_async({"c1": keys_of("c1", 0)}))
+        while not reading.is_set():  # until the one reader thread is busy with it
+            await asyncio.sleep(0.001)
+        # The same key twice, and keys of several requests: one read, each key once.
+        rest = [
+            asyncio.create_task(reader.lookup_async({"c1": keys_of("c1", i, i + 1)}))
+            for i in (1, 2, 4, 6)
+        ]
+        return [await first, *await asyncio.gather(*rest)]
+
+    results = asyncio.run(scenario())
+    tier.delay_s = 0.0
+    assert reads == [1, 7]  # keys 1..7 once, in one store read
+    assert all(r["c1"].found.all() for r in results)
+    want = store.lookup("c1", keys_of("c1", 6, 7))
+    assert np.array_equal(results[-1]["c1"].rows, want.rows)
+    reader.close()
+    assert reader.lookup({"c1": keys_of("c1", 8)}, cached=False)["c1"].found.all()  # reopened
     reader.close()
 
 

@@ -702,6 +702,27 @@ def test_wrong_size_value_names_table_and_key(make_store: StoreFactory) -> None:
         store.lookup("user", keys)
 
 
+def test_read_only_lookup_tables_names_the_table_of_a_wrong_size_value(
+    make_store: StoreFactory,
+) -> None:
+    """Tables of one row layout are read as one array; a bad value still names its own
+    table and key."""
+    twins = [TableConfig(name=n, dim=4, optimizer="rowwise_adagrad") for n in ("a", "b")]
+    base = make_store()
+    primary = TieredStore(twins, base.hot, base.cold)
+    a, b = feature_keys("a", [1, 2]), feature_keys("b", [1, 2, 3])
+    primary.lookup("a", a, create=True)
+    primary.lookup("b", b, create=True)
+    primary.flush({"p": 1})
+    shared = make_store(read_only=True)  # the writer's hot tier, RocksDB as a secondary
+    reader = TieredStore(twins, shared.hot, shared.cold, read_only=True)
+    got = reader.lookup_tables({"a": a, "b": b})
+    assert got["a"].found.all() and got["b"].found.all()
+    primary.hot.put_many("b", b[2:], [b"\x00" * 12])
+    with pytest.raises(RowFormatError, match=rf"'b'.*key {int(b[2])}\b"):
+        reader.lookup_tables({"a": a, "b": b})
+
+
 def test_readers_never_see_half_written_rows(make_store: StoreFactory) -> None:
     """The embedded mode: one trainer thread, reader threads on the same store."""
     sgd = TableConfig(name="flat", dim=16, optimizer="sgd", learning_rate=1.0, init_scale=0)

@@ -160,22 +160,23 @@ def pool(
 
     A field with exactly one id per example pools to that id's row, which is a plain
     gather (in numpy without gradients, for serving): the same numbers as
-    ``embedding_bag`` (mean or sum of one row)."""
-    pooled: list[torch.Tensor] = []
+    ``embedding_bag`` (mean or sum of one row). Only training (``train=True``) returns
+    the rows as weights (leaf tensors tracking gradients)."""
+    pooled: list[torch.Tensor | npt.NDArray[np.float32]] = []
     rows = GatheredRows({}, {}, 0)
     for field in spec.sparse:
         result = found[field.name]
-        weight = torch.from_numpy(np.ascontiguousarray(result.rows, dtype=np.float32))
-        if train:
-            weight.requires_grad_(True)
-        rows.keys[field.name] = distinct.keys[field.name]
-        rows.weights[field.name] = weight
-        rows.unknown += int((~result.found).sum())
+        rows.unknown += len(result.found) - int(np.count_nonzero(result.found))
         fb = batch.fields[field.name]
         one_each = len(fb.keys) == batch.size == len(fb.offsets) and field.kind == "categorical"
         if one_each and not train:
-            pooled.append(torch.from_numpy(result.rows[distinct.inverse[field.name]]))
+            pooled.append(result.rows[distinct.inverse[field.name]])
             continue
+        weight = torch.from_numpy(np.ascontiguousarray(result.rows, dtype=np.float32))
+        if train:
+            weight.requires_grad_(True)
+            rows.keys[field.name] = distinct.keys[field.name]
+            rows.weights[field.name] = weight
         if len(distinct.keys[field.name]) == 0:
             pooled.append(torch.zeros(batch.size, field.dim))
             continue
@@ -190,7 +191,10 @@ def pool(
                 mode=field.pooling,
             )
         )
-    return torch.stack(pooled, dim=1), rows
+    if pooled and all(isinstance(p, np.ndarray) for p in pooled):  # serving: one copy
+        return torch.from_numpy(np.stack(pooled, axis=1)), rows
+    tensors = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pooled]
+    return torch.stack(tensors, dim=1), rows
 
 
 def gather(
