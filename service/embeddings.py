@@ -161,7 +161,7 @@ class EmbeddingReader:
         ttl_s: float = 1.0,
         max_rows: int = 100_000,
         budget_s: float = 0.025,
-        threads: int = 2,
+        threads: int = 1,
         max_pending: int = 256,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
