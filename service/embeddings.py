@@ -330,6 +330,7 @@ class EmbeddingReader:
                 reads.append(more)
             with self._lock:
                 self._queued -= len(reads)
+            metrics.STORE_READ_REQUESTS.observe(len(reads))
             try:
                 self._read(reads)
             except Exception:  # a bug must not stop the thread: these answer the default

@@ -30,6 +30,12 @@ LOOKUP_DEFAULTED = Counter(
     "or too many reads were in flight (overloaded).",
     ["reason"],
 )
+STORE_READ_REQUESTS = Histogram(
+    "streamrec_service_store_read_requests",
+    "Requests whose near-cache misses one store read served (coalescing: well above 1 "
+    "under load; always 1 means the reader threads keep up without batching).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 MODEL_VERSION = Gauge(
     "streamrec_service_model_version", "Model version being served.", multiprocess_mode="max"
 )

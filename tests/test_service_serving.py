@@ -399,9 +399,16 @@ def test_reads_queued_while_the_reader_is_busy_coalesce_into_one_store_read() ->
         ]
         return [await first, *await asyncio.gather(*rest)]
 
+    def served(le: str) -> float:
+        name = "streamrec_service_store_read_requests_bucket"
+        return REGISTRY.get_sample_value(name, {"le": le}) or 0.0
+
+    before = served("1.0"), served("4.0")
     results = asyncio.run(scenario())
     tier.delay_s = 0.0
     assert reads == [1, 7]  # keys 1..7 once, in one store read
+    # The metric says so too: one read served 1 request, the next 4.
+    assert (served("1.0"), served("4.0")) == (before[0] + 1, before[1] + 2)
     assert all(r["c1"].found.all() for r in results)
     want = store.lookup("c1", keys_of("c1", 6, 7))
     assert np.array_equal(results[-1]["c1"].rows, want.rows)
