@@ -208,7 +208,7 @@ def run_store(
     names = table_names()
     tables = [TableConfig(name=n, dim=DIM, optimizer="rowwise_adagrad") for n in names]
     kwargs, note = capacity_kwargs(capacity)
-    spill = RocksDBTier.scratch(cold_dir / "spill") if kwargs else None
+    spill = MemoryTier.scratch(cold_dir / "spill") if kwargs else None  # as build_store
     store = TieredStore(
         tables, hot, RocksDBTier(cold_dir / "cold", sync_commits=False), spill=spill, **kwargs
     )

@@ -56,6 +56,12 @@ class StoreConfig(BaseModel):
         default_factory=dict,
         description="Per-table overrides of any TableConfig field, by sparse feature name.",
     )
+    spill: Literal["mapped", "rocksdb"] = Field(
+        "mapped",
+        description="Where rows demoted from a full hot tier wait for the next flush: "
+        "mapped: files under data_dir/spill mapped into memory (the OS pages them out); "
+        "rocksdb: a scratch RocksDB there (slower; its index of the rows stays on disk).",
+    )
     shared_hot: bool = Field(
         False,
         description="Several trainers share the Redis hot tier (scale-out): it holds every "
@@ -79,5 +85,5 @@ class StoreConfig(BaseModel):
 
     @property
     def spill_path(self) -> Path:
-        """The writer's scratch RocksDB for demoted rows awaiting a flush."""
+        """The writer's scratch space for demoted rows awaiting a flush (``spill``)."""
         return self.data_dir / "spill"

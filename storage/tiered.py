@@ -257,7 +257,8 @@ class TieredStore(EmbeddingStore):
         the table name). ``discard_hot_rows``: a restarting single writer over a shared
         hot tier drops its rows first (see ``_discard_hot_rows``). ``spill``: where demoted
         dirty rows wait for the next flush (default: the cold tier); it need not survive
-        a crash, so a scratch tier without a write-ahead log is the fast choice.
+        a crash, so a scratch tier is the fast choice (``MemoryTier.scratch``: mapped
+        files; ``RocksDBTier.scratch``: no write-ahead log).
         ``shared_hot``: other writers use the hot tier too (scale-out), so
         ``discard_unflushed`` leaves its rows alone."""
         self._tables: dict[str, TableConfig] = {}

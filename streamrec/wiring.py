@@ -67,9 +67,13 @@ def build_store(settings: Settings, spec: FeatureSpec, *, read_only: bool = Fals
     else:
         hot = MemoryTier()
     cold = RocksDBTier(cfg.rocksdb_path, read_only=read_only)
-    spill = None
+    spill: RowTier | None = None
     if cfg.eviction is not None and not read_only:
-        spill = RocksDBTier.scratch(cfg.spill_path)
+        spill = (
+            MemoryTier.scratch(cfg.spill_path)
+            if cfg.spill == "mapped"
+            else RocksDBTier.scratch(cfg.spill_path)
+        )
     return TieredStore(
         tables,
         hot,

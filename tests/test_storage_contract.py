@@ -29,7 +29,12 @@ from storage.rocksdb_tier import RocksDBTier
 from storage.rows import RowCodec
 from storage.tiered import POSITION_BLOB, TieredStore
 
-TIER_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.integration), "rocksdb"]
+TIER_KINDS = [
+    "memory",
+    "mapped",
+    pytest.param("redis", marks=pytest.mark.integration),
+    "rocksdb",
+]
 STORE_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.integration)]
 
 
@@ -54,6 +59,8 @@ def tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RowTier]:
     t: RowTier
     if request.param == "memory":
         t = MemoryTier()
+    elif request.param == "mapped":  # the spill of build_store
+        t = MemoryTier.scratch(tmp_path / "mapped")
     elif request.param == "redis":
         # Few buckets, small chunks: several keys per hash and several sends per batch.
         t = RedisTier(request.getfixturevalue("clean_redis"), buckets=8, chunk=3)
@@ -355,6 +362,26 @@ def test_rocksdb_secondary_follows_primary(tmp_path: Path) -> None:
         secondary.close()
         primary.close()
     primary.close()  # idempotent
+
+
+def test_mapped_scratch_keeps_rows_through_growth_and_leaves_no_files(tmp_path: Path) -> None:
+    """Rows live in mapped, already unlinked files: growing and widening the arena keeps
+    every row, the directory stays empty, and a new scratch tier starts empty."""
+    tier = MemoryTier.scratch(tmp_path / "spill")
+    keys = np.arange(1, 5001, dtype=np.uint64)  # several doublings past the first arena
+    values = [int(k).to_bytes(8, "little") * 2 for k in keys]
+    for part in range(0, 5000, 700):
+        tier.put_many("t", keys[part : part + 700], values[part : part + 700])
+    tier.put_many("t", keys[:1], [b"w" * 40])  # a longer value widens every slot
+    assert tier.get_many("t", keys[:3]) == [b"w" * 40, values[1], values[2]]
+    assert tier.get_many("t", keys[1:]) == values[1:]
+    assert tier.count("t") == 5000
+    assert list((tmp_path / "spill").iterdir()) == []
+    (tmp_path / "spill" / "left-by-a-crash.rows").write_bytes(b"x")
+    again = MemoryTier.scratch(tmp_path / "spill")
+    assert again.count("t") == 0 and list((tmp_path / "spill").iterdir()) == []
+    tier.close()
+    again.close()
 
 
 def test_rocksdb_scratch_starts_empty_and_counts_by_scanning(tmp_path: Path) -> None:

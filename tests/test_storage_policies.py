@@ -201,7 +201,7 @@ Factory = Callable[..., TieredStore]
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     """``make_store(tables, cold=True, hot_name="main", **store_kwargs)``: a TieredStore
     over a hot tier of the parametrised kind (same ``hot_name``: the same hot rows) and
-    RocksDB under ``tmp_path``, with spill in a scratch RocksDB as ``build_store`` wires
+    RocksDB under ``tmp_path``, with spill in mapped scratch files as ``build_store`` wires
     it (``spill=None`` keeps it in the cold tier); ``clock`` defaults to a fixed ``Clock``."""
     redis_url = request.getfixturevalue("clean_redis") if request.param == "redis" else None
     memory_hots: dict[str, MemoryTier] = {}
@@ -221,7 +221,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Facto
             hot = memory_hots.setdefault(hot_name, MemoryTier())
         cold_tier = RocksDBTier(tmp_path / "db") if cold else None
         if cold_tier is not None and "spill" not in kwargs:
-            kwargs["spill"] = RocksDBTier.scratch(tmp_path / "spill")
+            kwargs["spill"] = MemoryTier.scratch(tmp_path / "spill")
         kwargs.setdefault("clock", Clock())
         store = TieredStore(tables, hot, cold_tier, **kwargs)
         opened.append(store)
