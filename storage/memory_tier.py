@@ -12,8 +12,8 @@ instead (the keys stay indexed in memory): the operating system writes the rows 
 drops them from memory as it needs, like any file cache, and the calls are the same
 array copies. The files are unlinked as soon as they are mapped, so nothing outlives the
 process; it is the tiered store's spill (demoted rows waiting for the next flush, which
-a crash discards anyway), ~40% faster there than a scratch RocksDB, whose per-row
-writes and reads cost more than the copies.
+a crash discards anyway), where it beats a scratch RocksDB, whose per-row writes and
+reads cost more than the copies (``bench/store.py`` at 20% capacity: see BENCHMARKS.md).
 
 Thread safety: every call, reads included, holds the tier's lock, because slots are
 reused (a reader between finding a slot and gathering it could otherwise read another
@@ -57,7 +57,9 @@ def _mapped(directory: Path, shape: tuple[int, int]) -> _U8:
         return np.zeros(shape, dtype=np.uint8)
     fd, name = tempfile.mkstemp(dir=directory, suffix=".rows")
     try:
-        os.ftruncate(fd, shape[0] * shape[1])  # sparse: reads as zeros
+        # Blocks reserved now: a full disk raises OSError here, not SIGBUS on a later
+        # write through the mapping.
+        os.posix_fallocate(fd, 0, shape[0] * shape[1])
         with open(fd, "r+b", closefd=False) as f:
             data: _U8 = np.memmap(f, dtype=np.uint8, mode="r+", shape=shape)
     finally:
