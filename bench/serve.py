@@ -1,15 +1,16 @@
 """Serving benchmark: predict latency at a fixed rate and throughput at saturation.
 
-    python bench/serve.py [--quick] [--redis-url URL]
+    python bench/serve.py [--quick] [--redis-url URL] [--workers N]
 
 Prints progress to stderr and one JSON object as the last line of stdout.
 
 1. Trains on the synthetic stream (26 sparse fields, 13 dense) into a Redis hot tier
    over RocksDB, through the real trainer, which publishes a model version.
 2. Serves that store like ``streamrec serve`` does (``streamrec.serving.build_serving``:
-   read-only store, near cache, one uvicorn process) in a subprocess. The ``noop``
-   server is the same app with the predict route replaced by one that parses the same
-   body and returns constant predictions.
+   read-only store, near cache, one uvicorn process; ``--workers N``: ``streamrec serve
+   --workers N`` itself) in a subprocess. The ``noop`` server is the same app with the
+   predict route replaced by one that parses the same body and returns constant
+   predictions, in as many uvicorn processes.
 3. A second process generates the load over keep-alive HTTP/1.1 connections, with
    64-instance predict bodies of the events that follow the trained ones on the same
    stream (known ids at the stream's popularity, plus new ones). ``p50_ms``/``p99_ms``:
@@ -59,23 +60,59 @@ def log(msg: str) -> None:
 # -- the servers (subprocess mode) -------------------------------------------------------
 
 
-def serve(settings_path: Path, port: int, noop: bool) -> None:
-    """Run the service (or its noop twin) on ``port`` until terminated."""
-    import uvicorn
+NOOP_SETTINGS_ENV = "STREAMREC_BENCH_NOOP_SETTINGS"
 
+
+def noop_app(settings_path: Path) -> tuple[Any, Any]:
+    """The served app with the predict route answering constants, and its close."""
     from streamrec.config import load_settings
     from streamrec.serving import build_serving
 
     app, close = build_serving(load_settings(settings_path))
-    if noop:
-        app.router.routes[:] = [
-            r for r in app.router.routes if getattr(r, "path", None) != "/v1/models/{name}:predict"
-        ]
+    app.router.routes[:] = [
+        r for r in app.router.routes if getattr(r, "path", None) != "/v1/models/{name}:predict"
+    ]
 
-        @app.post("/v1/models/{name}:predict", response_model=PredictResponse)
-        def constant(name: str, body: PredictRequest) -> PredictResponse:
-            return PredictResponse(predictions=[0.5] * len(body.instances), model_version=1)
+    @app.post("/v1/models/{name}:predict", response_model=PredictResponse)
+    def constant(name: str, body: PredictRequest) -> PredictResponse:
+        return PredictResponse(predictions=[0.5] * len(body.instances), model_version=1)
 
+    return app, close
+
+
+def noop_worker_app() -> Any:
+    """uvicorn's app factory in each worker of the noop server."""
+    import atexit
+
+    app, close = noop_app(Path(os.environ[NOOP_SETTINGS_ENV]))
+    atexit.register(close)
+    return app
+
+
+def serve(settings_path: Path, port: int, noop: bool, workers: int) -> None:
+    """Run the service (or its noop twin) on ``port`` until terminated."""
+    import uvicorn
+
+    from streamrec.cli import main as streamrec_main
+    from streamrec.config import load_settings
+    from streamrec.serving import build_serving
+
+    if workers > 1 and not noop:  # exactly what users run
+        cmd = ["serve", "--config", str(settings_path), "--port", str(port)]
+        sys.exit(streamrec_main([*cmd, "--workers", str(workers)]))
+    if workers > 1:
+        os.environ[NOOP_SETTINGS_ENV] = str(settings_path)
+        uvicorn.run(
+            "serve:noop_worker_app",
+            factory=True,
+            app_dir=str(Path(__file__).parent),
+            host="127.0.0.1",
+            port=port,
+            workers=workers,
+            log_level="warning",
+        )
+        return
+    app, close = noop_app(settings_path) if noop else build_serving(load_settings(settings_path))
     try:
         uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
     finally:
@@ -258,12 +295,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(settings_path: Path, noop: bool) -> Iterator[int]:
+def server(settings_path: Path, noop: bool, workers: int) -> Iterator[int]:
     import httpx
 
     port = free_port()
     cmd = [sys.executable, __file__, "--serve", str(settings_path), "--port", str(port)]
-    proc = subprocess.Popen([*cmd, *(["--noop"] if noop else [])], cwd=ROOT)
+    cmd += ["--workers", str(workers), *(["--noop"] if noop else [])]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -304,6 +342,7 @@ def main() -> None:
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
     parser.add_argument("--rate", type=float, default=300.0, help="fixed-rate phase, req/s")
     parser.add_argument("--connections", type=int, default=8, help="saturation: in flight")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn processes of both servers")
     # Internal modes: the server and the load generator run as subprocesses.
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--noop", action="store_true", help=argparse.SUPPRESS)
@@ -313,7 +352,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(Path(args.serve), args.port, args.noop)
+        serve(Path(args.serve), args.port, args.noop, args.workers)
         return
     if args.load:
         load(args)
@@ -347,7 +386,7 @@ batch_size = 1024
 
         results: dict[str, dict[str, Any]] = {}
         for kind in ("real", "noop"):
-            with server(settings_path, noop=kind == "noop") as port:
+            with server(settings_path, noop=kind == "noop", workers=args.workers) as port:
                 log(f"{kind}: warm-up")
                 run_load(
                     port, bodies, "saturate", duration=duration / 2, connections=args.connections
@@ -390,6 +429,7 @@ batch_size = 1024
         "instances": INSTANCES,
         "sparse_fields": 26,
         "connections": args.connections,
+        "workers": args.workers,
         "duration_s": duration,
         "train_events": trained["events"],
         "hot_rows": trained["hot_rows"],
