@@ -121,6 +121,19 @@ needs_start() {
   return 0
 }
 
+# ---------------------------------------------------------------- prometheus
+# Installed, not started: tests/test_dashboards.py runs its own against a streamrec
+# process, to check that the Grafana dashboard's queries return data.
+ensure_prometheus() {
+  command -v prometheus >/dev/null && return 0
+  say "prometheus: installing (apt)..."
+  local sudo=""; [[ $(id -u) == 0 ]] || sudo=sudo
+  { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; } \
+    || { say "prometheus: apt-get install failed" >&2; return 1; }
+  # Debian's package may start its own daemon on :9090; the test needs none of it.
+  $sudo pkill -x prometheus 2>/dev/null || true
+}
+
 # ---------------------------------------------------------------- redis
 redis_ping() {
   timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$REDIS_PORT; printf 'PING\r\n' >&3;
@@ -291,7 +304,7 @@ main() {
     flock -w $((START_TIMEOUT + STOP_TIMEOUT + 60)) 9 || { echo "could not lock $RUN_DIR/.lock" >&2; exit 1; }
   fi
   case $cmd in
-    start) for name in $SERVICES; do "start_$name"; done ;;
+    start) for name in $SERVICES; do "start_$name"; done; ensure_prometheus ;;
     stop) for name in $SERVICES; do stop_service "$name"; done ;;
     status) status ;;
     logs) logs ;;

@@ -1,0 +1,165 @@
+"""The Grafana dashboard's queries return data from a real Prometheus scraping a real
+``streamrec run`` (trainer, store with a capacity, service), with predicts coming in.
+
+Prometheus is Debian's (``deploy/local/services.sh start`` installs it); this test starts
+its own on a free port. A missing binary fails the test: CI runs it on every build.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support import free_port, wait_ready
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
+
+pytestmark = pytest.mark.integration
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of every shipped dashboard."""
+    out = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            out += [(panel["title"], target["expr"]) for target in panel["targets"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def streamrec_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``streamrec run`` with a small hot-tier capacity (evictions happen), publishing
+    and reporting every second, and a thread posting predicts; yields its base URL."""
+    tmp = tmp_path_factory.mktemp("dashboards")
+    config = tmp / "streamrec.toml"
+    config.write_text(
+        f"""
+source = "synthetic"
+[store]
+data_dir = "{tmp / "data"}"
+[store.eviction]
+max_rows = 20000
+[trainer]
+progress_every_s = 1
+publish_every_s = 1
+"""
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamrec.cli",
+            "run",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+
+    def predicts() -> None:
+        bodies = [
+            {"instances": [{"c1": (i * 7 + j) % 50, "c2": j, "i1": 0.5} for j in range(16)]}
+            for i in range(20)
+        ]
+        with httpx.Client(timeout=10) as client:
+            i = 0
+            while not stop.is_set():
+                client.post(f"{base}/v1/models/streamrec:predict", json=bodies[i % 20])
+                i += 1
+                stop.wait(0.05)
+
+    try:
+        assert wait_ready(base), "streamrec run never became ready"
+        thread = threading.Thread(target=predicts, daemon=True)
+        thread.start()
+        yield base
+    finally:
+        stop.set()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prometheus(streamrec_run: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Prometheus scraping ``streamrec_run`` every second; yields its base URL."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed: run `bash deploy/local/services.sh start`"
+    tmp = tmp_path_factory.mktemp("prometheus")
+    target = streamrec_run.removeprefix("http://")
+    (tmp / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: streamrec\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HOME": str(tmp)},
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _values(prometheus: str, expr: str) -> list[float]:
+    """The sample values ``expr`` evaluates to now (empty while Prometheus is not up)."""
+    try:
+        reply: dict[str, Any] = httpx.get(
+            f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10
+        ).json()
+    except httpx.TransportError:
+        return []
+    assert reply.get("status") != "error", f"{expr}: {reply.get('error')}"
+    return [float(sample["value"][1]) for sample in reply["data"]["result"]]
+
+
+def test_dashboard_queries_are_valid_and_return_data(prometheus: str) -> None:
+    queries = dashboard_queries()
+    assert len(queries) >= 10
+    missing = list(queries)
+    deadline = time.monotonic() + 120
+    while missing and time.monotonic() < deadline:
+        missing = [
+            (title, expr)
+            for title, expr in missing
+            if not any(math.isfinite(v) for v in _values(prometheus, expr))
+        ]
+        if missing:
+            time.sleep(2)
+    assert not missing, f"panels without data after 120 s: {missing}"
