@@ -42,7 +42,8 @@ def dashboard_queries() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def streamrec_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``streamrec run`` with a small hot-tier capacity (evictions happen), publishing
-    and reporting every second, and a thread posting predicts; yields its base URL."""
+    and reporting every second, and a thread posting predicts and, through
+    ``/v1/events``, events; yields its base URL."""
     tmp = tmp_path_factory.mktemp("dashboards")
     config = tmp / "streamrec.toml"
     config.write_text(
@@ -58,6 +59,8 @@ publish_every_s = 1
 """
     )
     port = free_port()
+    log = tmp / "run.log"
+    output = log.open("w")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -69,8 +72,8 @@ publish_every_s = 1
             "--port",
             str(port),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     stop = threading.Event()
@@ -84,11 +87,21 @@ publish_every_s = 1
             i = 0
             while not stop.is_set():
                 client.post(f"{base}/v1/models/streamrec:predict", json=bodies[i % 20])
+                if i % 10 == 0:  # feedback through the service: the freshness panel
+                    event = {
+                        "event_id": f"dash-{i}",
+                        "ts": int(time.time() * 1000),
+                        "label": 1,
+                        "features": {"c1": f"dash-{i}"},
+                    }
+                    client.post(f"{base}/v1/events", json={"events": [event]})
                 i += 1
                 stop.wait(0.05)
 
     try:
-        assert wait_ready(base), "streamrec run never became ready"
+        # Ready once the first version is published: slow while the machine is busy.
+        if not wait_ready(base, timeout_s=180):
+            pytest.fail(f"streamrec run never became ready:\n{log.read_text()[-3000:]}")
         thread = threading.Thread(target=predicts, daemon=True)
         thread.start()
         yield base
@@ -100,6 +113,7 @@ publish_every_s = 1
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        output.close()
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +152,17 @@ def prometheus(streamrec_run: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _values(prometheus: str, expr: str) -> list[float]:
-    """The sample values ``expr`` evaluates to now (empty while Prometheus is not up)."""
+    """The sample values ``expr`` evaluates to now (empty while Prometheus is not up:
+    it refuses connections, then answers 503 while its storage opens)."""
     try:
-        reply: dict[str, Any] = httpx.get(
-            f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10
-        ).json()
+        response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
     except httpx.TransportError:
         return []
-    assert reply.get("status") != "error", f"{expr}: {reply.get('error')}"
+    if response.status_code == 400:  # the query itself is wrong
+        pytest.fail(f"{expr}: {response.json().get('error')}")
+    if response.status_code != 200:
+        return []
+    reply: dict[str, Any] = response.json()
     return [float(sample["value"][1]) for sample in reply["data"]["result"]]
 
 
