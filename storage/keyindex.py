@@ -217,3 +217,11 @@ class SlotIndex(KeyIndex):
 
     _columns: ClassVar[dict[str, type[np.generic]]] = {"slot": np.int32}  # 2**31 rows
     slot: npt.NDArray[np.int32]
+
+    def slots_of(self, keys: Keys) -> npt.NDArray[np.int64]:
+        """The slot of each key, -1 where absent."""
+        pos = self.find(keys)
+        present = pos >= 0
+        slots = np.full(len(keys), -1, dtype=np.int64)
+        slots[present] = self.slot[pos[present]]
+        return slots

@@ -81,10 +81,8 @@ class _Arena:
 
     def slots(self, keys: Keys) -> tuple[npt.NDArray[np.int64], Mask]:
         """The slot of each key (-1 where absent) and which keys are present."""
-        pos = self.index.find(keys)
-        found: Mask = pos >= 0
-        slots = np.full(len(keys), -1, dtype=np.int64)
-        slots[found] = self.index.slot[pos[found]]
+        slots = self.index.slots_of(keys)
+        found: Mask = slots >= 0
         return slots, found
 
     def _zeros(self, slots: int, width: int) -> _U8:

@@ -144,11 +144,7 @@ class _Table:
 
     def slots_of(self, keys: Keys) -> npt.NDArray[np.int64]:
         """Slot of each key, -1 where it is not cached."""
-        pos = self.index.find(keys)
-        cached = pos >= 0
-        slots = np.full(len(keys), -1, dtype=np.int64)
-        slots[cached] = self.index.slot[pos[cached]]
-        return slots
+        return self.index.slots_of(keys)
 
     def allocate(self, keys: Keys) -> npt.NDArray[np.int64]:
         """Fresh slots for distinct ``keys`` (not cached yet); the caller fills ``rows``."""
