@@ -37,6 +37,8 @@ class TrainerRuntime:
     embedded_log: InMemoryLog | None = None
     report: TrainerReport | None = None
     failed: bool = False
+    error: Exception | None = None
+    """What ended the trainer thread, if it failed."""
     on_failure: Callable[[], None] = field(default=lambda: None)
 
     @classmethod
@@ -104,8 +106,9 @@ class TrainerRuntime:
     def _train(self, max_events: int | None) -> None:
         try:
             self.report = self.trainer.run(self.stop_event, max_events=max_events)
-        except Exception:
+        except Exception as e:
             log.exception("trainer failed")
+            self.error = e
             self.failed = True
             self.on_failure()
 

@@ -98,6 +98,9 @@ def describe(runtime: TrainerRuntime) -> str:
         f"trained={dict(trainer.position)} read={trainer.read_position()}",
         f"recorded={runtime.store.position()}",
     ]
+    if runtime.error is not None:
+        lines.append("--- the error that ended the trainer")
+        lines.extend(traceback.format_exception(runtime.error))
     for ident, frame in sys._current_frames().items():
         lines.append(f"--- thread {ident}")
         lines.extend(line.rstrip() for line in traceback.format_stack(frame))

@@ -17,7 +17,14 @@ import pytest
 import redis
 import torch
 from kafka import KafkaConsumer, KafkaProducer
-from support import new_topic, restart_service, store_rows, train_in_process, wait_for_report
+from support import (
+    describe,
+    new_topic,
+    restart_service,
+    store_rows,
+    train_in_process,
+    wait_for_report,
+)
 
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
@@ -240,9 +247,14 @@ def test_trainer_survives_a_redis_restart_mid_stream(
     before = sum(rewinds(r) for r in ("StoreUnavailable", "HotTierLost"))
     runtime = TrainerRuntime.start(load_settings(config), max_events=events)
     deadline = time.monotonic() + 120
-    while runtime.trainer.evaluator.events < events // 3 and time.monotonic() < deadline:
+    while (
+        runtime.alive()
+        and runtime.trainer.evaluator.events < events // 3
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     assert runtime.report is None, "the restart must land mid-stream"
+    assert runtime.alive(), f"the trainer died before the restart\n{describe(runtime)}"
     restart_service("redis")  # no persistence: every hot row and blob is gone
     report = wait_for_report(runtime, 300)
     assert sum(rewinds(r) for r in ("StoreUnavailable", "HotTierLost")) > before
