@@ -49,7 +49,8 @@ class EventConsumer(ABC):
 
     @abstractmethod
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        """Up to ``max_records`` records; an empty list when none arrived in time."""
+        """Up to ``max_records`` records; an empty list when none arrived in time. Raises
+        ``LogUnavailable`` when the log cannot be read."""
 
     @abstractmethod
     def commit(self, position: Mapping[str, int]) -> None:
@@ -406,7 +407,12 @@ class KafkaEventConsumer(EventConsumer):
             time.sleep(0.5)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        from kafka.errors import KafkaError
+
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as e:  # e.g. a coordinator error while the broker restarts
+            raise LogUnavailable(f"Kafka at {self.bootstrap_servers}: {e!r}") from e
         if not batches:
             self._watch_group()
         out: list[Record] = []

@@ -14,10 +14,11 @@ from storage.memory_tier import MemoryTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.tiered import TieredStore
 from streaming.events import decode_event
-from streaming.log import InMemoryLog, JsonlFileProducer, Record
+from streaming.log import InMemoryConsumer, InMemoryLog, JsonlFileProducer, LogUnavailable, Record
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import Settings
 from streamrec.wiring import table_configs
+from trainer import metrics
 from trainer.model import DLRM, ModelConfig
 from trainer.trainer import StreamingTrainer, TrainerConfig, collector_threshold
 from trainer.versions import latest_version, load_version, publish
@@ -170,6 +171,47 @@ def test_crash_after_a_checkpoint_then_resume_is_bit_exact(tmp_path: Path) -> No
         ids = sorted({e.features[field] for e in source}, key=str)  # synthetic ids are ints
         keys = feature_keys(field, ids)  # type: ignore[arg-type]
         assert rows_of(reference_store, field, keys) == rows_of(resumed_store, field, keys)
+
+
+class _FlakyConsumer(InMemoryConsumer):
+    """Fails the polls numbered in ``failing`` after reading (and dropping) their
+    records, as a client that raises halfway through a fetch would."""
+
+    def __init__(self, log: InMemoryLog, failing: set[int]) -> None:
+        super().__init__(log, TOPIC)
+        self.failing, self.polls = failing, 0
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        self.polls += 1
+        records = super().poll(max_records, timeout_s)
+        if self.polls in self.failing:
+            raise LogUnavailable(f"poll {self.polls} failed after reading {len(records)}")
+        return records
+
+
+def test_a_failed_poll_is_retried_and_neither_skips_nor_repeats_a_record(
+    tmp_path: Path,
+) -> None:
+    source = small_source(6 * 256)
+    tables = table_configs(source.spec, Settings())
+    config = TrainerConfig(batch_size=256, flush_every_s=3600, publish_every_s=3600)
+    trainers = []
+    for name, failing in (("reference", set()), ("flaky", {3, 4})):
+        log = InMemoryLog()
+        for event in source:
+            log.append(TOPIC, event.to_json())
+        store = TieredStore(tables, MemoryTier(), RocksDBTier(tmp_path / name))
+        consumer = _FlakyConsumer(log, failing)
+        trainer = StreamingTrainer(source.spec, store, consumer, config)
+        before = metrics.LOG_ERRORS._value.get()
+        report = trainer.run(threading.Event(), max_events=6 * 256)
+        assert report.events == 6 * 256
+        assert metrics.LOG_ERRORS._value.get() - before == len(failing)
+        assert store.position() == {f"{TOPIC}:0": 6 * 256}
+        trainers.append(trainer)
+    reference, flaky = trainers
+    for name, tensor in reference.model.state_dict().items():
+        assert torch.equal(tensor, flaky.model.state_dict()[name]), name
 
 
 def rows_of(store: TieredStore, table: str, keys: np.ndarray) -> list[bytes | None]:

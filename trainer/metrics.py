@@ -39,6 +39,10 @@ REWINDS = Counter(
     "Rewinds to the recorded position after a store fault (reason: the error's class).",
     ["reason"],
 )
+LOG_ERRORS = Counter(
+    "streamrec_trainer_log_errors_total",
+    "Failed reads from the log (Kafka), retried after a pause.",
+)
 CHECKPOINTS_SKIPPED = Counter(
     "streamrec_trainer_checkpoints_skipped_total",
     "Checkpoints put off because dead letters could not be stored (Kafka unreachable).",

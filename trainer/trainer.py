@@ -52,6 +52,9 @@ from trainer.versions import latest_version, load_version, publish
 
 log = logging.getLogger(__name__)
 
+_LOG_RETRY_S = 1.0
+"""Pause after a failed read from the log."""
+
 
 class TrainerConfig(BaseModel):
     """How the trainer batches, optimises and checkpoints."""
@@ -179,6 +182,7 @@ class StreamingTrainer:
         # the position a flush in progress (or failed) was recording.
         self._mark = Mark.of(self, self.position)
         self._next_mark: Mark | None = None
+        self._log_failing_since: float | None = None
 
     def _new_optimizer(self, model: DLRM) -> torch.optim.Optimizer:
         cfg = self.config
@@ -396,6 +400,32 @@ class StreamingTrainer:
         log.info("rebalance: committed %s, dropped %d buffered events", self.position, dropped)
         return dict(self.position)
 
+    def _poll(self, want: int, timeout_s: float, stop: threading.Event) -> list[Record]:
+        """Records from the log. An error reading it is retried after a pause instead of
+        ending the trainer, for up to ``recover_timeout_s`` of consecutive failures: the
+        consumer is put back at what the trainer has read, so a poll that failed halfway
+        neither skips nor repeats a record."""
+        try:
+            if self._log_failing_since is not None:
+                self.consumer.seek(self.read_position())
+            records = self.consumer.poll(want, timeout_s=timeout_s)
+        except LogUnavailable as e:
+            now = time.monotonic()
+            if self._log_failing_since is None:
+                self._log_failing_since = now
+                log.warning("cannot read the log (%s); retrying", e)
+            elif now - self._log_failing_since > self.config.recover_timeout_s:
+                raise LogUnavailable(
+                    f"still failing after {self.config.recover_timeout_s:.0f} s: {e}"
+                ) from e
+            metrics.LOG_ERRORS.inc()
+            stop.wait(_LOG_RETRY_S)
+            return []
+        if self._log_failing_since is not None:
+            log.info("reading the log again")
+            self._log_failing_since = None
+        return records
+
     def _cut(self) -> _Batch:
         """The pending events as a batch (encoded, ready for its lookahead)."""
         batch = _Batch(
@@ -462,7 +492,7 @@ class StreamingTrainer:
                 arrived = False
                 if want > 0 and len(ready) <= cfg.lookahead_batches:
                     # With batches ready, only take what has already arrived.
-                    records = self.consumer.poll(want, timeout_s=0.0 if ready else 0.1)
+                    records = self._poll(want, 0.0 if ready else 0.1, stop)
                     if records:
                         arrived = True
                         if not pending:
