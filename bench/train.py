@@ -93,6 +93,9 @@ class _Timed(EventConsumer):
     def seek(self, position: Mapping[str, int]) -> None:
         self.inner.seek(position)
 
+    def end_offsets(self) -> dict[str, int]:
+        return self.inner.end_offsets()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -66,6 +66,12 @@ class EventConsumer(ABC):
         """The position slots (``topic:partition``) this consumer reads now."""
         return set()
 
+    def end_offsets(self) -> dict[str, int]:
+        """The end offset (one past the last record) of each partition read, as last
+        seen: no round trip to the log. Partitions whose end is not known yet are left
+        out."""
+        return {}
+
     def on_revoked(  # noqa: B027 - optional hook
         self, callback: Callable[[], Mapping[str, int]]
     ) -> None:
@@ -126,6 +132,12 @@ class InMemoryLog:
                 self._cond.wait(0.1)
             records.append(value)
             self._cond.notify_all()
+
+    def end_offset(self, topic: str) -> int:
+        """One past the last record appended to ``topic``."""
+        with self._cond:
+            records = self._topic(topic)
+            return self._base[topic] + len(records)
 
     def base_offset(self, topic: str) -> int:
         with self._cond:
@@ -207,6 +219,9 @@ class InMemoryConsumer(EventConsumer):
 
     def assignment(self) -> set[str]:
         return {position_slot(self._topic, 0)}
+
+    def end_offsets(self) -> dict[str, int]:
+        return {position_slot(self._topic, 0): self._log.end_offset(self._topic)}
 
     def seek(self, position: Mapping[str, int]) -> None:
         # Nothing below the last commit is trimmed, and the store records before commits.
@@ -472,6 +487,20 @@ class KafkaEventConsumer(EventConsumer):
 
     def assignment(self) -> set[str]:
         return {position_slot(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def end_offsets(self) -> dict[str, int]:
+        from kafka.errors import KafkaError
+
+        # The high watermark of each partition's last fetch response.
+        ends = {}
+        for tp in self._consumer.assignment():
+            try:
+                end = self._consumer.highwater(tp)
+            except KafkaError:  # unassigned since (a rebalance on the IO thread)
+                continue
+            if end is not None:
+                ends[position_slot(tp.topic, tp.partition)] = end
+        return ends
 
     def on_revoked(self, callback: Callable[[], Mapping[str, int]]) -> None:
         self._revoked = callback

@@ -92,6 +92,15 @@ def test_events_to_predictions_through_kafka_redis_rocksdb(
     runtime = TrainerRuntime.start(settings, max_events=EVENTS)
     assert runtime.thread is not None
     wait_for_report(runtime, 400)
+    # Lag: every record was in the topic before training started, so the partitions'
+    # end offsets the trainer saw add up to all of them.
+    recorded = runtime.store.position() or {}
+    lags = [
+        REGISTRY.get_sample_value("streamrec_trainer_lag_events", {"partition": slot})
+        for slot in recorded
+    ]
+    assert len(recorded) == 2 and None not in lags, lags
+    assert sum(lags) == EVENTS + len(bad) - sum(recorded.values())  # type: ignore[arg-type]
     assert runtime.stop() == 0
     report = runtime.report
     assert report is not None and report.events == EVENTS

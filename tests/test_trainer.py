@@ -214,6 +214,22 @@ def test_a_failed_poll_is_retried_and_neither_skips_nor_repeats_a_record(
         assert torch.equal(tensor, flaky.model.state_dict()[name]), name
 
 
+def test_lag_is_the_records_in_the_log_not_trained_yet(tmp_path: Path) -> None:
+    source = small_source(2_000)
+    store = TieredStore(
+        table_configs(source.spec, Settings()), MemoryTier(), RocksDBTier(tmp_path / "db")
+    )
+    log = InMemoryLog()
+    for event in source:
+        log.append(TOPIC, event.to_json())
+    trainer = make_trainer(source, store, log, JsonlFileProducer(tmp_path / "dlq.jsonl"))
+    trainer.run(threading.Event(), max_events=1_024)
+    lag = metrics.LAG_EVENTS.labels(partition=f"{TOPIC}:0")._value.get()
+    assert lag == 2_000 - 1_024
+    trainer.run(threading.Event(), max_events=2_000 - 1_024)
+    assert metrics.LAG_EVENTS.labels(partition=f"{TOPIC}:0")._value.get() == 0
+
+
 def rows_of(store: TieredStore, table: str, keys: np.ndarray) -> list[bytes | None]:
     """Packed rows (embedding, optimizer state, metadata) wherever they live."""
     assert store.cold is not None

@@ -23,6 +23,12 @@ WINDOW_LOGLOSS = Gauge("streamrec_trainer_window_logloss", "Progressive logloss,
 WINDOW_CALIBRATION = Gauge(
     "streamrec_trainer_window_calibration", "Mean predicted CTR / observed CTR, recent window."
 )
+LAG_EVENTS = Gauge(
+    "streamrec_trainer_lag_events",
+    "Records in the log not trained yet, per partition (its end offset, as last seen, "
+    "minus the trained position).",
+    ["partition"],
+)
 MODEL_VERSION = Gauge("streamrec_trainer_published_version", "Last published model version.")
 FLUSHES = Counter("streamrec_trainer_flushes_total", "Store flushes with a recorded position.")
 PREFETCH_SECONDS = Histogram(

@@ -638,6 +638,7 @@ class _Progress:
         self._total = total
         self._last_time = time.monotonic()
         self._last_events = 0
+        self._lagging: set[str] = set()  # partitions with a lag series
 
     def maybe_log(self, trainer: StreamingTrainer, now: float, force: bool = False) -> None:
         if not force and now - self._last_time < self._every:
@@ -653,12 +654,13 @@ class _Progress:
             (metrics.WINDOW_CALIBRATION, report.window_calibration),
         ):
             gauge.set(value)
+        lag = self._publish_lag(trainer)
         eta = ""
         if self._total and rate > 0:
             eta = f" eta={max(self._total - report.events, 0) / rate:.0f}s"
         log.info(
             "events=%d rate=%.0f/s auc=%.4f window_auc=%.4f logloss=%.4f calibration=%.3f "
-            "bad=%d version=%s%s",
+            "bad=%d version=%s lag=%s%s",
             report.events,
             rate,
             report.auc,
@@ -667,5 +669,21 @@ class _Progress:
             report.window_calibration,
             trainer.bad_events,
             trainer.version,
+            "?" if lag is None else lag,
             eta,
         )
+
+    def _publish_lag(self, trainer: StreamingTrainer) -> int | None:
+        """Set the lag gauge of each partition read whose end and trained position are
+        known (dropping the series of partitions no longer read); their total."""
+        lags = {
+            slot: max(end - trainer.position[slot], 0)
+            for slot, end in trainer.consumer.end_offsets().items()
+            if slot in trainer.position
+        }
+        for slot in self._lagging - lags.keys():
+            metrics.LAG_EVENTS.remove(slot)
+        for slot, lag in lags.items():
+            metrics.LAG_EVENTS.labels(partition=slot).set(lag)
+        self._lagging = set(lags)
+        return sum(lags.values()) if lags else None

@@ -50,7 +50,14 @@ live_pid() {
   [[ -f $f ]] || return 0
   pid=$(cat "$f" 2>/dev/null || true)
   if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid"; then
-    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+    # The command line reads empty while the process is inside exec (just spawned):
+    # wait for it rather than take our own service for a stranger and forget it
+    # (seen in CI as "redis-server exited during start").
+    for _ in $(seq 40); do
+      cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+      [[ -z ${cmd// /} ]] && alive "$pid" || break  # empty, or NULs only
+      sleep 0.05
+    done
     if [[ $cmd == *"$(cmd_marker "$1")"* ]]; then echo "$pid"; return 0; fi
   fi
   rm -f "$f"
