@@ -47,6 +47,16 @@ class Event:
         )
 
 
+BAD_EVENT_REASONS = (
+    "invalid_json",
+    "missing_field",
+    "wrong_type",
+    "unknown_field",
+    "invalid_value",
+)
+"""Every ``BadEvent.reason`` (the label of the bad-events counter)."""
+
+
 class BadEvent(ValueError):
     """An event that cannot be trained on; ``reason`` is a metric label."""
 

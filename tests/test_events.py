@@ -4,6 +4,7 @@ import orjson
 import pytest
 
 from streaming.events import (
+    BAD_EVENT_REASONS,
     BadEvent,
     Event,
     check_fields,
@@ -74,6 +75,12 @@ def test_bad_events_name_the_problem(raw: bytes, reason: str, needle: str) -> No
         decode_event(raw, SPEC)
     assert info.value.reason == reason
     assert needle in str(info.value)
+
+
+def test_every_reason_the_metric_is_set_up_with_is_one_a_bad_event_carries() -> None:
+    # invalid_value (a non-finite number) comes from check_fields: JSON has no infinity.
+    seen = {reason for _, reason, _ in BAD_EVENTS} | {"invalid_value"}
+    assert seen == set(BAD_EVENT_REASONS)
 
 
 def test_non_finite_dense_is_invalid() -> None:

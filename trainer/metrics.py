@@ -2,12 +2,16 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from streaming.events import BAD_EVENT_REASONS
+
 EVENTS = Counter("streamrec_trainer_events_total", "Events trained on.")
 BAD_EVENTS = Counter(
     "streamrec_trainer_bad_events_total",
     "Events rejected by validation and copied to the dead-letter topic.",
     ["reason"],
 )
+for _reason in BAD_EVENT_REASONS:  # series from the start: rates and alerts see zeros
+    BAD_EVENTS.labels(reason=_reason)
 BATCHES = Counter("streamrec_trainer_batches_total", "Mini-batches trained.")
 STEP_SECONDS = Histogram(
     "streamrec_trainer_step_seconds",
