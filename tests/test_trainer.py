@@ -189,6 +189,7 @@ class _FlakyConsumer(InMemoryConsumer):
         return records
 
 
+@pytest.mark.timeout(120)  # a skipped record leaves the trainer waiting for it
 def test_a_failed_poll_is_retried_and_neither_skips_nor_repeats_a_record(
     tmp_path: Path,
 ) -> None:
