@@ -46,6 +46,7 @@ import numpy.typing as npt
 
 from service import metrics
 from storage.base import EmbeddingStore, Floats, Keys, LookupResult
+from storage.keyindex import sorted_distinct
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ class EmbeddingReader:
             for table, table_keys in read.wanted.items():
                 by_table.setdefault(table, []).append(table_keys)
         keys = {
-            table: parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+            table: parts[0] if len(parts) == 1 else sorted_distinct(np.concatenate(parts))
             for table, parts in by_table.items()
         }
         try:

@@ -50,6 +50,19 @@ def is_sorted_distinct(keys: Keys) -> bool:
     return len(keys) < 2 or bool((keys[1:] > keys[:-1]).all())
 
 
+def occurs_in(sorted_keys: Keys, others: Keys) -> Mask:
+    """Which of ``sorted_keys`` (sorted, distinct) occur in ``others`` (any order,
+    repeats allowed): ``np.isin(sorted_keys, others)`` with no sort of either."""
+    out: Mask = np.zeros(len(sorted_keys), dtype=np.bool_)
+    if len(sorted_keys) == 0 or len(others) == 0:
+        return out
+    at = np.searchsorted(sorted_keys, others)
+    hit = at < len(sorted_keys)
+    hit[hit] = sorted_keys[at[hit]] == others[hit]
+    out[at[hit]] = True
+    return out
+
+
 def unique_inverse(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp]]:
     """``np.unique(keys, return_inverse=True)`` by one argsort (numpy 2's hash-based
     unique is slower here)."""

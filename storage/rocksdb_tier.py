@@ -54,7 +54,7 @@ from rocksdict import (
 )
 
 from storage.base import Keys, ReadOnlyStore, RowTier, StoreUnavailable
-from storage.keyindex import sorted_distinct
+from storage.keyindex import occurs_in, sorted_distinct
 
 
 def _table_id(table: str) -> bytes:
@@ -227,7 +227,7 @@ class RocksDBTier(RowTier):
         if self.exact_counts:
             distinct = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
             if absent is not None and len(absent):
-                new = np.isin(distinct, absent)
+                new = occurs_in(distinct, absent)
                 added = int(new.sum())
                 distinct = distinct[~new]
             if len(distinct):

@@ -24,7 +24,7 @@ from storage.admission import (
 )
 from storage.base import AdmissionConfig, Keys, RowTier, TableConfig
 from storage.eviction import EvictionConfig, HotIndex
-from storage.keyindex import KeyIndex
+from storage.keyindex import KeyIndex, occurs_in, sorted_distinct
 from storage.keys import splitmix64
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
@@ -171,6 +171,17 @@ def test_key_index_probes_across_clusters_and_the_wrap_around() -> None:
     pos = index.find(last[:40])
     assert (pos[:20:2] == -1).all() and (index.keys[pos[1:40:2]] == last[1:40:2]).all()
     assert (index.keys[pos[20:]] == last[20:40]).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_occurs_in_is_isin_for_sorted_distinct_keys(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    keys = sorted_distinct(rng.integers(0, 300, int(rng.integers(0, 200)), dtype=np.uint64))
+    others = rng.integers(
+        0, 400, int(rng.integers(0, 300)), dtype=np.uint64
+    )  # repeats, past the end
+    assert (occurs_in(keys, others) == np.isin(keys, others)).all()
+    assert occurs_in(keys, others).shape == keys.shape
 
 
 def test_eviction_config_needs_a_capacity() -> None:

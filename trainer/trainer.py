@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.base import EmbeddingStore
+from storage.keyindex import sorted_distinct
 from streaming.events import BadEvent, Event, decode_events
 from streaming.log import EventConsumer, EventProducer, LogUnavailable, Record
 from streaming.spec import FeatureSpec
@@ -617,7 +618,7 @@ class _Lookahead:
             started = time.perf_counter()
             try:
                 for field in self._spec.sparse:
-                    self._store.prefetch(field.name, np.unique(batch.fields[field.name].keys))
+                    self._store.prefetch(field.name, sorted_distinct(batch.fields[field.name].keys))
             except Exception:
                 log.warning(
                     "prefetch failed; the training lookup will read the rows", exc_info=True
