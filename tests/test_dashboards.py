@@ -1,5 +1,6 @@
 """The Grafana dashboard's queries return data from a real Prometheus scraping a real
-``streamrec run`` (trainer, store with a capacity, service), with predicts coming in.
+``streamrec run`` (trainer, store with a capacity, service), with predicts coming in;
+the alerting rules load, evaluate and only name series that exist.
 
 Prometheus is Debian's (``deploy/local/services.sh start`` installs it); this test starts
 its own on a free port. A missing binary fails the test: CI runs it on every build.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +28,7 @@ from support import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +127,8 @@ def prometheus(streamrec_run: str, tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = tmp_path_factory.mktemp("prometheus")
     target = streamrec_run.removeprefix("http://")
     (tmp / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n"
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files: ['{ALERTS}']\n"
         "scrape_configs:\n  - job_name: streamrec\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
@@ -180,3 +184,45 @@ def test_dashboard_queries_are_valid_and_return_data(prometheus: str) -> None:
         if missing:
             time.sleep(2)
     assert not missing, f"panels without data after 120 s: {missing}"
+
+
+def test_alert_rules_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed: run `bash deploy/local/services.sh start`"
+    proc = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _rules(prometheus: str) -> list[dict[str, Any]]:
+    try:
+        response = httpx.get(f"{prometheus}/api/v1/rules", timeout=10)
+    except httpx.TransportError:
+        return []
+    if response.status_code != 200:
+        return []
+    groups = response.json()["data"]["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_alert_rules_evaluate_and_name_series_that_exist(prometheus: str) -> None:
+    """A misspelt metric in an alert evaluates fine and never fires: every series an
+    alert names must have data in a healthy run."""
+    deadline = time.monotonic() + 120
+    rules = _rules(prometheus)
+    while time.monotonic() < deadline and (
+        not rules or any(r["health"] != "ok" or not r.get("lastEvaluation") for r in rules)
+    ):
+        time.sleep(2)
+        rules = _rules(prometheus)
+    assert len(rules) >= 10, rules
+    assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+    names = {name for r in rules for name in re.findall(r"\b(?:streamrec_\w+|up)\b", r["query"])}
+    missing = set(names)
+    while missing and time.monotonic() < deadline:
+        missing = {name for name in missing if not _values(prometheus, f"count({name})")}
+        if missing:
+            time.sleep(2)
+    assert not missing, f"alerts name series without data: {sorted(missing)}"
+    assert not [r["name"] for r in rules if r["state"] == "firing"], rules

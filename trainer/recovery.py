@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 RECOVERABLE: tuple[type[Exception], ...] = (StoreUnavailable, HotTierLost)
 """Errors of the training loop that ``recover`` handles."""
+for _fault in RECOVERABLE:  # a series per reason from the start, for rates and alerts
+    metrics.REWINDS.labels(reason=_fault.__name__)
 
 _BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
