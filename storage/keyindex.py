@@ -50,9 +50,19 @@ def is_sorted_distinct(keys: Keys) -> bool:
     return len(keys) < 2 or bool((keys[1:] > keys[:-1]).all())
 
 
+def isin_sorted(keys: Keys, sorted_keys: Keys) -> Mask:
+    """Which ``keys`` occur in ``sorted_keys`` (sorted, distinct)."""
+    if len(sorted_keys) == 0 or len(keys) == 0:
+        return np.zeros(len(keys), dtype=np.bool_)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    found: Mask = sorted_keys[at] == keys
+    return found
+
+
 def occurs_in(sorted_keys: Keys, others: Keys) -> Mask:
     """Which of ``sorted_keys`` (sorted, distinct) occur in ``others`` (any order,
-    repeats allowed): ``np.isin(sorted_keys, others)`` with no sort of either."""
+    repeats allowed): ``np.isin(sorted_keys, others)`` with no sort of either (the
+    mirror of ``isin_sorted``)."""
     out: Mask = np.zeros(len(sorted_keys), dtype=np.bool_)
     if len(sorted_keys) == 0 or len(others) == 0:
         return out

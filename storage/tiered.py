@@ -113,7 +113,13 @@ from storage.base import (
     present_mask,
 )
 from storage.eviction import EvictionConfig, HotIndex, choose_victims
-from storage.keyindex import Positions, distinct, is_sorted_distinct, unique_inverse
+from storage.keyindex import (
+    Positions,
+    distinct,
+    is_sorted_distinct,
+    isin_sorted,
+    unique_inverse,
+)
 from storage.keyindex import sorted_distinct as _unique
 from storage.optim import apply_sparse
 from storage.rows import RowCodec, Rows
@@ -173,15 +179,6 @@ def _merge(sorted_keys: Keys, keys: Keys) -> Keys:
     if len(both) > 1:
         both = both[np.concatenate(([True], both[1:] != both[:-1]))]
     return both
-
-
-def _isin_sorted(keys: Keys, sorted_keys: Keys) -> Mask:
-    """Which ``keys`` occur in ``sorted_keys`` (sorted, distinct)."""
-    if len(sorted_keys) == 0 or len(keys) == 0:
-        return np.zeros(len(keys), dtype=np.bool_)
-    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    found: Mask = sorted_keys[at] == keys
-    return found
 
 
 class _Touched(NamedTuple):
@@ -439,7 +436,7 @@ class TieredStore(EmbeddingStore):
         from_spill = idx[:0]
         spilled = self._spilled.get(table)
         if spilled is not None and len(spilled) and len(idx):
-            in_spill = _isin_sorted(keys[idx], spilled)
+            in_spill = isin_sorted(keys[idx], spilled)
             if in_spill.any():
                 at = idx[in_spill]
                 got, hit = self.spill.get_rows(spill_table(table), keys[at], codec)
@@ -697,7 +694,7 @@ class TieredStore(EmbeddingStore):
             self.cold.delete_many(table, keys)
             spilled = self._spilled.get(table)
             if spilled is not None and len(spilled):
-                gone = _isin_sorted(spilled, _unique(keys))
+                gone = isin_sorted(spilled, _unique(keys))
                 if gone.any():
                     assert self.spill is not None
                     self.spill.delete_many(spill_table(table), spilled[gone])
@@ -706,7 +703,7 @@ class TieredStore(EmbeddingStore):
             self._index[table].discard(keys)
         elif self._dirty.get(table):
             merged = _unique(np.concatenate(self._dirty[table]))
-            merged = merged[~_isin_sorted(merged, _unique(keys))]
+            merged = merged[~isin_sorted(merged, _unique(keys))]
             self._dirty[table] = [merged]
             self._dirty_len[table] = len(merged)
 
@@ -966,7 +963,7 @@ class TieredStore(EmbeddingStore):
             present = present_mask(self.hot.get_many(table, unique))
             if self.cold is not None:
                 present |= present_mask(self.cold.get_many(table, unique))
-                present |= _isin_sorted(unique, self._spilled.get(table, _EMPTY_KEYS))
+                present |= isin_sorted(unique, self._spilled.get(table, _EMPTY_KEYS))
             self._remove(table, unique)
         existed = int(present.sum())
         if existed:
@@ -1037,7 +1034,7 @@ class TieredStore(EmbeddingStore):
             if len(spilled):
                 assert self.spill is not None
                 sweep(self.spill, spill_table(table), in_hot)
-            sweep(self.cold, table, lambda k: in_hot(k) | _isin_sorted(k, spilled))
+            sweep(self.cold, table, lambda k: in_hot(k) | isin_sorted(k, spilled))
         if not doomed:
             return {"ttl": 0, "l2_norm": 0}
         keys_all = np.concatenate(doomed)
@@ -1106,7 +1103,7 @@ class TieredStore(EmbeddingStore):
             if fresh_rows is not None and len(keys):
                 # Dirty rows the writer handed over: newest by definition, and still in
                 # hot unless the write just evicted them (then spilled, newer than cold).
-                keys = keys[~_isin_sorted(keys, _unique(fresh_keys))]
+                keys = keys[~isin_sorted(keys, _unique(fresh_keys))]
             values = self.hot.get_many(table, keys) if len(keys) else []
             keep = present_mask(values)
             keys = keys[keep]
@@ -1117,7 +1114,7 @@ class TieredStore(EmbeddingStore):
             spilled = self._spilled.get(table, _EMPTY_KEYS)
             if len(spilled) and self.spill is not None:
                 # Rows in hot are newer than their spill copy (promoted rows stay dirty).
-                rest = spilled[~_isin_sorted(spilled, _unique(keys))]
+                rest = spilled[~isin_sorted(spilled, _unique(keys))]
                 more = self.spill.get_many(spill_table(table), rest)
                 ok = present_mask(more)
                 keys = np.concatenate([keys, rest[ok]])

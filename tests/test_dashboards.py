@@ -155,19 +155,24 @@ def prometheus(streamrec_run: str, tmp_path_factory: pytest.TempPathFactory) -> 
             proc.wait()
 
 
-def _values(prometheus: str, expr: str) -> list[float]:
-    """The sample values ``expr`` evaluates to now (empty while Prometheus is not up:
-    it refuses connections, then answers 503 while its storage opens)."""
+def _api(prometheus: str, path: str, **params: str) -> Any:
+    """The ``data`` of a Prometheus API answer; None while Prometheus is not up (it
+    refuses connections, then answers 503 while its storage opens)."""
     try:
-        response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+        response = httpx.get(f"{prometheus}/api/v1/{path}", params=params, timeout=10)
     except httpx.TransportError:
-        return []
+        return None
     if response.status_code == 400:  # the query itself is wrong
-        pytest.fail(f"{expr}: {response.json().get('error')}")
+        pytest.fail(f"{params}: {response.json().get('error')}")
     if response.status_code != 200:
-        return []
-    reply: dict[str, Any] = response.json()
-    return [float(sample["value"][1]) for sample in reply["data"]["result"]]
+        return None
+    return response.json()["data"]
+
+
+def _values(prometheus: str, expr: str) -> list[float]:
+    """The sample values ``expr`` evaluates to now (none while Prometheus is not up)."""
+    data = _api(prometheus, "query", query=expr)
+    return [] if data is None else [float(sample["value"][1]) for sample in data["result"]]
 
 
 def test_dashboard_queries_are_valid_and_return_data(prometheus: str) -> None:
@@ -196,14 +201,8 @@ def test_alert_rules_pass_promtool() -> None:
 
 
 def _rules(prometheus: str) -> list[dict[str, Any]]:
-    try:
-        response = httpx.get(f"{prometheus}/api/v1/rules", timeout=10)
-    except httpx.TransportError:
-        return []
-    if response.status_code != 200:
-        return []
-    groups = response.json()["data"]["groups"]
-    return [rule for group in groups for rule in group["rules"]]
+    data = _api(prometheus, "rules")
+    return [] if data is None else [r for group in data["groups"] for r in group["rules"]]
 
 
 def test_alert_rules_evaluate_and_name_series_that_exist(prometheus: str) -> None:
