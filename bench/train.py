@@ -216,6 +216,12 @@ def main() -> None:
         "--torch-threads", type=int, help="trainer.torch_threads for every streamrec run"
     )
     parser.add_argument(
+        "--decode-workers",
+        type=int,
+        default=TrainerConfig.model_fields["decode_workers"].default,
+        help="trainer.decode_workers for every streamrec run (0: decode in the trainer)",
+    )
+    parser.add_argument(
         "--gc-threshold",
         type=int,
         default=TrainerConfig.model_fields["gc_threshold"].default,
@@ -265,6 +271,7 @@ def main() -> None:
             progress_every_s=10,
             torch_threads=args.torch_threads,
             gc_threshold=args.gc_threshold,
+            decode_workers=args.decode_workers,
         )
 
     runs: dict[str, dict[str, Any]] = {}
@@ -357,6 +364,7 @@ def main() -> None:
         # Share of each run's wall time in Python's garbage collector.
         "gc_share": {k: v["gc_share"] for k, v in runs.items() if "gc_share" in v},
         "gc_threshold": args.gc_threshold,
+        "decode_workers": args.decode_workers,
         "torchrec": runs["torchrec"],
         "events": events,
         "universe": universe,

@@ -87,6 +87,27 @@ def stored_rows(store: TieredStore) -> dict[str, np.ndarray]:
     return out
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    return [
+        int(d.name)
+        for d in Path("/proc").iterdir()
+        if d.name.isdigit() and (fields := _stat(int(d.name))) and int(fields[1]) == pid
+    ]
+
+
+def running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has exited
+
+
 @pytest.mark.parametrize("staleness", [0, 8])
 def test_kill_9_then_restart_matches_an_uninterrupted_run(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path, staleness: int
@@ -140,9 +161,15 @@ def test_kill_9_then_restart_matches_an_uninterrupted_run(
         line = trainer.stdout.readline()
         if "events=" in line:
             trained = int(line.split("events=")[1].split()[0])
+    workers = children_of(trainer.pid)
+    assert workers, "the trainer decodes in worker processes (trainer.decode_workers)"
     trainer.send_signal(signal.SIGKILL)
     trainer.wait(10)
     assert EVENTS // 2 <= trained < EVENTS, "the crash must land mid-stream"
+    deadline = time.monotonic() + 10
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(running, workers)), "decode workers outlived their trainer"
 
     settings = load_settings(crash_config)
     recorded = RocksDBTier(settings.store.rocksdb_path)  # the primary is gone

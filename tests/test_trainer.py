@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -13,14 +15,14 @@ from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.tiered import TieredStore
-from streaming.events import decode_event
 from streaming.log import InMemoryConsumer, InMemoryLog, JsonlFileProducer, LogUnavailable, Record
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import Settings
 from streamrec.wiring import table_configs
 from trainer import metrics
+from trainer.decoding import decode_chunk
 from trainer.model import DLRM, ModelConfig
-from trainer.trainer import StreamingTrainer, TrainerConfig, collector_threshold
+from trainer.trainer import StreamingTrainer, TrainerConfig, _Lookahead, collector_threshold
 from trainer.versions import latest_version, load_version, publish
 
 TOPIC = "events"
@@ -151,7 +153,8 @@ def test_crash_after_a_checkpoint_then_resume_is_bit_exact(tmp_path: Path) -> No
     crashed_store = store_at(tmp_path / "crashed")
     crashed = trainer_over(crashed_store, loaded_log(0))
     crashed.run(threading.Event(), max_events=3 * 256)
-    crashed.train_step([decode_event(raw, source.spec) for raw in events[768:1024]])
+    lost = decode_chunk(events[768:1024], source.spec)
+    crashed.train_step(lost.labels, lost.encoded)
     assert crashed_store.cold is not None
     crashed_store.cold.close()  # the memory hot tier dies with the process
 
@@ -215,6 +218,74 @@ def test_a_failed_poll_is_retried_and_neither_skips_nor_repeats_a_record(
         assert torch.equal(tensor, flaky.model.state_dict()[name]), name
 
 
+class _KillingConsumer(InMemoryConsumer):
+    """Kills the trainer's decode workers (SIGKILL) before the polls numbered in
+    ``killing``, as the kernel's out-of-memory killer would. Polls return at most 100
+    records, so a batch spans several polls."""
+
+    def __init__(self, log: InMemoryLog, killing: set[int]) -> None:
+        super().__init__(log, TOPIC)
+        self.killing, self.polls = killing, 0
+        self.trainer: StreamingTrainer | None = None
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        self.polls += 1
+        if self.polls in self.killing and self.trainer is not None:
+            for pid in self.trainer._decoder.worker_pids():
+                os.kill(pid, signal.SIGKILL)
+        return super().poll(min(max_records, 100), timeout_s)
+
+
+@pytest.mark.timeout(120)
+def test_decode_workers_train_exactly_what_the_trainer_thread_would(tmp_path: Path) -> None:
+    """Decoding in worker processes changes nothing but where it runs: the same dense
+    weights, rows, dead letters and position as decoding in the trainer's thread, also
+    when the workers are killed mid-stream (their polls are decoded again, here)."""
+    source = small_source(8 * 256)
+    payloads = [event.to_json() for event in source]
+    # Two bad records in different polls of one batch, one in a later batch.
+    payloads[50:50] = [b"{broken"]
+    payloads[150:150] = [b"[1]"]
+    payloads[700:700] = [orjson.dumps({"event_id": "x", "ts": 1, "label": 3, "features": {}})]
+    tables = table_configs(source.spec, Settings())
+    runs = {}
+    for name, workers, killing in (("thread", 0, set()), ("two", 2, set()), ("killed", 1, {9, 17})):
+        log = InMemoryLog()
+        for raw in payloads:
+            log.append(TOPIC, raw)
+        cold = RocksDBTier(tmp_path / name)
+        store = TieredStore(tables, MemoryTier(), cold, clock=lambda: 1000.0)
+        consumer = _KillingConsumer(log, killing)
+        config = TrainerConfig(
+            batch_size=256,
+            flush_every_s=3600,
+            publish_every_s=3600,
+            decode_workers=workers,
+            torch_threads=1,
+        )
+        dlq = JsonlFileProducer(tmp_path / f"{name}.jsonl")
+        trainer = StreamingTrainer(source.spec, store, consumer, config, dead_letters=dlq)
+        consumer.trainer = trainer
+        failures = metrics.DECODE_WORKER_FAILURES._value.get()
+        report = trainer.run(threading.Event(), max_events=8 * 256)
+        assert (report.events, report.bad_events) == (8 * 256, 3)
+        assert store.position() == {f"{TOPIC}:0": 8 * 256 + 3}
+        runs[name] = (trainer, store, metrics.DECODE_WORKER_FAILURES._value.get() - failures)
+    assert runs["thread"][2] == runs["two"][2] == 0
+    assert runs["killed"][2] >= 1
+    thread, thread_store, _ = runs["thread"]
+    for name in ("two", "killed"):
+        other, other_store, _ = runs[name]
+        for param, tensor in thread.model.state_dict().items():
+            assert torch.equal(tensor, other.model.state_dict()[param]), (name, param)
+        for field in source.spec.sparse_names:
+            ids = sorted({e.features[field] for e in source}, key=str)
+            keys = feature_keys(field, ids)  # type: ignore[arg-type]
+            assert rows_of(thread_store, field, keys) == rows_of(other_store, field, keys)
+        dead = (tmp_path / f"{name}.jsonl").read_text()
+        assert dead == (tmp_path / "thread.jsonl").read_text() and dead.count("\n") == 3
+
+
 def test_lag_is_the_records_in_the_log_not_trained_yet(tmp_path: Path) -> None:
     source = small_source(2_000)
     store = TieredStore(
@@ -258,13 +329,23 @@ def test_a_revoke_records_dead_letters_read_before_the_first_dropped_event(
         Record(TOPIC, 1, 1, b"{broken"),
         Record(TOPIC, 0, 2, good[1]),
     ]
-    trainer._pending.extend(trainer._decode(records[:4]))
-    trainer._ready.append(trainer._cut())
-    trainer._pending.extend(trainer._decode(records[4:]))
-    assert trainer._on_revoked() == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 2}
-    assert store.position() == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 2}
-    assert not trainer._pending and not trainer._ready
-    assert trainer.read_position() == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 2}
+    lookahead = _Lookahead(store, source.spec, 0)
+    trainer._decoder.submit(records[:4])
+    assert trainer._take_decoded(None, lookahead)
+    trainer._decoder.submit(records[4:])
+    assert trainer._take_decoded(None, lookahead)
+    # Still being decoded, or not even sent to decode, at the revoke: not read yet.
+    trainer._decoder.submit([Record(TOPIC, 1, 2, good[2])])
+    trainer._raw.extend([Record(TOPIC, 1, 3, good[3]), Record(TOPIC, 2, 5, good[4])])
+    assert len(trainer._ready) == 2
+    # A partition only polled, not decoded yet, is recorded at its first polled record
+    # (its fetch position must not be forgotten: the next owner starts there).
+    handled = {f"{TOPIC}:0": 1, f"{TOPIC}:1": 2, f"{TOPIC}:2": 5}
+    assert trainer._on_revoked() == handled
+    assert store.position() == handled
+    assert not trainer._raw and not trainer._ready and not len(trainer._decoder)
+    trainer._decoder.close()
+    assert trainer.read_position() == handled
     assert len((tmp_path / "dlq.jsonl").read_text().splitlines()) == 3
 
 

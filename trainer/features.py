@@ -7,9 +7,8 @@ skew).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from operator import itemgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -17,89 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from storage.base import EmbeddingStore, Keys, LookupResult
-from storage.keys import feature_keys, int_feature_keys
 from streaming.spec import FeatureSpec
+from trainer.encoding import EncodedBatch, FieldBatch, encode
 
-
-@dataclass(frozen=True)
-class FieldBatch:
-    """The ids of one sparse field for a batch, as bags: example ``i`` owns
-    ``keys[offsets[i]:offsets[i+1]]`` (possibly empty)."""
-
-    keys: Keys
-    offsets: npt.NDArray[np.int64]
-
-
-@dataclass(frozen=True)
-class EncodedBatch:
-    fields: dict[str, FieldBatch]
-    dense: npt.NDArray[np.float32]  # (batch, len(spec.dense))
-
-    @property
-    def size(self) -> int:
-        return int(self.dense.shape[0])
-
-
-def encode(
-    features: Sequence[Mapping[str, object]],
-    dense: Sequence[Mapping[str, float]],
-    spec: FeatureSpec,
-) -> EncodedBatch:
-    """Hash validated feature values into store keys, field by field."""
-    fields: dict[str, FieldBatch] = {}
-    size = len(features)
-    ints = _int_columns(features, spec)
-    for field in spec.sparse:
-        name = field.name
-        if name in ints:
-            fields[name] = ints[name]
-            continue
-        raw = [example.get(name) for example in features]
-        if field.kind == "categorical" and None not in raw:
-            # The common case: one id per example, so bag i is simply element i.
-            fields[name] = FieldBatch(
-                feature_keys(name, raw),  # type: ignore[arg-type]
-                np.arange(size, dtype=np.int64),
-            )
-            continue
-        values: list[str | int] = []
-        offsets = np.empty(size, dtype=np.int64)
-        for i, value in enumerate(raw):
-            offsets[i] = len(values)
-            if isinstance(value, list):
-                values.extend(value)
-            elif value is not None:
-                values.append(value)  # type: ignore[arg-type]
-        fields[name] = FieldBatch(feature_keys(name, values), offsets)
-    dense_matrix = np.zeros((len(dense), len(spec.dense)), dtype=np.float32)
-    for j, name in enumerate(spec.dense):
-        dense_matrix[:, j] = [row.get(name, 0.0) for row in dense]
-    return EncodedBatch(fields, dense_matrix)
-
-
-def _int_columns(
-    features: Sequence[Mapping[str, object]], spec: FeatureSpec
-) -> dict[str, FieldBatch]:
-    """The categorical fields hashed in one pass when every example has an int64 id in
-    each (the usual predict batch); empty otherwise, and ``encode`` goes field by field.
-    Same keys as ``feature_keys`` per field: int64 values hash by value either way."""
-    names = [f.name for f in spec.sparse if f.kind == "categorical"]
-    if not names or not features:
-        return {}
-    try:
-        # One C pass cuts the rows (KeyError: an example lacks a field).
-        table = list(map(itemgetter(*names), features))
-        values = np.array(table)
-    except (KeyError, OverflowError, ValueError):  # missing, beyond 64 bits, ragged
-        return {}
-    # str, float or uint64-only ids make another dtype: those go field by field.
-    if values.dtype != np.int64 or values.shape != (len(features), len(names)):
-        return {}
-    keys = int_feature_keys(names, values.T)
-    return {
-        name: FieldBatch(keys[i], np.arange(len(features), dtype=np.int64))
-        for i, name in enumerate(names)
-    }
+__all__ = [
+    "DistinctKeys",
+    "EncodedBatch",
+    "FieldBatch",
+    "GatheredRows",
+    "distinct_keys",
+    "encode",
+    "gather",
+    "pool",
+]
 
 
 @dataclass

@@ -57,3 +57,8 @@ CHECKPOINTS_SKIPPED = Counter(
     "streamrec_trainer_checkpoints_skipped_total",
     "Checkpoints put off because dead letters could not be stored (Kafka unreachable).",
 )
+DECODE_WORKER_FAILURES = Counter(
+    "streamrec_trainer_decode_worker_failures_total",
+    "Decode worker processes found dead; the trainer decoded their poll itself and "
+    "started new workers.",
+)

@@ -1,7 +1,8 @@
 """The streaming trainer: poll the log, validate, train, record the position.
 
-One loop, in order: poll records -> decode and validate (bad ones go to the dead
-letter topic) -> batch and encode -> look ahead -> look up rows -> forward
+One loop, in order: poll records -> decode, validate and encode them (bad ones go to
+the dead letter topic; in ``decode_workers`` processes, ``trainer.decoding``) -> batch
+-> look ahead -> look up rows -> forward
 (progressive evaluation uses these pre-update predictions) -> backward -> sparse
 updates to the store and a dense Adam step -> periodically flush the store with the
 position it covers, then commit that position to the log.
@@ -25,12 +26,14 @@ import hashlib
 import io
 import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal
 
 import numpy as np
@@ -39,14 +42,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.base import EmbeddingStore
 from storage.keyindex import sorted_distinct
-from streaming.events import BadEvent, Event, decode_events
-from streaming.log import EventConsumer, EventProducer, LogUnavailable, Record
+from streaming.events import BadEvent
+from streaming.log import EventConsumer, EventProducer, LogUnavailable, Record, position_slot
 from streaming.spec import FeatureSpec
 from trainer import metrics
 from trainer.cache import CacheConfig, CachedStore
+from trainer.decoding import Decoder
 from trainer.dense_sync import DenseSync
+from trainer.encoding import EncodedBatch
 from trainer.evaluation import EvalReport, ProgressiveEvaluator
-from trainer.features import EncodedBatch, encode, gather
+from trainer.features import gather
 from trainer.model import DLRM, ModelConfig
 from trainer.recovery import RECOVERABLE, Mark, recover
 from trainer.versions import latest_version, load_version, publish
@@ -63,7 +68,12 @@ class TrainerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str = Field("streamrec", description="Name the model is published under.")
-    batch_size: int = Field(1024, ge=1, description="Events per mini-batch.")
+    batch_size: int = Field(
+        1024,
+        ge=1,
+        description="Records per mini-batch, in log order (bad ones are dead-lettered and "
+        "leave it that much smaller).",
+    )
     max_batch_wait_s: float = Field(
         0.5, gt=0, description="Train a partial batch after waiting this long."
     )
@@ -97,7 +107,9 @@ class TrainerConfig(BaseModel):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="Intra-op threads of the dense math (process-wide); None: torch's default.",
+        description="Intra-op threads of the dense math (process-wide). None: the cores "
+        "this process may use less the decode workers, at least 1 (torch's default without "
+        "decode workers).",
     )
     gc_threshold: int = Field(
         50_000,
@@ -106,6 +118,13 @@ class TrainerConfig(BaseModel):
         "(process-wide; Python's default is 700). Every batch allocates a few dicts per "
         "event, so at 700 the collector runs full passes over the process's objects "
         "(torch's included) every few batches. 0 leaves the collector alone.",
+    )
+    decode_workers: int = Field(
+        1,
+        ge=0,
+        description="Processes that decode, validate and encode polled events while the "
+        "trainer trains (it is a third of an embedded trainer's work, and under the GIL "
+        "a thread would not overlap it). 0: decode in the training thread.",
     )
     seed: int = 0
 
@@ -150,15 +169,21 @@ class StreamingTrainer:
         self.dead_letters = dead_letters
         self.dead_letter_topic = dead_letter_topic
         self.total_events = total_events
-        if config.torch_threads is not None:
-            torch.set_num_threads(config.torch_threads)
+        threads = config.torch_threads
+        if threads is None and config.decode_workers:
+            # Spinning intra-op threads would fight the workers for the same cores.
+            threads = max(len(os.sched_getaffinity(0)) - config.decode_workers, 1)
+        if threads is not None:
+            torch.set_num_threads(threads)
         torch.manual_seed(config.seed)
         self.model = DLRM(spec, config.model)
         self.optimizer = self._new_optimizer(self.model)
         self.evaluator = ProgressiveEvaluator(config.eval_window)
-        # `position` covers what the model has learned (or dead-lettered); `_read` runs
-        # ahead of it by the events buffered for the next batch.
+        # `position` covers what the model has learned (or dead-lettered); `_decoded` runs
+        # ahead of it by the decoded batches not trained yet, and `_read` ahead of that by
+        # the records polled and not decoded yet.
         self.position: dict[str, int] = dict(store.position() or {})
+        self._decoded: dict[str, int] = dict(self.position)
         self._read: dict[str, int] = dict(self.position)
         self._checkpoint_blob: str | None = None
         if not self._resume_checkpoint():
@@ -175,9 +200,11 @@ class StreamingTrainer:
                 member=group_member,
                 every_s=config.dense_sync_every_s,
             )
-        self._pending: list[Event] = []  # decoded, not yet cut into a batch
-        self._pending_first: dict[str, int] = {}  # offset of each partition's first pending
-        self._ready: deque[_Batch] = deque()  # cut and prefetching, not yet trained
+        # A batch is ``batch_size`` records in log order (bad ones included): polled into
+        # `_raw`, then decoded as one (`_decoder`), then prefetched in `_ready`, trained.
+        self._raw: list[Record] = []
+        self._decoder = Decoder(spec, config.decode_workers)
+        self._ready: deque[_Batch] = deque()
         consumer.on_revoked(self._on_revoked)
         # Where a rewind goes back to: the bookkeeping of the recorded position, and of
         # the position a flush in progress (or failed) was recording.
@@ -251,16 +278,10 @@ class StreamingTrainer:
         log.info("resumed dense weights from version %d (%d events)", version, meta.events_trained)
 
     # -- one step -------------------------------------------------------------------------
-    def encode(self, events: list[Event]) -> EncodedBatch:
-        return encode([e.features for e in events], [e.dense for e in events], self.spec)
-
-    def train_step(self, events: list[Event], batch: EncodedBatch | None = None) -> np.ndarray:
-        """Train on one batch (``batch``: its encoding, if done already); returns the
-        predictions made before the update."""
+    def train_step(self, label_values: np.ndarray, batch: EncodedBatch) -> np.ndarray:
+        """Train on one encoded batch; returns the predictions made before the update."""
         started = time.perf_counter()
-        if batch is None:
-            batch = self.encode(events)
-        labels = torch.tensor([e.label for e in events], dtype=torch.float32)
+        labels = torch.from_numpy(label_values)
         self.model.train()
         sparse, rows = gather(self.store, batch, self.spec, train=True)
         logits = self.model(torch.from_numpy(batch.dense), sparse)
@@ -273,27 +294,56 @@ class StreamingTrainer:
                 self.store.update(table, rows.keys[table], weight.grad.numpy())
         preds = torch.sigmoid(logits.detach()).numpy()
         self.evaluator.add(labels.numpy(), preds)
-        metrics.EVENTS.inc(len(events))
+        metrics.EVENTS.inc(len(label_values))
         metrics.BATCHES.inc()
         metrics.STEP_SECONDS.observe(time.perf_counter() - started)
         return preds
 
     # -- the loop -------------------------------------------------------------------------
-    def _decode(self, records: list[Record]) -> list[Event]:
-        events: list[Event] = []
-        decoded = decode_events([record.value for record in records], self.spec)
+    def _take_decoded(self, wait_s: float | None, lookahead: _Lookahead) -> bool:
+        """Move the oldest batch decoded within ``wait_s`` (None: however long it takes)
+        to the ready ones and its lookahead: its records are now read, its bad ones
+        dead-lettered. False if there is none."""
+        taken = self._decoder.take(wait_s)
+        if taken is None:
+            return False
+        records, chunk = taken
+        bad = {i: BadEvent(reason, detail) for i, reason, detail in chunk.bad}
+        first: dict[str, int] = {}
         topic, partition, slot = "", -1, ""
-        for record, event in zip(records, decoded, strict=True):
+        for i, record in enumerate(records):
             if record.partition != partition or record.topic != topic:
                 # A poll returns runs of one partition: name each run's slot once.
                 topic, partition, slot = record.topic, record.partition, record.slot
-            if isinstance(event, BadEvent):
-                self._dead_letter(record, event)
+            if i in bad:
+                self._dead_letter(record, bad[i])
             else:
-                events.append(event)
-                self._pending_first.setdefault(slot, record.offset)
-            self._read[slot] = record.offset + 1
-        return events
+                first.setdefault(slot, record.offset)
+            self._decoded[slot] = record.offset + 1
+        if chunk.size:
+            self._ready.append(_Batch(chunk.labels, chunk.encoded, dict(self._decoded), first))
+            lookahead.submit(chunk.encoded)
+        return True
+
+    def _buffered(self) -> int:
+        """Records polled and not trained yet (decoded ones: their good events)."""
+        return len(self._raw) + self._decoder.records + sum(b.size for b in self._ready)
+
+    def _forget_buffered(self) -> None:
+        """Drop the polled, untrained events (they are read again)."""
+        self._raw.clear()
+        self._decoder.clear()
+        self._ready.clear()
+
+    def _note_read(self, records: list[Record]) -> None:
+        """Advance the read position past ``records`` (runs of one partition each)."""
+        last = len(records) - 1
+        for i, record in enumerate(records):
+            if i == last or (records[i + 1].partition, records[i + 1].topic) != (
+                record.partition,
+                record.topic,
+            ):
+                self._read[position_slot(record.topic, record.partition)] = record.offset + 1
 
     def _dead_letter(self, record: Record, bad: BadEvent) -> None:
         self.bad_events += 1
@@ -349,9 +399,7 @@ class StreamingTrainer:
         trained since are dropped (to be trained again). Raises ``StoreUnavailable`` /
         ``LogUnavailable`` while those are down (nothing is lost; call again)."""
         self.store.discard_unflushed()
-        self._pending.clear()
-        self._pending_first = {}
-        self._ready.clear()
+        self._forget_buffered()
         recorded = self.store.position() or {}
         # A flush that raised may still have committed (e.g. Redis failed after the
         # RocksDB commit): the recorded position says which mark is current.
@@ -361,7 +409,7 @@ class StreamingTrainer:
             log.warning("no bookkeeping for position %s; evaluation is not rewound", recorded)
             mark = Mark.of(self, recorded)
         self.consumer.seek(recorded)
-        self.position, self._read = dict(recorded), dict(recorded)
+        self.position, self._decoded, self._read = dict(recorded), dict(recorded), dict(recorded)
         torch.manual_seed(self.config.seed)
         fresh = DLRM(self.spec, self.config.model)
         self.model.load_state_dict(fresh.state_dict())
@@ -383,20 +431,20 @@ class StreamingTrainer:
         handled: each partition up to its first dropped event (what was read before it was
         trained or dead-lettered), or all it read. The consumer commits the returned
         position, so the next owner starts exactly there."""
-        dropped = len(self._pending) + sum(len(b.events) for b in self._ready)
+        dropped = self._buffered()
         first: dict[str, int] = {}
-        for batch_first in [*(b.first for b in self._ready), self._pending_first]:
-            for slot, offset in batch_first.items():
+        for batch in self._ready:
+            for slot, offset in batch.first.items():
                 first.setdefault(slot, offset)
+        for record in chain(self._decoder.pending_records(), self._raw):  # not decoded yet
+            first.setdefault(record.slot, record.offset)
         trained = dict(self.position)
-        self._pending.clear()
-        self._pending_first = {}
-        self._ready.clear()
-        self.position = {**self._read, **first}
-        self._read = dict(self.position)
+        self._forget_buffered()
+        self.position = {**self._decoded, **first}
+        self._decoded, self._read = dict(self.position), dict(self.position)
         if not self.checkpoint(commit=False):
             # Dead letters not stored: they must be read (and sent) again.
-            self.position, self._read = trained, dict(trained)
+            self.position, self._decoded, self._read = trained, dict(trained), dict(trained)
             return dict(self.store.position() or {})
         log.info("rebalance: committed %s, dropped %d buffered events", self.position, dropped)
         return dict(self.position)
@@ -427,18 +475,6 @@ class StreamingTrainer:
             self._log_failing_since = None
         return records
 
-    def _cut(self) -> _Batch:
-        """The pending events as a batch (encoded, ready for its lookahead)."""
-        batch = _Batch(
-            list(self._pending),
-            self.encode(self._pending),
-            dict(self._read),
-            self._pending_first,
-        )
-        self._pending.clear()
-        self._pending_first = {}
-        return batch
-
     def _publishes(self) -> bool:
         if self.group_member is None:
             return True
@@ -464,19 +500,25 @@ class StreamingTrainer:
         the recorded position (``trainer.recovery``) and training goes on from there;
         ``max_events`` counts events kept, not replays."""
         first = self.evaluator.events
-        with collector_threshold(self.config.gc_threshold):
-            while True:
-                left = None if max_events is None else max_events - (self.evaluator.events - first)
-                try:
-                    return self._run(stop, left)
-                except RECOVERABLE as fault:
-                    recover(self, fault, stop, self.config.recover_timeout_s)
+        try:
+            self._decoder.start()
+            with collector_threshold(self.config.gc_threshold):
+                while True:
+                    left = (
+                        None if max_events is None else max_events - (self.evaluator.events - first)
+                    )
+                    try:
+                        return self._run(stop, left)
+                    except RECOVERABLE as fault:
+                        recover(self, fault, stop, self.config.recover_timeout_s)
+        finally:
+            self._decoder.close()
 
     def _run(self, stop: threading.Event, max_events: int | None) -> TrainerReport:
         """The loop, from ``self.position``; raises the store's faults (``run`` rewinds,
         which also drops the buffered batches, and calls it again)."""
         cfg = self.config
-        pending, ready = self._pending, self._ready
+        decoder, ready = self._decoder, self._ready
         lookahead = _Lookahead(self.store, self.spec, cfg.lookahead_batches)
         batch_started = now = time.monotonic()
         next_flush, next_publish = now + cfg.flush_every_s, now + cfg.publish_every_s
@@ -486,35 +528,43 @@ class StreamingTrainer:
         trained = 0
         try:
             while not stop.is_set() and (max_events is None or trained < max_events):
-                buffered = len(pending) + sum(len(b.events) for b in ready)
-                want = cfg.batch_size - len(pending)
+                # Batches on their way: being decoded, or decoded and prefetching.
+                ahead = len(decoder) + len(ready)
+                want = cfg.batch_size - len(self._raw)
                 if max_events is not None:
-                    want = min(want, max_events - trained - buffered)
+                    want = min(want, max_events - trained - self._buffered())
                 arrived = False
-                if want > 0 and len(ready) <= cfg.lookahead_batches:
-                    # With batches ready, only take what has already arrived.
-                    records = self._poll(want, 0.0 if ready else 0.1, stop)
+                if want > 0 and ahead <= cfg.lookahead_batches:
+                    # With work in hand, only take what has already arrived.
+                    records = self._poll(want, 0.0 if ahead else 0.1, stop)
                     if records:
                         arrived = True
-                        if not pending:
+                        if not self._raw:
                             batch_started = time.monotonic()
-                        pending.extend(self._decode(records))
-                if pending and (
-                    len(pending) >= cfg.batch_size
-                    or want <= 0
+                        self._raw.extend(records)
+                        self._note_read(records)
+                        decoder.feed(records)
+                if self._raw and (
+                    len(self._raw) >= cfg.batch_size
+                    or (max_events is not None and trained + self._buffered() >= max_events)
                     or time.monotonic() - batch_started > cfg.max_batch_wait_s
                 ):
-                    ready.append(self._cut())
-                    lookahead.submit(ready[-1].encoded)
+                    decoder.submit(self._raw)
+                    self._raw = []
+                # Wait for a decode only with nothing else to do (no batch to train, nothing
+                # more arriving).
+                wait: float | None = None if not ready and not arrived else 0.0
+                while self._take_decoded(wait, lookahead):
+                    wait = 0.0
                 # Train once the lookahead is full, or as soon as the stream is not ahead.
                 if ready and (len(ready) > cfg.lookahead_batches or not arrived):
                     batch = ready.popleft()
-                    self.train_step(batch.events, batch.encoded)
-                    trained += len(batch.events)
+                    self.train_step(batch.labels, batch.encoded)
+                    trained += batch.size
                     self.position = batch.end
-                if not pending and not ready:
+                if not ready:
                     # Never record buffered, untrained events: a crash would skip them.
-                    self.position = dict(self._read)
+                    self.position = dict(self._decoded)
                 now = time.monotonic()
                 if now >= next_flush:
                     # An idle stream writes nothing.
@@ -533,14 +583,17 @@ class StreamingTrainer:
                     published = self.evaluator.events
                     next_publish = now + cfg.publish_every_s
                 progress.maybe_log(self, now)
-            if pending:
-                ready.append(self._cut())
+            if self._raw:
+                decoder.submit(self._raw)
+                self._raw = []
+            while len(decoder):
+                self._take_decoded(None, lookahead)
             while ready:
                 batch = ready.popleft()
-                self.train_step(batch.events, batch.encoded)
+                self.train_step(batch.labels, batch.encoded)
         finally:
             lookahead.close()
-        self.position = dict(self._read)
+        self.position = dict(self._decoded)
         if self.dense_sync is not None:
             self.dense_sync.leave()
         self.checkpoint(final=True)
@@ -557,10 +610,14 @@ class StreamingTrainer:
 
 @dataclass
 class _Batch:
-    events: list[Event]
+    labels: np.ndarray
     encoded: EncodedBatch
     end: dict[str, int]  # the read position after its last record (bad ones included)
     first: dict[str, int]  # offset of each partition's first event in it
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
 
 
 _gc_lock = threading.Lock()
