@@ -242,9 +242,7 @@ class Decoder:
         self.records -= len(records)
         return records, job
 
-    def _recover(
-        self, worker: _Worker | None, exc: Exception, values: list[bytes]
-    ) -> DecodedChunk:
+    def _recover(self, worker: _Worker | None, exc: Exception, values: list[bytes]) -> DecodedChunk:
         """A worker died: decode its batch here; the next batch for its slot starts a new
         one (its other batches already sent are decoded here too, in ``take``)."""
         self.failures += 1
