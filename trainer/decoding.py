@@ -161,7 +161,6 @@ class Decoder:
         self._queue: deque[tuple[list[Record], _Worker | DecodedChunk]] = deque()
         self._fed: list[DecodedChunk] = []  # workers = 0: the polls of the next batch
         self.records = 0  # submitted, not taken yet
-        self.failures = 0
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -245,7 +244,6 @@ class Decoder:
     def _recover(self, worker: _Worker | None, exc: Exception, values: list[bytes]) -> DecodedChunk:
         """A worker died: decode its batch here; the next batch for its slot starts a new
         one (its other batches already sent are decoded here too, in ``take``)."""
-        self.failures += 1
         metrics.DECODE_WORKER_FAILURES.inc()
         log.warning(
             "decode worker %s died (%s, exit code %s); decoding its batches in the trainer "
