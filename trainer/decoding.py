@@ -226,14 +226,13 @@ class Decoder:
             return None
         records, job = self._queue[0]
         if isinstance(job, _Worker):
-            values = [record.value for record in records]
             if job.dead:  # died answering an earlier batch
-                job = decode_chunk(values, self.spec)
+                job = decode_chunk([record.value for record in records], self.spec)
             else:
                 try:
                     chunk = job.receive(wait_s)
                 except WorkerDied as exc:
-                    chunk = self._recover(job, exc, values)
+                    chunk = self._recover(job, exc, [record.value for record in records])
                 if chunk is None:
                     return None
                 job = chunk
