@@ -59,6 +59,6 @@ CHECKPOINTS_SKIPPED = Counter(
 )
 DECODE_WORKER_FAILURES = Counter(
     "streamrec_trainer_decode_worker_failures_total",
-    "Decode worker processes found dead; the trainer decoded their poll itself and "
-    "started new workers.",
+    "Decode worker processes found dead; the trainer decoded their batches itself and "
+    "started a new worker.",
 )

@@ -1,8 +1,8 @@
 """The streaming trainer: poll the log, validate, train, record the position.
 
-One loop, in order: poll records -> decode, validate and encode them (bad ones go to
-the dead letter topic; in ``decode_workers`` processes, ``trainer.decoding``) -> batch
--> look ahead -> look up rows -> forward
+One loop, in order: poll records -> batch -> decode, validate and encode the batch
+(bad records go to the dead letter topic; in ``decode_workers`` processes,
+``trainer.decoding``) -> look ahead -> look up rows -> forward
 (progressive evaluation uses these pre-update predictions) -> backward -> sparse
 updates to the store and a dense Adam step -> periodically flush the store with the
 position it covers, then commit that position to the log.
@@ -336,14 +336,12 @@ class StreamingTrainer:
         self._ready.clear()
 
     def _note_read(self, records: list[Record]) -> None:
-        """Advance the read position past ``records`` (runs of one partition each)."""
-        last = len(records) - 1
-        for i, record in enumerate(records):
-            if i == last or (records[i + 1].partition, records[i + 1].topic) != (
-                record.partition,
-                record.topic,
-            ):
-                self._read[position_slot(record.topic, record.partition)] = record.offset + 1
+        """Advance the read position past ``records``."""
+        ends: dict[tuple[str, int], int] = {}
+        for record in records:
+            ends[record.topic, record.partition] = record.offset + 1
+        for (topic, partition), end in ends.items():
+            self._read[position_slot(topic, partition)] = end
 
     def _dead_letter(self, record: Record, bad: BadEvent) -> None:
         self.bad_events += 1
