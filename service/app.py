@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from service.schemas import (
     PredictResponse,
 )
 from storage.base import EmbeddingStore, StoreUnavailable
+from storage.read_process import ReadProcess
 from streaming.events import (
     EVENT_FIELDS,
     FieldError,
@@ -93,13 +94,23 @@ class ServiceConfig(BaseModel):
         description="A request waits at most this long for store reads; later rows answer "
         "with the default embedding and are cached when they arrive.",
     )
+    lookup_processes: int = Field(
+        1,
+        ge=0,
+        description="`streamrec serve`: store reads run in this many child processes, "
+        "each with its own read-only view of the store, so their Python work runs beside "
+        "the server's event loop instead of under its GIL (one reader thread each). 0: "
+        "reads run in the server's own `lookup_threads`. `streamrec run` always reads in "
+        "its own threads (its hot tier may live in the trainer's memory).",
+    )
     lookup_threads: int = Field(
         1,
         ge=1,
-        description="Reader threads, so store reads in flight at once; each reads every "
-        "table of the requests queued meanwhile. More help when the store is far (network "
-        "round trips dominate); on a 2-core machine next to Redis one thread served ~15% "
-        "more predicts than two (more coalescing, less contention for the GIL).",
+        description="With `lookup_processes = 0`: reader threads, so store reads in flight "
+        "at once; each reads every table of the requests queued meanwhile. More help when "
+        "the store is far (network round trips dominate); on a 2-core machine next to "
+        "Redis one thread served ~15% more predicts than two (more coalescing, less "
+        "contention for the GIL).",
     )
     freshness_timeout_s: float = Field(
         60.0, gt=0, description="How long a posted event's rows are watched for a change."
@@ -248,10 +259,13 @@ def create_app(
     config: ServiceConfig | None = None,
     *,
     events: EventSink | None = None,
+    read_processes: Sequence[ReadProcess] = (),
 ) -> FastAPI:
     """The app over a store the trainer writes; versions are picked up every
     ``config.refresh_every_s`` seconds. ``events``: where ``POST /v1/events`` produces
-    (None: it answers 503)."""
+    (None: it answers 503). ``read_processes``: children with their own read-only view
+    of ``store`` that do the embedding reads (see ``EmbeddingReader``); the app starts
+    and stops them with its lifespan."""
     config = config or ServiceConfig()
     holder = ModelHolder(
         store,
@@ -266,6 +280,7 @@ def create_app(
         max_rows=config.near_cache_rows,
         budget_s=config.lookup_budget_ms / 1000,
         threads=config.lookup_threads,
+        processes=read_processes,
     )
     tracker = FreshnessTracker(reader, timeout_s=config.freshness_timeout_s)
 
@@ -297,6 +312,7 @@ def create_app(
                 if tracker.watched:
                     await asyncio.to_thread(poll_quietly)
 
+        await asyncio.to_thread(reader.start)
         await asyncio.to_thread(refresh_quietly)  # serve the latest version from the start
         tasks = [asyncio.create_task(refresher()), asyncio.create_task(freshness())]
         yield

@@ -14,6 +14,13 @@
   queued so far and does them as one store read (a key wanted by several requests is
   read once). While they are all busy, new misses queue and coalesce into the next read,
   so under load per-request store round trips become per-batch ones.
+* **Read processes.** With ``processes`` (``streamrec serve``: ``lookup_processes``,
+  default 1) each reader thread hands its store reads to its own ``ReadProcess``, a
+  child process with its own read-only view of the store: the reads' Python work (Redis
+  commands and replies, row unpacking, RocksDB) then runs on another core instead of
+  under the server's GIL, beside the event loop. A child that dies costs no request: its
+  read, and the reads until a new child has started (in the background), run in the
+  reader thread (``streamrec_service_read_process_failures_total``).
 * **Async waits.** ``lookup_async`` is ``lookup`` for an event loop: the request waits
   on an asyncio future the reader thread resolves, so an async handler does its CPU work
   on the loop and hands off to a thread only for the store read (a sync handler in a
@@ -39,7 +46,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -47,9 +54,12 @@ import numpy.typing as npt
 from service import metrics
 from storage.base import EmbeddingStore, Floats, Keys, LookupResult
 from storage.keyindex import sorted_distinct
+from storage.read_process import ReadProcess, ReadProcessDied
 
 log = logging.getLogger(__name__)
 
+
+_RESTART_EVERY_S = 5.0  # a child that keeps dying is restarted at most this often
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying spreads any key's bits upwards
 
@@ -163,6 +173,7 @@ class EmbeddingReader:
         max_rows: int = 100_000,
         budget_s: float = 0.025,
         threads: int = 1,
+        processes: Sequence[ReadProcess] = (),
         max_pending: int = 256,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -180,20 +191,39 @@ class EmbeddingReader:
             if ttl_s > 0
             else []
         )
-        self._threads = threads
+        self._processes = list(processes)
+        self._threads = len(self._processes) or threads
+        self._restarting: dict[int, float] = {}  # process index: when its restart began
         self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
         self._queued = 0
         self._lock = threading.Lock()
         self._readers: list[threading.Thread] = []
 
+    def start(self) -> None:
+        """Start the read processes (the reader threads start with the first read); one
+        that cannot start leaves its reads to its thread, with a warning."""
+        for i, process in enumerate(self._processes):
+            self._start_process(i, process)
+
+    def _start_process(self, i: int, process: ReadProcess) -> None:
+        try:
+            process.start()
+        except Exception as exc:
+            metrics.READ_PROCESS_FAILURES.inc()
+            log.warning("read process %d cannot start (%s): reading in the server", i, exc)
+
     def close(self) -> None:
-        """Stop the reader threads once they have done the reads queued before (a later
-        lookup starts new ones: an app's lifespan may run more than once, e.g. under
-        test clients)."""
+        """Stop the reader threads once they have done the reads queued before, then the
+        read processes (a later lookup starts new threads, and processes restart: an
+        app's lifespan may run more than once, e.g. under test clients)."""
         with self._lock:
             readers, self._readers = self._readers, []
             for _ in readers:
                 self._queue.put(None)
+        for thread in readers:
+            thread.join(timeout=5.0)
+        for process in self._processes:
+            process.close()
 
     def _by_cache(self, keys: Mapping[str, Keys]) -> list[tuple[_Segments, dict[str, Keys]]]:
         return [
@@ -288,7 +318,7 @@ class EmbeddingReader:
             if not self._readers:
                 self._readers = [
                     threading.Thread(
-                        target=self._serve_reads, name=f"embedding-read-{i}", daemon=True
+                        target=self._serve_reads, args=(i,), name=f"embedding-read-{i}", daemon=True
                     )
                     for i in range(self._threads)
                 ]
@@ -312,7 +342,7 @@ class EmbeddingReader:
             raise read.error  # e.g. StoreUnavailable: the request answers 503
         return read.results
 
-    def _serve_reads(self) -> None:
+    def _serve_reads(self, index: int) -> None:
         """A reader thread: take every read queued so far (each key once, however many
         requests want it) and do them as one store read, until ``close``."""
         while True:
@@ -333,15 +363,16 @@ class EmbeddingReader:
                 self._queued -= len(reads)
             metrics.STORE_READ_REQUESTS.observe(len(reads))
             try:
-                self._read(reads)
+                self._read(reads, index)
             except Exception:  # a bug must not stop the thread: these answer the default
                 log.exception("embedding read of %d requests failed", len(reads))
                 for read in reads:
                     if not read.done.is_set():
                         read.deliver({}, None)
 
-    def _read(self, reads: list[_Read]) -> None:
-        """One store read for ``reads``; fills the near cache and hands each its rows."""
+    def _read(self, reads: list[_Read], index: int = 0) -> None:
+        """One store read for ``reads`` (through reader thread ``index``'s read process,
+        if it has one); fills the near cache and hands each its rows."""
         by_table: dict[str, list[Keys]] = {}
         for read in reads:
             for table, table_keys in read.wanted.items():
@@ -351,7 +382,7 @@ class EmbeddingReader:
             for table, parts in by_table.items()
         }
         try:
-            result = self.store.lookup_tables(keys)
+            result = self._lookup(keys, index)
         except Exception as exc:  # each request still waiting re-raises it
             log.warning("embedding read of %d tables failed: %s", len(keys), exc)
             for read in reads:
@@ -373,3 +404,28 @@ class EmbeddingReader:
                 at = np.searchsorted(keys[table], table_keys)
                 mine[table] = LookupResult(got.rows[at], got.found[at])
             read.deliver(mine, None)
+
+    def _lookup(self, keys: Mapping[str, Keys], index: int) -> dict[str, LookupResult]:
+        process = self._processes[index] if index < len(self._processes) else None
+        if process is not None:
+            if process.alive:
+                try:
+                    return process.lookup_tables(keys)
+                except ReadProcessDied as exc:
+                    metrics.READ_PROCESS_FAILURES.inc()
+                    log.warning("%s; reading in the server until a new one starts", exc)
+            self._restart(index, process)
+        return self.store.lookup_tables(keys)
+
+    def _restart(self, index: int, process: ReadProcess) -> None:
+        """Start a new child for ``process`` in the background, at most every few seconds."""
+        now = time.monotonic()
+        if now - self._restarting.get(index, -_RESTART_EVERY_S) < _RESTART_EVERY_S:
+            return
+        self._restarting[index] = now
+        threading.Thread(
+            target=self._start_process,
+            args=(index, process),
+            name="read-process-start",
+            daemon=True,
+        ).start()

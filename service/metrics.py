@@ -24,6 +24,10 @@ NEAR_CACHE = Counter(
     "Distinct keys per request by near-cache result.",
     ["result"],
 )
+READ_PROCESS_FAILURES = Counter(
+    "streamrec_service_read_process_failures_total",
+    "Read processes that died or could not start; their reads ran in the server meanwhile.",
+)
 LOOKUP_DEFAULTED = Counter(
     "streamrec_service_lookup_defaulted_total",
     "Keys answered with the default embedding because the store read was late (budget) "

@@ -11,9 +11,10 @@ import torch
 from fastapi import FastAPI
 
 from service.app import EventSink, create_app
+from storage.read_process import ReadProcess
 from streaming.log import KafkaEventProducer
 from streamrec.config import Settings
-from streamrec.wiring import build_store, resolve_spec
+from streamrec.wiring import build_store, resolve_spec, table_configs
 
 SETTINGS_ENV = "STREAMREC_WORKER_SETTINGS"
 """Environment variable carrying the resolved settings (JSON) to uvicorn workers."""
@@ -24,7 +25,9 @@ PRODUCE_BLOCK_MS = 2000
 
 def build_serving(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
     """The app over a read-only view of the trainer's store, and what closes it. With
-    ``log.kind = kafka`` POST /v1/events produces to the trainer's topic."""
+    ``log.kind = kafka`` POST /v1/events produces to the trainer's topic. Embedding
+    reads run in ``service.lookup_processes`` child processes, each with its own
+    read-only view (started and stopped by the app's lifespan)."""
     # A predict is a small batch: intra-op threads cost more than they save, and
     # uvicorn workers already split the cores.
     torch.set_num_threads(1)
@@ -46,7 +49,11 @@ def build_serving(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             sink.producer.close()
         store.close()
 
-    return create_app(store, settings.service, events=sink), close
+    tables = table_configs(spec, settings)
+    readers = [
+        ReadProcess(settings.store, tables) for _ in range(settings.service.lookup_processes)
+    ]
+    return create_app(store, settings.service, events=sink, read_processes=readers), close
 
 
 def worker_app() -> FastAPI:

@@ -12,10 +12,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from storage.base import RowTier, TableConfig
-from storage.memory_tier import MemoryTier
-from storage.redis_tier import RedisTier
-from storage.rocksdb_tier import RocksDBTier
+from storage.base import TableConfig
+from storage.factory import open_store
 from storage.tiered import TieredStore
 from streaming.events import Event
 from streaming.log import InMemoryLog
@@ -50,42 +48,9 @@ def table_configs(spec: FeatureSpec, settings: Settings) -> list[TableConfig]:
 
 
 def build_store(settings: Settings, spec: FeatureSpec, *, read_only: bool = False) -> TieredStore:
-    """Hot tier (memory or Redis) over RocksDB under ``store.data_dir``.
-
-    ``read_only`` opens RocksDB as a secondary instance, so a serving process
-    can read while the trainer holds the primary.
-    """
-    cfg = settings.store
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    tables = table_configs(spec, settings)
-    hot: RowTier
-    if cfg.hot == "redis":
-        expected = cfg.expected_rows_per_table
-        if expected is None and cfg.eviction is not None and cfg.eviction.max_rows:
-            expected = max(cfg.eviction.max_rows // len(tables), 1)
-        hot = RedisTier(cfg.redis_url, prefix=cfg.redis_prefix, expected_rows=expected)
-    else:
-        hot = MemoryTier()
-    cold = RocksDBTier(cfg.rocksdb_path, read_only=read_only)
-    spill: RowTier | None = None
-    if cfg.eviction is not None and not read_only:
-        spill = (
-            MemoryTier.scratch(cfg.spill_path)
-            if cfg.spill == "mapped"
-            else RocksDBTier.scratch(cfg.spill_path)
-        )
-    return TieredStore(
-        tables,
-        hot,
-        cold,
-        read_only=read_only,
-        eviction=cfg.eviction,
-        spill=spill,
-        shared_hot=cfg.shared_hot,
-        # Redis outlives a crashed trainer; its rows may be ahead of the recorded position.
-        # Shared by several trainers, the rows are theirs too: kept.
-        discard_hot_rows=cfg.hot == "redis" and not read_only and not cfg.shared_hot,
-    )
+    """The configured store with one table per sparse field of ``spec``
+    (``storage.factory.open_store``; ``read_only``: a serving process's view)."""
+    return open_store(settings.store, table_configs(spec, settings), read_only=read_only)
 
 
 def resolve_spec(settings: Settings) -> FeatureSpec:
