@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
+from service.batching import PredictBatcher
 from service.embeddings import EmbeddingReader
 from service.freshness import FreshnessTracker
 from service.schemas import (
@@ -50,7 +50,7 @@ from streaming.events import (
 )
 from streaming.log import EventProducer, LogUnavailable
 from streaming.spec import FeatureSpec
-from trainer.features import distinct_keys, encode, pool
+from trainer.features import distinct_keys, encode
 from trainer.model import DLRM
 from trainer.versions import VersionMeta, latest_version, load_version, stored_versions
 
@@ -71,6 +71,13 @@ class ServiceConfig(BaseModel):
     )
     model_name: str = Field("streamrec", description="The model this service serves.")
     max_instances: int = Field(1000, ge=1, description="Most instances in one predict request.")
+    max_batch_instances: int = Field(
+        2048,
+        ge=1,
+        description="Dynamic batching: predict requests that arrive while others are "
+        "scored are scored together, up to this many instances in one batch (a larger "
+        "request is scored alone). 1: every request alone.",
+    )
     max_events: int = Field(1000, ge=1, description="Most events in one POST /v1/events.")
     refresh_every_s: float = Field(1.0, gt=0, description="How often to look for a new version.")
     pinned_version: int | None = Field(
@@ -283,6 +290,7 @@ def create_app(
         processes=read_processes,
     )
     tracker = FreshnessTracker(reader, timeout_s=config.freshness_timeout_s)
+    batcher = PredictBatcher(reader, max_instances=config.max_batch_instances)
 
     def refresh_quietly() -> None:
         try:
@@ -407,7 +415,8 @@ def create_app(
     )
     async def predict(name: str, body: PredictRequest) -> PredictResponse:
         """Click probabilities for ``instances``; ``parameters.version`` pins a version.
-        Async: the work is CPU on the loop, and only the store read waits in a thread
+        Async: the work is CPU on the loop, shared with concurrent requests
+        (``PredictBatcher``), and only the store read waits on another thread or process
         (``EmbeddingReader.lookup_async``)."""
         started = time.perf_counter()
         known(name)
@@ -450,18 +459,11 @@ def create_app(
                     for i, problem in problems
                 ]
             )
-        # A flat instance serves as both parts: encode reads only the spec's names.
-        batch = encode(body.instances, body.instances, spec)
-        distinct = distinct_keys(batch, spec)
-        rows = await reader.lookup_async(distinct.keys)
-        with torch.inference_mode():
-            sparse, gathered = pool(batch, spec, distinct, rows, train=False)
-            probabilities = torch.sigmoid(model(torch.from_numpy(batch.dense), sparse))
-        metrics.UNKNOWN_IDS.inc(gathered.unknown)
+        predictions = await batcher.predict(meta, model, body.instances)
         metrics.INSTANCES.inc(len(body.instances))
         metrics.REQUESTS.labels(status="200").inc()
         metrics.LATENCY.observe(time.perf_counter() - started)
-        return PredictResponse(predictions=probabilities.tolist(), model_version=meta.version)
+        return PredictResponse(predictions=predictions, model_version=meta.version)
 
     @app.post(
         "/v1/events",

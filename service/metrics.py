@@ -16,6 +16,11 @@ LATENCY = Histogram(
     "Predict latency inside the handler.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+BATCH_REQUESTS = Histogram(
+    "streamrec_service_predict_batch_requests",
+    "Predict requests scored together in one batch (dynamic batching).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+)
 UNKNOWN_IDS = Counter(
     "streamrec_service_unknown_ids_total", "Sparse ids with no row, served as zero vectors."
 )

@@ -33,7 +33,10 @@ def trained_store(spec: FeatureSpec) -> TieredStore:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
-    app = create_app(trained_store(SOURCE.spec), ServiceConfig(max_instances=5))
+    # A generous budget: a store read that is late on a loaded machine would answer
+    # default rows, and these tests compare predictions.
+    config = ServiceConfig(max_instances=5, lookup_budget_ms=10_000)
+    app = create_app(trained_store(SOURCE.spec), config)
     with TestClient(app) as test_client:  # runs the lifespan: loads the latest version
         yield test_client
 

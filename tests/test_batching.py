@@ -1,0 +1,107 @@
+"""Dynamic batching of predict requests (``service.batching``): concurrent requests
+share batches and each still gets exactly its own predictions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+from test_service import SOURCE, instance, trained_store
+
+from service.batching import PredictBatcher
+from service.embeddings import EmbeddingReader
+from storage.base import StoreUnavailable
+from storage.tiered import TieredStore
+from trainer.versions import latest_version, load_version
+
+
+@pytest.fixture(scope="module")
+def store() -> TieredStore:
+    return trained_store(SOURCE.spec)
+
+
+def requests(n: int) -> list[list[dict[str, Any]]]:
+    """``n`` requests of 1 to 5 instances, every one different."""
+    return [
+        [instance(c1=i * 7 + k, c2=str(k), c3=i, i1=i / 3, i2=-k) for k in range(1 + i % 5)]
+        for i in range(n)
+    ]
+
+
+def batches_scored() -> tuple[float, float]:
+    count = REGISTRY.get_sample_value("streamrec_service_predict_batch_requests_count") or 0.0
+    total = REGISTRY.get_sample_value("streamrec_service_predict_batch_requests_sum") or 0.0
+    return count, total
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_predictions(
+    store: TieredStore,
+) -> None:
+    version = latest_version(store, "streamrec")
+    assert version is not None
+    meta, model = load_version(store, "streamrec", version)
+    reader = EmbeddingReader(store, budget_s=30.0)  # never a late read answering defaults
+    asked = requests(24)
+
+    async def alone() -> list[list[float]]:
+        batcher = PredictBatcher(reader, max_instances=1)
+        return [await batcher.predict(meta, model, r) for r in asked]
+
+    async def together() -> list[list[float]]:
+        batcher = PredictBatcher(reader, max_instances=20)
+        return await asyncio.gather(*(batcher.predict(meta, model, r) for r in asked))
+
+    try:
+        expected = asyncio.run(alone())
+        count, total = batches_scored()
+        got = asyncio.run(together())
+        count, total = batches_scored()[0] - count, batches_scored()[1] - total
+    finally:
+        reader.close()
+    assert [len(g) for g in got] == [len(r) for r in asked]
+    for mine, reference in zip(got, expected, strict=True):
+        # Same rows and weights; a larger matrix product may round differently.
+        np.testing.assert_allclose(mine, reference, rtol=1e-6, atol=1e-7)
+    assert total == len(asked)
+    assert count < len(asked) / 3  # shared: 72 instances in batches of at most 20
+
+
+def test_versions_never_share_a_batch_and_errors_reach_every_request(
+    store: TieredStore,
+) -> None:
+    version = latest_version(store, "streamrec")
+    assert version is not None
+    meta, model = load_version(store, "streamrec", version)
+    other_meta, other_model = load_version(store, "streamrec", version)  # a separate load
+    seen: list[int] = []
+
+    class CountingReader(EmbeddingReader):
+        async def lookup_async(self, keys: Any) -> Any:
+            seen.append(len(keys["c1"]))
+            if len(seen) == 3:
+                raise StoreUnavailable("redis://nowhere: down")
+            return await super().lookup_async(keys)
+
+    reader = CountingReader(store, budget_s=30.0)
+
+    async def run() -> list[Any]:
+        batcher = PredictBatcher(reader)
+        calls = [
+            batcher.predict(meta, model, [instance(c1=1)]),
+            batcher.predict(other_meta, other_model, [instance(c1=2)]),
+            batcher.predict(meta, model, [instance(c1=3)]),
+        ]
+        first = await asyncio.gather(*calls)
+        failing = [batcher.predict(meta, model, [instance(c1=k)]) for k in (4, 5)]
+        return [*first, *await asyncio.gather(*failing, return_exceptions=True)]
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        reader.close()
+    assert seen == [2, 1, 2]  # version 1's two requests together, the other alone, then both
+    assert all(len(r) == 1 for r in results[:3])
+    assert all(isinstance(r, StoreUnavailable) for r in results[3:])
