@@ -72,11 +72,13 @@ class ServiceConfig(BaseModel):
     model_name: str = Field("streamrec", description="The model this service serves.")
     max_instances: int = Field(1000, ge=1, description="Most instances in one predict request.")
     max_batch_instances: int = Field(
-        2048,
+        256,
         ge=1,
         description="Dynamic batching: predict requests that arrive while others are "
         "scored are scored together, up to this many instances in one batch (a larger "
-        "request is scored alone). 1: every request alone.",
+        "request is scored alone). Larger batches cost less CPU per request but make "
+        "larger store reads, which overrun `lookup_budget_ms` sooner. 1: every request "
+        "alone.",
     )
     max_events: int = Field(1000, ge=1, description="Most events in one POST /v1/events.")
     refresh_every_s: float = Field(1.0, gt=0, description="How often to look for a new version.")

@@ -1,23 +1,21 @@
 """Dynamic batching of predict requests.
 
-Scoring a 64-instance request is mostly fixed cost: a Python step per feature table
+Much of scoring a 64-instance request is fixed cost: a Python step per feature table
 in hashing, deduplicating, the near cache and pooling, and the model's per-layer
-overhead, whatever the number of instances. So requests that arrive while earlier ones
-are being scored wait in a queue, and the next free scorer takes all of them (up to
-``max_instances``) as one batch: one encode, one store read, one forward pass, then
-each request gets its own slice of the predictions. A request that arrives at an idle
-server is scored at once, alone: batching adds no wait of its own, it only fills the
-wait a busy server causes anyway.
-
-``scorers`` batches may be in flight at once, so one batch's CPU work runs on the event
-loop while another waits for its store read. Requests for different model versions
+overhead, whatever the number of instances. So concurrent requests are scored together:
+a request that finds no batch about to start starts one, which waits one turn of the
+event loop and then takes every request waiting by then (up to ``max_instances``
+instances, same model version) as one batch: one encode, one store read, one forward
+pass, then each request gets its own slice of the predictions. A request at an idle
+server is scored at once, alone; under load, requests that arrive while a batch is
+computing or reading wait for the next one. Batches are tasks on the event loop: one
+computes while others wait for their store reads. Requests for different versions
 (``parameters.version``) never share a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +27,6 @@ from service.embeddings import EmbeddingReader
 from trainer.features import distinct_keys, encode, pool
 from trainer.model import DLRM
 from trainer.versions import VersionMeta
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,12 +41,9 @@ class PredictBatcher:
     """Scores the instances of concurrent predict requests in shared batches (see the
     module docstring)."""
 
-    def __init__(
-        self, reader: EmbeddingReader, *, max_instances: int = 2048, scorers: int = 2
-    ) -> None:
+    def __init__(self, reader: EmbeddingReader, *, max_instances: int = 256) -> None:
         self.reader = reader
         self.max_instances = max_instances
-        self.scorers = scorers
         self._waiting: deque[_Waiting] = deque()
         self._starting = False
         self._tasks: set[asyncio.Task[None]] = set()  # strong references while they run
@@ -72,8 +65,10 @@ class PredictBatcher:
         # One turn of the event loop first: requests parsed in the same turn as the one
         # that started this task join its batch (measured: +10-20% predicts at
         # saturation against none; more turns make batches that wait on each other).
-        await asyncio.sleep(0)
-        self._starting = False
+        try:
+            await asyncio.sleep(0)
+        finally:  # cancelled too (shutdown): the next request must start a batch again
+            self._starting = False
         while self._waiting:
             await self._score(self._take())
 
