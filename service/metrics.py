@@ -41,8 +41,8 @@ LOOKUP_DEFAULTED = Counter(
 )
 STORE_READ_REQUESTS = Histogram(
     "streamrec_service_store_read_requests",
-    "Requests whose near-cache misses one store read served (coalescing: well above 1 "
-    "under load; always 1 means the reader threads keep up without batching).",
+    "Predict batches whose near-cache misses one store read served (coalescing: above "
+    "1 under load; always 1 means the reader threads keep up without it).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 MODEL_VERSION = Gauge(
