@@ -7,7 +7,7 @@ Prints progress to stderr and one JSON object as the last line of stdout.
 1. Trains on the synthetic stream (26 sparse fields, 13 dense) into a Redis hot tier
    over RocksDB, through the real trainer, which publishes a model version.
 2. Serves that store like ``streamrec serve`` does (``streamrec.serving.build_serving``:
-   read-only store, near cache, one uvicorn process; ``--workers N``: ``streamrec serve
+   read-only store, near cache, read process, one uvicorn process; ``--workers N``: ``streamrec serve
    --workers N`` itself) in a subprocess. The ``noop`` server is the same app with the
    predict route replaced by one that parses the same body and returns constant
    predictions, in as many uvicorn processes.
