@@ -7,10 +7,10 @@ Prints progress to stderr and one JSON object as the last line of stdout.
 1. Trains on the synthetic stream (26 sparse fields, 13 dense) into a Redis hot tier
    over RocksDB, through the real trainer, which publishes a model version.
 2. Serves that store like ``streamrec serve`` does (``streamrec.serving.build_serving``:
-   read-only store, near cache, read process, one uvicorn process; ``--workers N``: ``streamrec serve
-   --workers N`` itself) in a subprocess. The ``noop`` server is the same app with the
-   predict route replaced by one that parses the same body and returns constant
-   predictions, in as many uvicorn processes.
+   read-only store, near cache, read process, one uvicorn process; ``--workers N``:
+   ``streamrec serve --workers N`` itself) in a subprocess. The ``noop`` server is the
+   same app with the predict route replaced by one that parses the same body and
+   returns constant predictions, in as many uvicorn processes.
 3. A second process generates the load over keep-alive HTTP/1.1 connections, with
    64-instance predict bodies of the events that follow the trained ones on the same
    stream (known ids at the stream's popularity, plus new ones). ``p50_ms``/``p99_ms``:
