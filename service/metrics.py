@@ -39,6 +39,8 @@ LOOKUP_DEFAULTED = Counter(
     "or too many reads were in flight (overloaded).",
     ["reason"],
 )
+for _reason in ("budget", "overloaded"):  # a zero series each from the start, for rates
+    LOOKUP_DEFAULTED.labels(reason=_reason)
 STORE_READ_REQUESTS = Histogram(
     "streamrec_service_store_read_requests",
     "Predict batches whose near-cache misses one store read served (coalescing: above "
