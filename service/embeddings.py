@@ -194,6 +194,7 @@ class EmbeddingReader:
         self._processes = list(processes)
         self._threads = len(self._processes) or threads
         self._restarting: dict[int, float] = {}  # process index: when its restart began
+        self._closed = False
         self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
         self._queued = 0
         self._lock = threading.Lock()
@@ -202,6 +203,7 @@ class EmbeddingReader:
     def start(self) -> None:
         """Start the read processes (the reader threads start with the first read); one
         that cannot start leaves its reads to its thread, with a warning."""
+        self._closed = False
         for i, process in enumerate(self._processes):
             self._start_process(i, process)
 
@@ -216,6 +218,7 @@ class EmbeddingReader:
         """Stop the reader threads once they have done the reads queued before, then the
         read processes (a later lookup starts new threads, and processes restart: an
         app's lifespan may run more than once, e.g. under test clients)."""
+        self._closed = True
         with self._lock:
             readers, self._readers = self._readers, []
             for _ in readers:
@@ -424,8 +427,13 @@ class EmbeddingReader:
             return
         self._restarting[index] = now
         threading.Thread(
-            target=self._start_process,
+            target=self._restart_now,
             args=(index, process),
             name="read-process-start",
             daemon=True,
         ).start()
+
+    def _restart_now(self, index: int, process: ReadProcess) -> None:
+        self._start_process(index, process)
+        if self._closed:  # closed while it started: no child may outlive the reader
+            process.close()
