@@ -8,28 +8,25 @@ whose event loop is busy with requests, gets that time back by reading through a
 caller sends the keys and takes the rows back over a pipe (pickled numpy arrays) and
 waits without holding the GIL, while the child's Python runs on another core.
 
-The child is ``python -m storage.read_process`` talking over its stdin and stdout, so it
-imports only the storage package (not the caller's main module, as ``multiprocessing``
-would), and it ends when its stdin closes: when the caller closes it or dies, however.
+The child is ``python -m storage.read_process`` talking over its stdin and stdout
+(``storage.pipes``), so it imports only the storage package, and it ends when its stdin
+closes: when the caller closes it or dies, however.
 Its RocksDB secondary instance lives in a directory the caller creates and removes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
-from multiprocessing.connection import Connection
 from typing import Any
 
 from storage.base import Keys, LookupResult, StoreError, TableConfig
 from storage.config import StoreConfig
+from storage.pipes import PipeChild, parent_pipes
 
 _START_TIMEOUT_S = 60.0
 
@@ -38,31 +35,19 @@ class ReadProcessDied(StoreError):
     """The child's pipe closed or it did not start: the process is gone."""
 
 
-class _Child:
+class _Child(PipeChild):
     """One running ``python -m storage.read_process``."""
 
     def __init__(self, init: bytes) -> None:
         self.secondary = tempfile.mkdtemp(prefix="streamrec-read-process-")
-        path = [p or os.getcwd() for p in sys.path]  # the same imports as the caller's
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "storage.read_process"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env=env,
-            )
+            super().__init__("storage.read_process")
         except OSError as exc:
             shutil.rmtree(self.secondary, ignore_errors=True)
             raise ReadProcessDied(f"cannot start a read process: {exc}") from None
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self._to = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
-        self._from = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
-        self.proc.stdin.close()
-        self.proc.stdout.close()
         try:
-            self._to.send_bytes(init + b"\n" + self.secondary.encode())
-            if not self._from.poll(_START_TIMEOUT_S):
+            self.send(init + b"\n" + self.secondary.encode())
+            if not self.poll(_START_TIMEOUT_S):
                 raise ReadProcessDied(f"no answer within {_START_TIMEOUT_S:.0f} s")
             self.answer()  # "ready", or the error that kept it from opening the store
         except BaseException:
@@ -71,14 +56,14 @@ class _Child:
 
     def ask(self, data: bytes) -> Any:
         try:
-            self._to.send_bytes(data)
+            self.send(data)
         except OSError as exc:
             raise ReadProcessDied(f"read process {self.proc.pid}: {exc}") from None
         return self.answer()
 
     def answer(self) -> Any:
         try:
-            status, payload = pickle.loads(self._from.recv_bytes())
+            status, payload = pickle.loads(self.receive())
         except (EOFError, OSError) as exc:
             raise ReadProcessDied(
                 f"read process {self.proc.pid} ended (exit code {self.proc.poll()}): "
@@ -89,15 +74,7 @@ class _Child:
         return payload
 
     def stop(self, *, kill: bool = False) -> None:
-        self._to.close()  # the child reads the end of its input and exits
-        self._from.close()
-        if kill:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().stop(kill=kill)
         shutil.rmtree(self.secondary, ignore_errors=True)
 
 
@@ -170,9 +147,7 @@ def _serve() -> None:
     its input."""
     from storage.factory import open_store  # here: the parent never needs it
 
-    requests = Connection(os.dup(0), writable=False)
-    answers = Connection(os.dup(1), readable=False)
-    sys.stdout = sys.stderr  # stray prints must not corrupt the answers
+    requests, answers = parent_pipes()
     init, secondary = requests.recv_bytes().rsplit(b"\n", 1)
     settings = json.loads(init)
     try:

@@ -15,12 +15,20 @@ from service.batching import PredictBatcher
 from service.embeddings import EmbeddingReader
 from storage.base import StoreUnavailable
 from storage.tiered import TieredStore
-from trainer.versions import latest_version, load_version
+from trainer.model import DLRM
+from trainer.versions import VersionMeta, latest_version, load_version
 
 
 @pytest.fixture(scope="module")
 def store() -> TieredStore:
     return trained_store(SOURCE.spec)
+
+
+def latest(store: TieredStore) -> tuple[VersionMeta, DLRM]:
+    """The store's newest version, loaded afresh (each call: a distinct model object)."""
+    version = latest_version(store, "streamrec")
+    assert version is not None
+    return load_version(store, "streamrec", version)
 
 
 def requests(n: int) -> list[list[dict[str, Any]]]:
@@ -40,9 +48,7 @@ def batches_scored() -> tuple[float, float]:
 def test_concurrent_requests_share_batches_and_get_their_own_predictions(
     store: TieredStore,
 ) -> None:
-    version = latest_version(store, "streamrec")
-    assert version is not None
-    meta, model = load_version(store, "streamrec", version)
+    meta, model = latest(store)
     reader = EmbeddingReader(store, budget_s=30.0)  # never a late read answering defaults
     asked = requests(24)
 
@@ -72,10 +78,8 @@ def test_concurrent_requests_share_batches_and_get_their_own_predictions(
 def test_versions_never_share_a_batch_and_errors_reach_every_request(
     store: TieredStore,
 ) -> None:
-    version = latest_version(store, "streamrec")
-    assert version is not None
-    meta, model = load_version(store, "streamrec", version)
-    other_meta, other_model = load_version(store, "streamrec", version)  # a separate load
+    meta, model = latest(store)
+    other_meta, other_model = latest(store)  # a separate load: another batch key
     seen: list[int] = []
 
     class CountingReader(EmbeddingReader):

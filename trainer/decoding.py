@@ -19,20 +19,17 @@ itself, starts a new one and counts ``streamrec_trainer_decode_worker_failures_t
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import queue
-import subprocess
-import sys
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 
 import numpy as np
 import numpy.typing as npt
 
+from storage.pipes import PipeChild, parent_pipes
 from streaming.events import BadEvent, decode_events
 from streaming.log import Record
 from streaming.spec import FeatureSpec
@@ -85,47 +82,35 @@ class WorkerDied(Exception):
     """A decode worker's pipe closed: the process is gone."""
 
 
-class _Worker:
+class _Worker(PipeChild):
     """One ``python -m trainer.decoding`` process; answers requests in order."""
 
     def __init__(self, spec: FeatureSpec) -> None:
-        path = [p or os.getcwd() for p in sys.path]  # the same imports as the trainer's
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer.decoding"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self._to = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
-        self._from = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
-        self.proc.stdin.close()
-        self.proc.stdout.close()
+        super().__init__("trainer.decoding")
         self.sent = 0  # requests not answered yet
         self.stale = 0  # of those, answers nobody waits for any more (see `Decoder.clear`)
         self.dead = False
         try:
-            self.send(spec.model_dump_json().encode(), counted=False)
+            self.request(spec.model_dump_json().encode(), counted=False)
         except WorkerDied:
             self.stop(kill=True)
             raise
 
-    def send(self, data: bytes, *, counted: bool = True) -> None:
+    def request(self, data: bytes, *, counted: bool = True) -> None:
         try:
-            self._to.send_bytes(data)
+            self.send(data)
         except OSError as exc:
             raise WorkerDied(str(exc)) from None
         self.sent += counted
 
-    def receive(self, wait_s: float | None) -> DecodedChunk | None:
+    def answer(self, wait_s: float | None) -> DecodedChunk | None:
         """The answer to the oldest request nobody gave up on; None if it takes longer
         than ``wait_s``."""
         try:
             while True:
-                if wait_s is not None and not self._from.poll(wait_s):
+                if wait_s is not None and not self.poll(wait_s):
                     return None
-                data = self._from.recv_bytes()
+                data = self.receive()
                 self.sent -= 1
                 if not self.stale:
                     chunk: DecodedChunk = pickle.loads(data)
@@ -136,15 +121,7 @@ class _Worker:
 
     def stop(self, *, kill: bool = False) -> None:
         self.dead = True
-        self._to.close()  # the worker reads the end of its input and exits
-        self._from.close()
-        if kill:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().stop(kill=kill)
 
 
 class Decoder:
@@ -171,8 +148,8 @@ class Decoder:
         for i in range(self.workers):
             try:
                 worker = self._worker(i)
-                worker.send(pickle.dumps([]))
-                if worker.receive(_START_TIMEOUT_S) is None:
+                worker.request(pickle.dumps([]))
+                if worker.answer(_START_TIMEOUT_S) is None:
                     raise WorkerDied(f"no answer within {_START_TIMEOUT_S:.0f} s")
             except (WorkerDied, OSError) as exc:  # OSError: the process could not start
                 log.warning("decode workers cannot start (%s): decoding in the trainer", exc)
@@ -212,7 +189,7 @@ class Decoder:
             worker = None
             try:
                 worker = self._worker(slot)
-                worker.send(pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL))
+                worker.request(pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL))
                 job = worker
             except (WorkerDied, OSError) as exc:
                 job = self._recover(worker, exc, values)
@@ -230,7 +207,7 @@ class Decoder:
                 job = decode_chunk([record.value for record in records], self.spec)
             else:
                 try:
-                    chunk = job.receive(wait_s)
+                    chunk = job.answer(wait_s)
                 except WorkerDied as exc:
                     chunk = self._recover(job, exc, [record.value for record in records])
                 if chunk is None:
@@ -276,9 +253,7 @@ class Decoder:
 def _serve() -> None:
     """A worker: the spec, then batches of record values, each answered in order with
     its ``DecodedChunk``; ends at the end of its input (the trainer closed it or died)."""
-    requests = Connection(os.dup(0), writable=False)
-    answers = Connection(os.dup(1), readable=False)
-    sys.stdout = sys.stderr  # stray prints must not corrupt the answers
+    requests, answers = parent_pipes()
     spec = FeatureSpec.model_validate_json(requests.recv_bytes())
     # A reader thread keeps taking requests while a batch decodes, so the trainer's
     # writes never wait on the decoding (and both sides never wait on each other).
