@@ -65,7 +65,12 @@ def _mapped(directory: Path, shape: tuple[int, int]) -> _U8:
     finally:
         os.close(fd)
         os.unlink(name)
-    return data
+    return np.asarray(data)  # a plain view: memmap's own indexing costs per call
+
+
+def _items(rows: _U8) -> npt.NDArray[np.void]:
+    """A C-contiguous byte matrix as one opaque item per row (shares its memory)."""
+    return rows.view(f"V{rows.shape[1]}").reshape(-1)
 
 
 class _Arena:
@@ -119,8 +124,9 @@ class _Arena:
         if new.any():
             self.index.slot[pos[new]] = self._alloc(int(new.sum()))
         slots = self.index.slot[pos]
-        if data.shape[1] == self.width:
-            self.data[slots] = data
+        if data.shape[1] == self.width > 0:
+            # As one opaque item per row: numpy copies those twice as fast as 2-D rows.
+            _items(self.data)[slots] = _items(np.ascontiguousarray(data))
         else:
             self.data[slots, : data.shape[1]] = data
         self.sizes[slots] = sizes
@@ -223,11 +229,9 @@ class MemoryTier(RowTier):
             slots, found = arena.slots(keys)
             if not found.any():
                 return codec.zeros(n), found
-            if found.all():
-                sizes, data = arena.sizes[slots], arena.data[slots]
-            else:
-                at = slots[found]
-                sizes, data = arena.sizes[at], arena.data[at]
+            at = slots if found.all() else slots[found]
+            # take: 2.5x faster than fancy indexing of 2-D rows
+            sizes, data = arena.sizes[at], np.take(arena.data, at, axis=0)
         if (sizes != codec.nbytes).any():
             codec.check_sizes(keys[found], sizes)
         if data.shape[1] != codec.nbytes:
