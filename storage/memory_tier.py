@@ -10,8 +10,9 @@ reused; the arena doubles when full and never shrinks.
 ``MemoryTier.scratch(path)`` keeps the arenas in files under ``path`` mapped into memory
 instead (the keys stay indexed in memory): the operating system writes the rows out and
 drops them from memory as it needs, like any file cache, and the calls are the same
-array copies. The files are unlinked as soon as they are mapped, so nothing outlives the
-process; it is the tiered store's spill (demoted rows waiting for the next flush, which
+array copies. The files are unlinked as soon as they are created and grow in place (a
+larger arena maps more of the same file: no copy), so nothing outlives the process; it
+is the tiered store's spill (demoted rows waiting for the next flush, which
 a crash discards anyway), where it beats a scratch RocksDB, whose per-row writes and
 reads cost more than the copies (``bench/store.py`` at 20% capacity: see BENCHMARKS.md).
 
@@ -26,6 +27,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,22 +52,27 @@ def _last_of_each(keys: Keys) -> npt.NDArray[np.intp]:
     return out
 
 
-def _mapped(directory: Path, shape: tuple[int, int]) -> _U8:
-    """A zeroed ``uint8`` array of ``shape`` in a fresh file under ``directory``, mapped
-    and already unlinked (the mapping keeps it alive; the disk space goes with it)."""
-    if shape[0] * shape[1] == 0:  # a file cannot map zero bytes
-        return np.zeros(shape, dtype=np.uint8)
-    fd, name = tempfile.mkstemp(dir=directory, suffix=".rows")
-    try:
+class _RowFile:
+    """An unlinked file under ``directory`` that an arena's rows are mapped from: it
+    grows in place, so a larger arena maps the same file again instead of copying its
+    rows into a new one. Closed when the arena is dropped."""
+
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=directory, suffix=".rows")
+        os.unlink(name)  # nothing outlives the process; the disk space goes with the fd
+        self.fd = fd
+        weakref.finalize(self, os.close, fd)
+
+    def map(self, shape: tuple[int, int]) -> _U8:
+        """The file's first ``shape`` bytes, grown (zeros) to that size if shorter."""
+        if shape[0] * shape[1] == 0:  # a file cannot map zero bytes
+            return np.zeros(shape, dtype=np.uint8)
         # Blocks reserved now: a full disk raises OSError here, not SIGBUS on a later
         # write through the mapping.
-        os.posix_fallocate(fd, 0, shape[0] * shape[1])
-        with open(fd, "r+b", closefd=False) as f:
-            data: _U8 = np.memmap(f, dtype=np.uint8, mode="r+", shape=shape)
-    finally:
-        os.close(fd)
-        os.unlink(name)
-    return np.asarray(data)  # a plain view: memmap's own indexing costs per call
+        os.posix_fallocate(self.fd, 0, shape[0] * shape[1])
+        with open(self.fd, "r+b", closefd=False) as f:
+            data = np.memmap(f, dtype=np.uint8, mode="r+", shape=shape)
+        return np.asarray(data)  # a plain view: memmap's own indexing costs per call
 
 
 def _items(rows: _U8) -> npt.NDArray[np.void]:
@@ -79,6 +86,7 @@ class _Arena:
     def __init__(self, width: int, mapped: Path | None = None) -> None:
         self.index = SlotIndex()
         self._mapped = mapped
+        self._file: _RowFile | None = None  # mapped arenas: the file of self.data
         self.data = self._zeros(_MIN_SLOTS, width)
         self.sizes = np.zeros(_MIN_SLOTS, dtype=np.int32)
         self.free = np.zeros(0, dtype=np.int64)  # freed slots, reused first
@@ -93,10 +101,15 @@ class _Arena:
     def _zeros(self, slots: int, width: int) -> _U8:
         if self._mapped is None:
             return np.zeros((slots, width), dtype=np.uint8)
-        return _mapped(self._mapped, (slots, width))
+        self._file = _RowFile(self._mapped)
+        return self._file.map((slots, width))
 
     def _resize(self, slots: int, width: int) -> None:
         """Grow the slots or widen them, keeping every row."""
+        if self._file is not None and width == self.width:
+            # More slots of the same width: the rows stay where they are in the file.
+            self.data = self._file.map((slots, width))
+            return
         data = self._zeros(slots, width)
         data[: self.top, : self.width] = self.data[: self.top]
         self.data = data

@@ -6,6 +6,9 @@ lives under ``tmp_path``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -380,8 +383,22 @@ def test_mapped_scratch_keeps_rows_through_growth_and_leaves_no_files(tmp_path: 
     (tmp_path / "spill" / "left-by-a-crash.rows").write_bytes(b"x")
     again = MemoryTier.scratch(tmp_path / "spill")
     assert again.count("t") == 0 and list((tmp_path / "spill").iterdir()) == []
+    assert _open_row_files(tmp_path) == 1  # one file per arena, grown in place
     tier.close()
     again.close()
+    del tier, again
+    gc.collect()
+    assert _open_row_files(tmp_path) == 0  # dropped arenas close their files
+
+
+def _open_row_files(under: Path) -> int:
+    """Files under ``under`` (deleted ones too) that this process holds open: by a
+    descriptor, or through a mapping's own duplicate of one."""
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return sum(1 for p in paths if p.startswith(str(under)))
 
 
 def test_rocksdb_scratch_starts_empty_and_counts_by_scanning(tmp_path: Path) -> None:
