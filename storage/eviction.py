@@ -12,8 +12,9 @@ that writes the store.
 Victims (``choose_victims``) are exact at step granularity: among all rows of all tables
 that are not protected, the least recently accessed (``lru``; ties broken arbitrarily)
 or the least often accessed, older first among equal counts (``lfu``). Choosing is one
-O(hot rows) vectorised pass (``argpartition``, no sort of the whole set), which the
-store amortises by evicting in chunks down to ``low_water``.
+O(hot rows) pass (``lru``: a counting sort over the few steps the candidates span,
+compiled; ``lfu``: ``argpartition``, no sort of the whole set), which the store
+amortises by evicting in chunks down to ``low_water``.
 
 The floor against eviction storms (both rules always hold):
 
@@ -42,7 +43,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.base import Keys
-from storage.keyindex import LIVE, KeyIndex, Positions
+from storage.keyindex import LIVE, KeyIndex, Positions, kernel
 
 _FREQ_BITS = 22  # LFU score: count (capped) above 40 bits of step
 _STEP_BITS = 40
@@ -151,6 +152,35 @@ class HotIndex(KeyIndex):
         self.freq >>= np.uint32(1)
 
 
+@kernel
+def _lowest_first(rel: Positions, span: int, k: int) -> Positions:
+    """The indices of the ``k`` smallest ``rel`` (each in ``[0, span)``), smallest first,
+    ties in index order: a stable counting sort cut at ``k``."""
+    start = np.zeros(span + 1, dtype=np.int64)
+    for r in rel:
+        start[r + 1] += 1
+    for v in range(span):
+        start[v + 1] += start[v]
+    out = np.empty(k, dtype=np.int64)
+    for i in range(len(rel)):
+        at = start[rel[i]]
+        if at < k:
+            out[at] = i
+        start[rel[i]] = at + 1
+    return out
+
+
+def _first_k(score: Positions, k: int) -> Positions:
+    """The indices of the ``k`` lowest ``score``, lowest first (ties in index order)."""
+    n = len(score)
+    low, span = int(score.min()), int(score.max() - score.min()) + 1
+    if span <= 4 * n + 1024:  # LRU steps: a counting sort, O(n + span)
+        return _lowest_first(score - low, span, k)
+    part = np.argpartition(score, k - 1)[:k] if k < n else np.arange(n)
+    out: Positions = part[np.argsort(score[part], kind="stable")]
+    return out
+
+
 @dataclass(frozen=True)
 class Victims:
     """The rows one pass evicts: per table (its position in ``indexes``), positions in
@@ -190,6 +220,7 @@ def choose_victims(
 
     protect_from = step - cfg.protect_steps + 1
     pos_parts, table_parts, score_parts = [], [], []
+    candidate_bytes = 0
     for t, ix in enumerate(indexes):
         pos = ix.candidates(protect_from)
         if len(pos) == 0:
@@ -200,22 +231,23 @@ def choose_victims(
             score = (freq << _STEP_BITS) | (score & ((1 << _STEP_BITS) - 1))
         pos_parts.append(pos)
         table_parts.append(np.full(len(pos), t, dtype=np.int64))
+        candidate_bytes += len(pos) * row_bytes[t]
         score_parts.append(score)
     if not pos_parts:
         return Victims({}, 0, 0, short_by="protected")
     pos_all = np.concatenate(pos_parts)
     table_all = np.concatenate(table_parts)
     score_all = np.concatenate(score_parts)
-    size_all = np.asarray(row_bytes, dtype=np.int64)[table_all]
     n = len(pos_all)
+    sizes = np.asarray(row_bytes, dtype=np.int64)
+    mean_size = candidate_bytes / n
 
     # The k lowest scores in order, k grown until that prefix frees enough (row sizes
     # differ per table); then the prefix is cut at the target or at the budget.
-    k = min(n, max(need_rows, math.ceil(need_bytes / float(size_all.mean())), 1))
+    k = min(n, max(need_rows, math.ceil(need_bytes / mean_size), 1))
     while True:
-        part = np.argpartition(score_all, k - 1)[:k] if k < n else np.arange(n)
-        part = part[np.argsort(score_all[part], kind="stable")]
-        cum = np.cumsum(size_all[part])
+        part = _first_k(score_all, k)
+        cum = np.cumsum(sizes[table_all[part]])
         enough = (np.arange(1, k + 1) >= need_rows) & (cum >= need_bytes)
         if enough.any() or k == n:
             break
