@@ -181,6 +181,9 @@ def _first_k(score: Positions, k: int) -> Positions:
     return out
 
 
+_lowest_first(np.zeros(1, dtype=np.int64), 1, 1)  # load it on import (see storage.keyindex)
+
+
 @dataclass(frozen=True)
 class Victims:
     """The rows one pass evicts: per table (its position in ``indexes``), positions in

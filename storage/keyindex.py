@@ -281,3 +281,13 @@ class SlotIndex(KeyIndex):
         slots = np.full(len(keys), -1, dtype=np.int64)
         slots[present] = self.slot[pos[present]]
         return slots
+
+
+def _load_kernels() -> None:
+    # Loading compiled code takes numba ~0.2 s a process (more to compile it once):
+    # paid on import rather than in the first batch or request.
+    index = KeyIndex()
+    index.find(index.add(np.arange(2, dtype=np.uint64))[0].astype(np.uint64))
+
+
+_load_kernels()
