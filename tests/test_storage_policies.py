@@ -24,7 +24,7 @@ from storage.admission import (
 )
 from storage.base import AdmissionConfig, Keys, RowTier, TableConfig
 from storage.eviction import EvictionConfig, HotIndex
-from storage.keyindex import KeyIndex, occurs_in, sorted_distinct
+from storage.keyindex import KeyIndex, occurs_in, sorted_distinct, unique_inverse
 from storage.keys import splitmix64
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
@@ -171,6 +171,17 @@ def test_key_index_probes_across_clusters_and_the_wrap_around() -> None:
     pos = index.find(last[:40])
     assert (pos[:20:2] == -1).all() and (index.keys[pos[1:40:2]] == last[1:40:2]).all()
     assert (index.keys[pos[20:]] == last[20:40]).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unique_inverse_is_numpys_unique(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for n, high in ((0, 2), (1, 2), (300, 5), (5000, 3000), (2000, 2**63)):
+        keys = rng.integers(0, high, n, dtype=np.int64).astype(np.uint64)
+        distinct, inverse = unique_inverse(keys)
+        expected, expected_inverse = np.unique(keys, return_inverse=True)
+        assert np.array_equal(distinct, expected) and distinct.dtype == np.uint64
+        assert np.array_equal(inverse, expected_inverse.reshape(-1))
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.base import EmbeddingStore, Keys, LookupResult
+from storage.keyindex import unique_inverse
 from streaming.spec import FeatureSpec
 from trainer.encoding import EncodedBatch, FieldBatch, encode
 
@@ -50,31 +51,13 @@ class DistinctKeys:
 
 
 def distinct_keys(batch: EncodedBatch, spec: FeatureSpec) -> DistinctKeys:
-    """What ``np.unique(keys, return_inverse=True)`` gives per field. The fields with
-    one key per example (most, in a predict batch) are done together: one sort of a
-    (fields, batch) matrix instead of a ``np.unique`` per field."""
-    names = [f.name for f in spec.sparse]
-    rows = [n for n in names if len(batch.fields[n].keys) == batch.size > 0]
+    """What ``np.unique(keys, return_inverse=True)`` gives per field (by a compiled hash
+    pass: ``storage.keyindex.unique_inverse``)."""
     keys: dict[str, Keys] = {}
     inverse: dict[str, npt.NDArray[np.int64]] = {}
-    if len(rows) > 1:
-        matrix = np.stack([batch.fields[n].keys for n in rows])
-        order = np.argsort(matrix, axis=1)
-        ordered = np.take_along_axis(matrix, order, axis=1)
-        first = np.ones(matrix.shape, dtype=np.bool_)  # first of its run in sorted order
-        np.not_equal(ordered[:, 1:], ordered[:, :-1], out=first[:, 1:])
-        rank = np.cumsum(first, axis=1, dtype=np.int64) - 1
-        inv = np.empty_like(rank)
-        np.put_along_axis(inv, order, rank, axis=1)
-        for i, name in enumerate(rows):
-            keys[name] = ordered[i][first[i]]
-            inverse[name] = inv[i]
-    for name in names:
-        if name not in keys:
-            unique, field_inv = np.unique(batch.fields[name].keys, return_inverse=True)
-            keys[name] = unique
-            inverse[name] = field_inv.astype(np.int64).reshape(-1)
-    return DistinctKeys({n: keys[n] for n in names}, {n: inverse[n] for n in names})
+    for field in spec.sparse:
+        keys[field.name], inverse[field.name] = unique_inverse(batch.fields[field.name].keys)
+    return DistinctKeys(keys, inverse)
 
 
 def pool(
