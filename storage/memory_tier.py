@@ -227,6 +227,8 @@ class MemoryTier(RowTier):
             if arena is None or len(keys) == 0:
                 return out
             slots, found = arena.slots(np.asarray(keys, dtype=np.uint64))
+            if found.all():  # a flush's dirty rows: no per-value placing
+                return list(arena.values(slots))
             at = np.flatnonzero(found)
             values = arena.values(slots[at])
         for i, v in zip(at.tolist(), values, strict=True):

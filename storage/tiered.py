@@ -723,7 +723,9 @@ class TieredStore(EmbeddingStore):
         if create and not self._admit_all[table]:
             counts = np.bincount(inverse, minlength=len(unique))
         rows, found = self._rows(codec, unique, create, counts)
-        emb: Floats = np.ascontiguousarray(rows["emb"][inverse], dtype=np.float32)
+        # The distinct rows' embeddings made contiguous first: take of whole rows from
+        # that is faster than gathering the strided field.
+        emb: Floats = np.take(np.ascontiguousarray(rows["emb"], dtype=np.float32), inverse, axis=0)
         result = LookupResult(rows=emb, found=found[inverse])
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
         return result
