@@ -95,6 +95,30 @@ class EvictionConfig(BaseModel):
         return self
 
 
+@kernel
+def _record_access(
+    pos: Positions,
+    new: npt.NDArray[np.bool_],
+    steps: npt.NDArray[np.int32],
+    freq: npt.NDArray[np.uint32],
+    dirty: npt.NDArray[np.bool_],
+    step: int,
+) -> None:
+    """``HotIndex.touch``'s bookkeeping in one pass: new keys start clean at ``step``
+    with count 1; the others count one more and move up to ``step`` (never back)."""
+    for i in range(len(pos)):
+        p = pos[i]
+        if p < 0:
+            continue
+        if new[i]:
+            steps[p] = step
+            freq[p] = 1
+            dirty[p] = False
+        else:
+            steps[p] = max(steps[p], step)
+            freq[p] += 1
+
+
 class HotIndex(KeyIndex):
     """The keys of one table in the hot tier, with last-access step, access count and
     dirty flag (see ``KeyIndex`` for positions and ``epoch``).
@@ -118,18 +142,10 @@ class HotIndex(KeyIndex):
         if len(keys) == 0:
             return np.zeros(0, dtype=np.int64)
         if add:
-            pos, absent = self.add(keys)
+            pos, new = self.add(keys)
         else:
-            pos = self.find(keys)
-            absent = pos < 0
-        seen = pos[~absent] if absent.any() else pos
-        self.step[seen] = np.maximum(self.step[seen], step)
-        self.freq[seen] += np.uint32(1)
-        if add and absent.any():
-            new = pos[absent]
-            self.step[new] = step
-            self.freq[new] = 1
-            self.dirty[new] = False
+            pos, new = self.find(keys), np.zeros(len(keys), dtype=np.bool_)
+        _record_access(pos, new, self.step, self.freq, self.dirty, step)
         return pos
 
     def discard_at(self, pos: Positions) -> None:
@@ -181,7 +197,9 @@ def _first_k(score: Positions, k: int) -> Positions:
     return out
 
 
-_lowest_first(np.zeros(1, dtype=np.int64), 1, 1)  # load it on import (see storage.keyindex)
+# Loaded on import (see storage.keyindex).
+_lowest_first(np.zeros(1, dtype=np.int64), 1, 1)
+HotIndex().touch(np.arange(2, dtype=np.uint64), 0)
 
 
 @dataclass(frozen=True)
