@@ -23,7 +23,7 @@ from storage.admission import (
     make_policy,
 )
 from storage.base import AdmissionConfig, Keys, RowTier, TableConfig
-from storage.eviction import EvictionConfig, HotIndex
+from storage.eviction import EvictionConfig, HotIndex, _first_k
 from storage.keyindex import KeyIndex, occurs_in, sorted_distinct, unique_inverse
 from storage.keys import splitmix64
 from storage.memory_tier import MemoryTier
@@ -171,6 +171,23 @@ def test_key_index_probes_across_clusters_and_the_wrap_around() -> None:
     pos = index.find(last[:40])
     assert (pos[:20:2] == -1).all() and (index.keys[pos[1:40:2]] == last[1:40:2]).all()
     assert (index.keys[pos[20:]] == last[20:40]).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_first_k_is_a_stable_sort_prefix(seed: int) -> None:
+    """Victim order: the k lowest scores, ties in index order, whether the scores span
+    few values (LRU steps: counting sort) or many (LFU scores: argpartition)."""
+    rng = np.random.default_rng(seed)
+    for n, span in ((1, 1), (50, 3), (5000, 40), (300, 10**6), (2000, 1 << 50)):
+        score = rng.integers(7, 7 + span, n, dtype=np.int64)
+        for k in sorted({1, max(1, n // 3), n}):
+            got = _first_k(score, k)
+            expected = np.argsort(score, kind="stable")[:k]
+            if span <= 4 * n + 1024:  # the counting sort keeps index order among ties
+                assert np.array_equal(got, expected)
+            else:  # argpartition: the same scores, each index once
+                assert np.array_equal(score[got], score[expected])
+                assert len(set(got.tolist())) == k
 
 
 @pytest.mark.parametrize("seed", range(5))
