@@ -47,7 +47,7 @@ _U32_MAX = np.uint32(0xFFFFFFFF)
 @kernel
 def _init_embeddings(keys: Keys, scale: float, out: npt.NDArray[np.float32]) -> None:
     """``out[i, j]``: output j of key i's SplitMix64 stream mapped to ``[-scale, scale)``
-    (one fused pass: ~3x faster than the same arithmetic in numpy)."""
+    (one fused pass: 16x faster than the same arithmetic in numpy passes)."""
     for i in range(out.shape[0]):
         state = keys[i]
         for j in range(out.shape[1]):
