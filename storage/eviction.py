@@ -43,7 +43,8 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.base import Keys
-from storage.keyindex import LIVE, KeyIndex, Positions, kernel
+from storage.compiled import kernel
+from storage.keyindex import LIVE, KeyIndex, Positions
 
 _FREQ_BITS = 22  # LFU score: count (capped) above 40 bits of step
 _STEP_BITS = 40
@@ -197,7 +198,7 @@ def _first_k(score: Positions, k: int) -> Positions:
     return out
 
 
-# Loaded on import (see storage.keyindex).
+# Run once on import (see storage.compiled).
 _lowest_first(np.zeros(1, dtype=np.int64), 1, 1)
 HotIndex().touch(np.arange(2, dtype=np.uint64), 0)
 

@@ -19,28 +19,19 @@ Not thread-safe: callers serialise access.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar, cast
+from typing import ClassVar, TypeVar
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
 from storage.base import Keys, Mask
+from storage.compiled import kernel
 
 Positions = npt.NDArray[np.int64]
 
 EMPTY, LIVE, TOMB = 0, 1, 2  # values of KeyIndex.state
 _PHI = np.uint64(0x9E3779B97F4A7C15)
 _MIN_SIZE = 1024
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def kernel(fn: _F) -> _F:
-    """Compile ``fn`` with numba (machine code cached under ``__pycache__``, so only a
-    fresh checkout pays the compile; runs without the GIL)."""
-    return cast(_F, numba.njit(cache=True, nogil=True)(fn))
 
 
 def _as_u64(keys: Keys) -> Keys:
@@ -309,11 +300,12 @@ class SlotIndex(KeyIndex):
 
 
 def _load_kernels() -> None:
-    # Loading compiled code takes numba ~0.2 s a process (more to compile it once):
-    # paid on import rather than in the first batch or request.
+    """Run each kernel once (see ``storage.compiled``)."""
+    keys = np.arange(2, dtype=np.uint64)
     index = KeyIndex()
-    index.find(index.add(np.arange(2, dtype=np.uint64))[0].astype(np.uint64))
-    unique_inverse(np.zeros(2, dtype=np.uint64))
+    index.add(keys)
+    index.find(keys)
+    unique_inverse(keys)
 
 
 _load_kernels()

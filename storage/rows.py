@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from storage.base import Keys, RowFormatError, Rows, TableConfig, row_values
-from storage.keyindex import kernel
+from storage.compiled import kernel
 from storage.optim import initial_state, state_dim
 
 __all__ = ["RowCodec", "Rows"]
@@ -134,4 +134,4 @@ class RowCodec:
         rows["count"][idx] = np.where(count < _U32_MAX, count + np.uint32(1), count)
 
 
-_init_embeddings(np.zeros(1, np.uint64), 0.0, np.empty((1, 1), np.float32))  # load on import
+_init_embeddings(np.zeros(1, np.uint64), 0.0, np.empty((1, 1), np.float32))  # see storage.compiled
