@@ -76,6 +76,13 @@ def _options(block_cache_bytes: int) -> Options:
     return opts
 
 
+def _own_options(opts: Options) -> dict[str, Options]:
+    """The column families to open with ``opts``. Without them rocksdict reopens an
+    existing database with the options in its OPTIONS file, where the block cache is
+    not recorded: it became RocksDB's default 8 MB one, not ``block_cache_bytes``."""
+    return {"default": opts}
+
+
 def _key_order(keys: Keys) -> npt.NDArray[np.intp] | None:
     """The stable order that sorts ``keys``, or None if they are sorted already. Sorted
     batches are ~1.5x faster to write and read: the memtable's skiplist and the block
@@ -134,13 +141,14 @@ class RocksDBTier(RowTier):
                 self._db = Rdict(
                     self.path,
                     opts,
+                    column_families=_own_options(opts),
                     access_type=AccessType.secondary(os.fspath(secondary_path)),
                 )
                 self._last_catch_up = time.monotonic()
             else:
                 os.makedirs(self.path, exist_ok=True)
                 opts.create_if_missing(True)
-                self._db = Rdict(self.path, opts)
+                self._db = Rdict(self.path, opts, column_families=_own_options(opts))
         except Exception as e:
             self._remove_own_secondary()
             mode = "as a read-only secondary" if read_only else "read-write"

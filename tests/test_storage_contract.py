@@ -415,6 +415,19 @@ def test_rocksdb_scratch_starts_empty_and_counts_by_scanning(tmp_path: Path) -> 
     reopened.close()
 
 
+def test_rocksdb_reopened_keeps_its_block_cache(tmp_path: Path) -> None:
+    """A database that exists is opened with the tier's options, not the ones rocksdict
+    reads back from its OPTIONS file (which dropped the block cache to RocksDB's 8 MB)."""
+    size = 64 << 20
+    RocksDBTier(tmp_path / "db", block_cache_bytes=size).close()
+    for read_only in (False, True):
+        db = RocksDBTier(tmp_path / "db", read_only=read_only, block_cache_bytes=size)
+        try:
+            assert db._db.property_int_value("rocksdb.block-cache-capacity") == size
+        finally:
+            db.close()
+
+
 def test_rocksdb_count_survives_reopen(tmp_path: Path) -> None:
     db = RocksDBTier(tmp_path / "db")
     db.put_many("t", u64(1, 2, 3), [b"a", b"b", b"c"])
