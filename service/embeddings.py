@@ -53,6 +53,7 @@ import numpy.typing as npt
 
 from service import metrics
 from storage.base import EmbeddingStore, Floats, Keys, LookupResult
+from storage.compiled import kernel
 from storage.keyindex import sorted_distinct
 from storage.read_process import ReadProcess, ReadProcessDied
 
@@ -64,65 +65,125 @@ _RESTART_EVERY_S = 5.0  # a child that keeps dying is restarted at most this oft
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying spreads any key's bits upwards
 
 
+@kernel
+def _slot(key: np.uint64, base: int, max_rows: int) -> int:
+    return base + int((key * _MIX) >> np.uint64(32)) % max_rows
+
+
+@kernel
+def _cache_get(
+    keys: Keys,
+    rows: Floats,
+    found: npt.NDArray[np.bool_],
+    expires: npt.NDArray[np.float64],
+    flat: Keys,
+    at: npt.NDArray[np.int64],
+    bases: npt.NDArray[np.int64],
+    max_rows: int,
+    now: float,
+    out_rows: Floats,
+    out_found: npt.NDArray[np.bool_],
+    stale: npt.NDArray[np.bool_],
+) -> None:
+    """Copy out each key's cached row and found flag (the outputs start zeroed) and flag
+    the keys whose slot holds another key or an expired entry."""
+    for t in range(len(bases)):
+        for i in range(at[t], at[t + 1]):
+            s = _slot(flat[i], bases[t], max_rows)
+            if keys[s] == flat[i] and expires[s] > now:
+                for j in range(rows.shape[1]):
+                    out_rows[i, j] = rows[s, j]
+                out_found[i] = found[s]
+            else:
+                stale[i] = True
+
+
+@kernel
+def _cache_put(
+    keys: Keys,
+    rows: Floats,
+    found: npt.NDArray[np.bool_],
+    expires: npt.NDArray[np.float64],
+    flat: Keys,
+    at: npt.NDArray[np.int64],
+    bases: npt.NDArray[np.int64],
+    max_rows: int,
+    new_rows: Floats,
+    new_found: npt.NDArray[np.bool_],
+    until: float,
+) -> None:
+    """Store each key's row in its slot; of keys sharing a slot, the last stays."""
+    for t in range(len(bases)):
+        for i in range(at[t], at[t + 1]):
+            s = _slot(flat[i], bases[t], max_rows)
+            keys[s] = flat[i]
+            for j in range(rows.shape[1]):
+                rows[s, j] = new_rows[i, j]
+            found[s] = new_found[i]
+            expires[s] = until
+
+
 class _Segments:
     """The near cache of the tables of one embedding dim, direct-mapped: table ``t``
     owns slots ``[t * max_rows, (t + 1) * max_rows)`` and a key's slot in them is a hash
-    of the key. Reading or filling every table of a batch is a few numpy operations on
-    the concatenated keys, with no Python loop per key (nor per table beyond slicing).
-    A key whose slot another key took since reads as a miss (and is read again)."""
+    of the key. Reading or filling every table of a batch is one compiled pass over the
+    concatenated keys (``_cache_get``, ``_cache_put``). A key whose slot another key took
+    since reads as a miss (and is read again)."""
 
     def __init__(self, tables: list[str], dim: int, max_rows: int) -> None:
         n = len(tables) * max_rows
         self.base = {table: t * max_rows for t, table in enumerate(tables)}
+        self.dim = dim
         self.keys = np.zeros(n, dtype=np.uint64)
         self.rows = np.zeros((n, dim), dtype=np.float32)
         self.found = np.zeros(n, dtype=np.bool_)
         self.expires = np.full(n, -np.inf)  # never-filled slots: always expired
-        self.max_rows = np.uint64(max_rows)
+        self.max_rows = max_rows
         self.lock = threading.Lock()
 
-    def slots(self, keys: Mapping[str, Keys]) -> tuple[Keys, npt.NDArray[np.intp], list[int]]:
-        """The keys of every table in one array, their slots, and where each table's
-        keys start in it (and the end)."""
-        counts = [len(k) for k in keys.values()]
-        flat = np.concatenate(list(keys.values())) if keys else np.zeros(0, dtype=np.uint64)
-        base = np.repeat(np.array([self.base[t] for t in keys], dtype=np.uint64), counts)
-        slots = ((flat * _MIX >> np.uint64(32)) % self.max_rows + base).astype(np.intp)
-        return flat, slots, [0, *np.cumsum(counts).tolist()]
+    def _flat(
+        self, keys: Mapping[str, Keys]
+    ) -> tuple[Keys, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The keys of every table in one array, where each table's keys start in it
+        (and the end), and each table's first slot."""
+        parts = list(keys.values())
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        at = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(k) for k in parts], out=at[1:])
+        bases = np.array([self.base[t] for t in keys], dtype=np.int64)
+        return flat, at, bases
 
     def get(
         self, keys: Mapping[str, Keys], now: float
     ) -> dict[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]]:
         """Per table: rows and found flags of its keys (zeros where not cached) and the
         positions of its keys that are missing or expired."""
-        flat, slots, at = self.slots(keys)
+        flat, at, bases = self._flat(keys)
+        rows = np.zeros((len(flat), self.dim), dtype=np.float32)
+        found = np.zeros(len(flat), dtype=np.bool_)
+        stale = np.zeros(len(flat), dtype=np.bool_)
         with self.lock:
-            have = (self.keys[slots] == flat) & (self.expires[slots] > now)
-            rows = self.rows[slots]
-            found = self.found[slots] & have
-        stale = ~have
-        rows[stale] = 0.0
+            _cache_get(
+                self.keys, self.rows, self.found, self.expires, flat, at, bases,
+                self.max_rows, now, rows, found, stale,
+            )  # fmt: skip
+        bounds = at.tolist()
         return {
             table: (rows[a:b], found[a:b], stale[a:b].nonzero()[0])
-            for table, a, b in zip(keys, at, at[1:], strict=False)
+            for table, a, b in zip(keys, bounds, bounds[1:], strict=False)
         }
 
     def put(
         self, keys: Mapping[str, Keys], results: Mapping[str, LookupResult], expires: float
     ) -> None:
-        flat, slots, _ = self.slots(keys)
+        flat, at, bases = self._flat(keys)
         rows = np.concatenate([results[t].rows for t in keys])
         found = np.concatenate([results[t].found for t in keys])
-        # Keys of one batch that share a slot: the last takes it, explicitly (numpy leaves
-        # the order of repeated fancy-index writes unspecified, and the four arrays must
-        # agree on whose row a slot holds).
-        taken, last = np.unique(slots[::-1], return_index=True)
-        last = len(slots) - 1 - last
         with self.lock:
-            self.keys[taken] = flat[last]
-            self.rows[taken] = rows[last]
-            self.found[taken] = found[last]
-            self.expires[taken] = expires
+            _cache_put(
+                self.keys, self.rows, self.found, self.expires, flat, at, bases,
+                self.max_rows, rows, found, expires,
+            )  # fmt: skip
 
 
 class _Read:
@@ -437,3 +498,14 @@ class EmbeddingReader:
         self._start_process(index, process)
         if self._closed:  # closed while it started: no child may outlive the reader
             process.close()
+
+
+def _load_kernels() -> None:
+    """Run each kernel once (see ``storage.compiled``)."""
+    cache = _Segments(["t"], 1, 1)
+    keys = {"t": np.zeros(1, dtype=np.uint64)}
+    cache.put(keys, {"t": LookupResult(np.zeros((1, 1), np.float32), np.ones(1, bool))}, 1.0)
+    cache.get(keys, 0.0)
+
+
+_load_kernels()
