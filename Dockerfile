@@ -8,6 +8,6 @@ COPY trainer trainer
 COPY service service
 COPY deploy deploy
 RUN pip install --no-cache-dir . \
-    && cd / && python -c "import storage.tiered"  # compiles the numba kernels into the image
+    && cd / && python -c "import storage.tiered, service.embeddings"  # compiles the numba kernels into the image
 ENV STREAMREC_METRICS_PORT=9100
 CMD ["streamrec", "run", "--host", "0.0.0.0"]
