@@ -15,21 +15,17 @@
   read once). While they are all busy, new misses queue and coalesce into the next read,
   so under load per-request store round trips become per-batch ones.
 * **Read processes.** With ``processes`` (``streamrec serve``: ``lookup_processes``,
-  default 1) store reads go to ``ReadProcess`` children (one read at a time each), each
-  with its own read-only view of the store: the reads' Python work (Redis commands and
-  replies, row unpacking, RocksDB) then runs on another core instead of under the
-  server's GIL, beside the event loop. A child that dies costs no request: its read, and
-  the reads until a new child has started (in the background), run in the server, in a
-  thread (``streamrec_service_read_process_failures_total``).
+  default 1) each reader thread hands its store reads to its own ``ReadProcess``, a
+  child process with its own read-only view of the store: the reads' Python work (Redis
+  commands and replies, row unpacking, RocksDB) then runs on another core instead of
+  under the server's GIL, beside the event loop. A child that dies costs no request: its
+  read, and the reads until a new child has started (in the background), run in the
+  reader thread (``streamrec_service_read_process_failures_total``).
 * **Async waits.** ``lookup_async`` is ``lookup`` for an event loop: the request waits
-  on an asyncio future, so an async handler does its CPU work on the loop and never
-  blocks it on the store (a sync handler in a thread pool costs a few more thread
-  wake-ups per request, which on a 2-core machine cost more than the work they hand
-  off). With read processes the loop talks to them itself: one task per idle process
-  takes every read the loop has queued, writes the keys to the child and reads the rows
-  back as they arrive (``ReadProcess.lookup_tables_async``), so no thread hands them
-  over (faster at saturation: see ``BENCHMARKS.md``). Without read processes the reader
-  threads do the reads, as for ``lookup``.
+  on an asyncio future the reader thread resolves, so an async handler does its CPU work
+  on the loop and hands off to a thread only for the store read (a sync handler in a
+  thread pool costs a few more thread wake-ups per request, which on a 2-core machine
+  cost more than the work they hand off).
 * **Time budget.** A request waits at most ``budget_s`` for its store read; if it is not
   back by then (a slow cold-tier read, a stalled Redis) its missing keys answer with the
   default embedding, the zero vector that unknown and unadmitted ids read as in
@@ -59,7 +55,7 @@ from service import metrics
 from storage.base import EmbeddingStore, Floats, Keys, LookupResult
 from storage.compiled import kernel
 from storage.keyindex import sorted_distinct
-from storage.read_process import ReadProcess, ReadProcessBusy, ReadProcessDied
+from storage.read_process import ReadProcess, ReadProcessDied
 
 log = logging.getLogger(__name__)
 
@@ -227,20 +223,6 @@ def _wake(loop: asyncio.AbstractEventLoop, woken: asyncio.Future[None]) -> Calla
     return wake
 
 
-def _merged(reads: Sequence[_Read]) -> tuple[dict[str, list[Keys]], dict[str, Keys]]:
-    """Each table's wanted keys per read, and the distinct keys of all of them (a key
-    wanted by several reads is read once)."""
-    by_table: dict[str, list[Keys]] = {}
-    for read in reads:
-        for table, table_keys in read.wanted.items():
-            by_table.setdefault(table, []).append(table_keys)
-    keys = {
-        table: parts[0] if len(parts) == 1 else sorted_distinct(np.concatenate(parts))
-        for table, parts in by_table.items()
-    }
-    return by_table, keys
-
-
 class EmbeddingReader:
     """Serving-side reads of a store's rows; see the module docstring."""
 
@@ -278,10 +260,6 @@ class EmbeddingReader:
         self._queued = 0
         self._lock = threading.Lock()
         self._readers: list[threading.Thread] = []
-        # Reads of an event loop (``lookup_async`` with read processes): queued here and
-        # done by one task per idle process, on the loop itself.
-        self._loop_queue: list[_Read] = []
-        self._loop_tasks: dict[int, asyncio.Task[None]] = {}
 
     def start(self) -> None:
         """Start the read processes (the reader threads start with the first read); one
@@ -306,13 +284,6 @@ class EmbeddingReader:
             readers, self._readers = self._readers, []
             for _ in readers:
                 self._queue.put(None)
-            loop_reads, self._loop_queue = self._loop_queue, []
-            self._queued -= len(loop_reads)
-        for read in loop_reads:
-            read.deliver({}, None)
-        tasks, self._loop_tasks = self._loop_tasks, {}
-        for task in tasks.values():
-            task.cancel()
         for thread in readers:
             thread.join(timeout=5.0)
         for process in self._processes:
@@ -341,10 +312,7 @@ class EmbeddingReader:
         if wanted:
             loop = asyncio.get_running_loop()
             woken: asyncio.Future[None] = loop.create_future()
-            if self._processes:
-                read = self._enqueue_on_loop(wanted, _wake(loop, woken))
-            else:
-                read = self._enqueue(wanted, _wake(loop, woken))
+            read = self._enqueue(wanted, _wake(loop, woken))
             if read is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken, self._remaining(now))
@@ -405,8 +373,12 @@ class EmbeddingReader:
         """Queue the read for the reader threads (started on first use); None when
         ``max_pending`` reads are queued already (the caller defaults every key)."""
         with self._lock:
-            if not self._admit(wanted):
+            if self._queued >= self.max_pending:
+                metrics.LOOKUP_DEFAULTED.labels(reason="overloaded").inc(
+                    sum(len(k) for k in wanted.values())
+                )
                 return None
+            self._queued += 1
             if not self._readers:
                 self._readers = [
                     threading.Thread(
@@ -419,76 +391,6 @@ class EmbeddingReader:
         read = _Read(wanted, on_done)
         self._queue.put(read)
         return read
-
-    def _admit(self, wanted: Mapping[str, Keys]) -> bool:
-        """Lock held: count one more queued read, unless ``max_pending`` are queued."""
-        if self._queued >= self.max_pending:
-            metrics.LOOKUP_DEFAULTED.labels(reason="overloaded").inc(
-                sum(len(k) for k in wanted.values())
-            )
-            return False
-        self._queued += 1
-        return True
-
-    def _enqueue_on_loop(
-        self, wanted: Mapping[str, Keys], on_done: Callable[[], None]
-    ) -> _Read | None:
-        """``_enqueue`` for the running loop's read tasks (one per idle read process)."""
-        with self._lock:
-            if not self._admit(wanted):
-                return None
-        read = _Read(wanted, on_done)
-        self._loop_queue.append(read)
-        for index in range(len(self._processes)):
-            if index not in self._loop_tasks:
-                task = asyncio.get_running_loop().create_task(self._drain_on_loop(index))
-                self._loop_tasks[index] = task
-                break
-        return read
-
-    async def _drain_on_loop(self, index: int) -> None:
-        """A read task of the loop: do every read queued so far as one store read through
-        read process ``index`` (the loop writes the keys and reads the rows itself), until
-        none is queued."""
-        try:
-            while self._loop_queue and not self._closed:
-                reads, self._loop_queue = self._loop_queue, []
-                with self._lock:
-                    self._queued -= len(reads)
-                metrics.STORE_READ_REQUESTS.observe(len(reads))
-                try:
-                    await self._read_on_loop(reads, index)
-                except Exception:  # a bug must not stop the reads: these answer the default
-                    log.exception("embedding read of %d requests failed", len(reads))
-                    for read in reads:
-                        if not read.done.is_set():
-                            read.deliver({}, None)
-        finally:
-            if self._loop_tasks.get(index) is asyncio.current_task():
-                del self._loop_tasks[index]
-
-    async def _read_on_loop(self, reads: list[_Read], index: int) -> None:
-        by_table, keys = _merged(reads)
-        process = self._processes[index]
-        try:
-            if process.alive:
-                try:
-                    result = await process.lookup_tables_async(keys)
-                except ReadProcessBusy:  # a blocking read has the child: wait in a thread
-                    result = await asyncio.to_thread(self._lookup, keys, index)
-                except ReadProcessDied as exc:
-                    metrics.READ_PROCESS_FAILURES.inc()
-                    log.warning("%s; reading in the server until a new one starts", exc)
-                    self._restart(index, process)
-                    result = await asyncio.to_thread(self.store.lookup_tables, keys)
-            else:  # restarts it and reads in the server meanwhile
-                result = await asyncio.to_thread(self._lookup, keys, index)
-        except Exception as exc:  # each request still waiting re-raises it
-            log.warning("embedding read of %d tables failed: %s", len(keys), exc)
-            for read in reads:
-                read.deliver({}, exc)
-            return
-        self._deliver(reads, by_table, keys, result)
 
     def _wait(self, read: _Read | None, started: float) -> dict[str, LookupResult]:
         """The read's rows if it is back within what is left of the budget, else none
@@ -535,7 +437,14 @@ class EmbeddingReader:
     def _read(self, reads: list[_Read], index: int = 0) -> None:
         """One store read for ``reads`` (through reader thread ``index``'s read process,
         if it has one); fills the near cache and hands each its rows."""
-        by_table, keys = _merged(reads)
+        by_table: dict[str, list[Keys]] = {}
+        for read in reads:
+            for table, table_keys in read.wanted.items():
+                by_table.setdefault(table, []).append(table_keys)
+        keys = {
+            table: parts[0] if len(parts) == 1 else sorted_distinct(np.concatenate(parts))
+            for table, parts in by_table.items()
+        }
         try:
             result = self._lookup(keys, index)
         except Exception as exc:  # each request still waiting re-raises it
@@ -543,16 +452,6 @@ class EmbeddingReader:
             for read in reads:
                 read.deliver({}, exc)
             return
-        self._deliver(reads, by_table, keys, result)
-
-    def _deliver(
-        self,
-        reads: list[_Read],
-        by_table: Mapping[str, list[Keys]],
-        keys: Mapping[str, Keys],
-        result: dict[str, LookupResult],
-    ) -> None:
-        """Fill the near cache with one store read's rows and hand each read its own."""
         expires = self._clock() + self.ttl_s
         for cache, part in self._by_cache(keys):
             cache.put(part, result, expires)

@@ -9,9 +9,7 @@ length-prefixed bytes (``multiprocessing.connection.Connection``).
 
 from __future__ import annotations
 
-import asyncio
 import os
-import struct
 import subprocess
 import sys
 from multiprocessing.connection import Connection
@@ -43,40 +41,6 @@ class PipeChild:
     def receive(self) -> bytes:
         return self._from.recv_bytes()
 
-    async def receive_async(self) -> bytes:
-        """``receive`` for an event loop: the loop reads the message as it arrives (no
-        thread). One receiver at a time, and the child must send exactly one message."""
-        loop = asyncio.get_running_loop()
-        fd = self._from.fileno()
-        got: asyncio.Future[bytes] = loop.create_future()
-        buf = bytearray()
-
-        def readable() -> None:
-            if got.done():
-                return
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except OSError as exc:
-                got.set_exception(exc)
-                return
-            if not chunk:
-                got.set_exception(EOFError("end of the child's output"))
-                return
-            buf.extend(chunk)
-            try:
-                message = _message(buf)
-            except OSError as exc:
-                got.set_exception(exc)
-                return
-            if message is not None:
-                got.set_result(message)
-
-        loop.add_reader(fd, readable)
-        try:
-            return await got
-        finally:
-            loop.remove_reader(fd)
-
     def stop(self, *, kill: bool = False) -> None:
         self._to.close()  # the child reads the end of its input and exits
         self._from.close()
@@ -87,26 +51,6 @@ class PipeChild:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def _message(buf: bytearray) -> bytes | None:
-    """The message in ``buf`` once all of it is there (``Connection``'s framing: a
-    4-byte big-endian length, or -1 and an 8-byte one)."""
-    if len(buf) < 4:
-        return None
-    (size,) = struct.unpack("!i", buf[:4])
-    start = 4
-    if size == -1:
-        if len(buf) < 12:
-            return None
-        (size,) = struct.unpack("!Q", buf[4:12])
-        start = 12
-    end = start + size
-    if len(buf) < end:
-        return None
-    if len(buf) > end:
-        raise OSError(f"{len(buf) - end} bytes after the message: the pipe is out of step")
-    return bytes(buf[start:end])
 
 
 def parent_pipes() -> tuple[Connection, Connection]:

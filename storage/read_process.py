@@ -6,8 +6,7 @@ multi-get of the Redis misses), all under the reading process's GIL. A serving p
 whose event loop is busy with requests, gets that time back by reading through a
 ``ReadProcess``: a child process with its own read-only view of the same store. The
 caller sends the keys and takes the rows back over a pipe (pickled numpy arrays) and
-waits without holding the GIL, while the child's Python runs on another core; an event
-loop (``lookup_tables_async``) reads the rows off the pipe itself as they arrive.
+waits without holding the GIL, while the child's Python runs on another core.
 
 The child is ``python -m storage.read_process`` talking over its stdin and stdout
 (``storage.pipes``), so it imports only the storage package, and it ends when its stdin
@@ -36,10 +35,6 @@ class ReadProcessDied(StoreError):
     """The child's pipe closed or it did not start: the process is gone."""
 
 
-class ReadProcessBusy(StoreError):
-    """The child is answering a blocking read: an event loop does not wait for it."""
-
-
 class _Child(PipeChild):
     """One running ``python -m storage.read_process``."""
 
@@ -66,31 +61,14 @@ class _Child(PipeChild):
             raise ReadProcessDied(f"read process {self.proc.pid}: {exc}") from None
         return self.answer()
 
-    async def ask_async(self, data: bytes) -> Any:
-        """``ask`` from an event loop: the loop reads the answer itself."""
-        try:
-            self.send(data)  # keys only: the child, idle between reads, takes them at once
-            raw = await self.receive_async()
-        except (EOFError, OSError) as exc:
-            raise self._died(exc) from None
-        return self._payload(raw)
-
     def answer(self) -> Any:
         try:
-            raw = self.receive()
+            status, payload = pickle.loads(self.receive())
         except (EOFError, OSError) as exc:
-            raise self._died(exc) from None
-        return self._payload(raw)
-
-    def _died(self, exc: BaseException) -> ReadProcessDied:
-        return ReadProcessDied(
-            f"read process {self.proc.pid} ended (exit code {self.proc.poll()}): "
-            f"{exc or 'end of its output'}"
-        )
-
-    @staticmethod
-    def _payload(raw: bytes) -> Any:
-        status, payload = pickle.loads(raw)
+            raise ReadProcessDied(
+                f"read process {self.proc.pid} ended (exit code {self.proc.poll()}): "
+                f"{exc or 'end of its output'}"
+            ) from None
         if status == "error":
             raise payload
         return payload
@@ -147,35 +125,9 @@ class ReadProcess:
                 raise
         return {table: LookupResult(rows, found) for table, (rows, found) in got.items()}
 
-    async def lookup_tables_async(self, keys: Mapping[str, Keys]) -> dict[str, LookupResult]:
-        """``lookup_tables`` from an event loop, which writes the keys and reads the rows
-        itself: no thread hands them over. Raises ``ReadProcessBusy`` while a blocking
-        ``lookup_tables`` has the child. A read cancelled midway ends the child (its
-        answer would be taken for the next read's)."""
-        if not self._lock.acquire(blocking=False):
-            raise ReadProcessBusy("the read process is answering a blocking read")
-        try:
-            child = self._child
-            if child is None:
-                raise ReadProcessDied("no read process is running")
-            try:
-                got = await child.ask_async(
-                    pickle.dumps(dict(keys), protocol=pickle.HIGHEST_PROTOCOL)
-                )
-            except BaseException as exc:
-                if isinstance(exc, ReadProcessDied) or not isinstance(exc, Exception):
-                    self._child = None
-                    child.stop(kill=True)
-                raise
-        finally:
-            self._lock.release()
-        return {table: LookupResult(rows, found) for table, (rows, found) in got.items()}
-
     def close(self) -> None:
-        # Without the lock: an event loop may be closing its own read process while a
-        # read of it waits on that same loop. A read in progress ends with
-        # ``ReadProcessDied`` as its pipes close.
-        child, self._child = self._child, None
+        with self._lock:
+            child, self._child = self._child, None
         if child is not None:
             child.stop()
 

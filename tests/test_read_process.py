@@ -4,7 +4,6 @@ carried over, and a killed child costing no read."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -16,10 +15,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service.embeddings import EmbeddingReader
-from storage.base import AdmissionConfig, LookupResult, StoreUnavailable, TableConfig
+from storage.base import AdmissionConfig, StoreUnavailable, TableConfig
 from storage.config import StoreConfig
 from storage.factory import open_store
-from storage.read_process import ReadProcess, ReadProcessBusy, ReadProcessDied
+from storage.read_process import ReadProcess, ReadProcessDied
 from storage.tiered import TieredStore
 
 pytestmark = [pytest.mark.integration]
@@ -69,15 +68,6 @@ def test_reads_in_the_child_equal_reads_in_process(clean_redis: str, tmp_path: P
         with pytest.raises(KeyError, match="nope"):  # the store's own errors, as they are
             process.lookup_tables({"nope": np.array([1], dtype=np.uint64)})
         assert process.alive  # an error answer is not a dead child
-        # The same from an event loop, which reads the answer itself.
-        on_loop = asyncio.run(process.lookup_tables_async(wanted()))
-        for table in ("user", "item"):
-            assert on_loop[table].rows.tobytes() == expected[table].rows.tobytes()
-        with pytest.raises(KeyError, match="nope"):
-            asyncio.run(process.lookup_tables_async({"nope": np.array([1], dtype=np.uint64)}))
-        with process._lock, pytest.raises(ReadProcessBusy):  # a blocking read has it
-            asyncio.run(process.lookup_tables_async(wanted()))
-        assert process.lookup_tables(wanted())["user"].found.sum() == 300  # still in step
     finally:
         process.close()
         reader.close()
@@ -94,13 +84,6 @@ def test_a_killed_child_raises_and_a_new_one_starts(clean_redis: str, tmp_path: 
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(ReadProcessDied, match=f"read process {pid}"):
             process.lookup_tables(wanted())
-        assert not process.alive
-        process.start()
-        pid = process.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(ReadProcessDied, match=f"read process {pid}"):
-            asyncio.run(process.lookup_tables_async(wanted()))
         assert not process.alive
         with pytest.raises(ReadProcessDied, match="no read process"):
             process.lookup_tables(wanted())
@@ -134,44 +117,34 @@ def test_a_child_that_cannot_open_the_store_says_why(tmp_path: Path) -> None:
     assert not process.alive
 
 
-@pytest.mark.parametrize("on_loop", [False, True], ids=["lookup", "lookup_async"])
 def test_the_service_reader_survives_its_child_being_killed(
-    clean_redis: str, tmp_path: Path, on_loop: bool
+    clean_redis: str, tmp_path: Path
 ) -> None:
     """Reads keep answering the stored rows (in the server meanwhile), the failure is
-    counted, and a new child takes over within seconds: for blocking reads (a reader
-    thread talks to the child) and an event loop's (the loop does)."""
+    counted, and a new child takes over within seconds."""
     config, writer = stored(clean_redis, tmp_path)
     store = open_store(config, TABLES, read_only=True)
     process = ReadProcess(config, TABLES)
     reader = EmbeddingReader(store, ttl_s=0, budget_s=30.0, processes=[process])
     expected = store.lookup_tables(wanted())
-
-    async def read() -> dict[str, LookupResult]:
-        return await reader.lookup_async(wanted()) if on_loop else reader.lookup(wanted())
-
-    async def scenario() -> None:
+    try:
         reader.start()
         pid = process.pid
         assert pid is not None
-        assert (await read())["user"].rows.tobytes() == expected["user"].rows.tobytes()
         before = failures()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while True:
-            got = await read()
+            got = reader.lookup(wanted())
             for table in ("user", "item"):
                 assert got[table].rows.tobytes() == expected[table].rows.tobytes()
             if process.alive and process.pid != pid:
                 break
             assert time.monotonic() < deadline, "no new read process within 30 s"
-            await asyncio.sleep(0.05)
+            time.sleep(0.05)
         assert failures() == before + 1
-        got = await read()  # through the new child
+        got = reader.lookup(wanted())  # through the new child
         assert got["user"].rows.tobytes() == expected["user"].rows.tobytes()
-
-    try:
-        asyncio.run(scenario())
     finally:
         reader.close()
         store.close()
