@@ -66,20 +66,13 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying spreads any key's bits 
 
 
 @kernel
-def _slot(key: np.uint64, base: int, max_rows: int) -> int:
-    return base + int((key * _MIX) >> np.uint64(32)) % max_rows
-
-
-@kernel
 def _cache_get(
     keys: Keys,
     rows: Floats,
     found: npt.NDArray[np.bool_],
     expires: npt.NDArray[np.float64],
     flat: Keys,
-    at: npt.NDArray[np.int64],
-    bases: npt.NDArray[np.int64],
-    max_rows: int,
+    slots: npt.NDArray[np.intp],
     now: float,
     out_rows: Floats,
     out_found: npt.NDArray[np.bool_],
@@ -87,15 +80,14 @@ def _cache_get(
 ) -> None:
     """Copy out each key's cached row and found flag (the outputs start zeroed) and flag
     the keys whose slot holds another key or an expired entry."""
-    for t in range(len(bases)):
-        for i in range(at[t], at[t + 1]):
-            s = _slot(flat[i], bases[t], max_rows)
-            if keys[s] == flat[i] and expires[s] > now:
-                for j in range(rows.shape[1]):
-                    out_rows[i, j] = rows[s, j]
-                out_found[i] = found[s]
-            else:
-                stale[i] = True
+    for i in range(len(flat)):
+        s = slots[i]
+        if keys[s] == flat[i] and expires[s] > now:
+            for j in range(rows.shape[1]):
+                out_rows[i, j] = rows[s, j]
+            out_found[i] = found[s]
+        else:
+            stale[i] = True
 
 
 @kernel
@@ -105,22 +97,19 @@ def _cache_put(
     found: npt.NDArray[np.bool_],
     expires: npt.NDArray[np.float64],
     flat: Keys,
-    at: npt.NDArray[np.int64],
-    bases: npt.NDArray[np.int64],
-    max_rows: int,
+    slots: npt.NDArray[np.intp],
     new_rows: Floats,
     new_found: npt.NDArray[np.bool_],
     until: float,
 ) -> None:
     """Store each key's row in its slot; of keys sharing a slot, the last stays."""
-    for t in range(len(bases)):
-        for i in range(at[t], at[t + 1]):
-            s = _slot(flat[i], bases[t], max_rows)
-            keys[s] = flat[i]
-            for j in range(rows.shape[1]):
-                rows[s, j] = new_rows[i, j]
-            found[s] = new_found[i]
-            expires[s] = until
+    for i in range(len(flat)):
+        s = slots[i]
+        keys[s] = flat[i]
+        for j in range(rows.shape[1]):
+            rows[s, j] = new_rows[i, j]
+        found[s] = new_found[i]
+        expires[s] = until
 
 
 class _Segments:
@@ -138,51 +127,47 @@ class _Segments:
         self.rows = np.zeros((n, dim), dtype=np.float32)
         self.found = np.zeros(n, dtype=np.bool_)
         self.expires = np.full(n, -np.inf)  # never-filled slots: always expired
-        self.max_rows = max_rows
+        self.max_rows = np.uint64(max_rows)
         self.lock = threading.Lock()
 
-    def _flat(
-        self, keys: Mapping[str, Keys]
-    ) -> tuple[Keys, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """The keys of every table in one array, where each table's keys start in it
-        (and the end), and each table's first slot."""
-        parts = list(keys.values())
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-        at = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum([len(k) for k in parts], out=at[1:])
-        bases = np.array([self.base[t] for t in keys], dtype=np.int64)
-        return flat, at, bases
+    def slots(self, keys: Mapping[str, Keys]) -> tuple[Keys, npt.NDArray[np.intp], list[int]]:
+        """The keys of every table in one array, their slots, and where each table's
+        keys start in it (and the end)."""
+        counts = [len(k) for k in keys.values()]
+        flat = np.concatenate(list(keys.values())) if keys else np.zeros(0, dtype=np.uint64)
+        base = np.repeat(np.array([self.base[t] for t in keys], dtype=np.uint64), counts)
+        slots = ((flat * _MIX >> np.uint64(32)) % self.max_rows + base).astype(np.intp)
+        return flat, slots, [0, *np.cumsum(counts).tolist()]
 
     def get(
         self, keys: Mapping[str, Keys], now: float
     ) -> dict[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]]:
         """Per table: rows and found flags of its keys (zeros where not cached) and the
         positions of its keys that are missing or expired."""
-        flat, at, bases = self._flat(keys)
+        flat, slots, at = self.slots(keys)
         rows = np.zeros((len(flat), self.dim), dtype=np.float32)
         found = np.zeros(len(flat), dtype=np.bool_)
         stale = np.zeros(len(flat), dtype=np.bool_)
         with self.lock:
             _cache_get(
-                self.keys, self.rows, self.found, self.expires, flat, at, bases,
-                self.max_rows, now, rows, found, stale,
+                self.keys, self.rows, self.found, self.expires, flat, slots, now,
+                rows, found, stale,
             )  # fmt: skip
-        bounds = at.tolist()
         return {
             table: (rows[a:b], found[a:b], stale[a:b].nonzero()[0])
-            for table, a, b in zip(keys, bounds, bounds[1:], strict=False)
+            for table, a, b in zip(keys, at, at[1:], strict=False)
         }
 
     def put(
         self, keys: Mapping[str, Keys], results: Mapping[str, LookupResult], expires: float
     ) -> None:
-        flat, at, bases = self._flat(keys)
+        flat, slots, _ = self.slots(keys)
         rows = np.concatenate([results[t].rows for t in keys])
         found = np.concatenate([results[t].found for t in keys])
         with self.lock:
             _cache_put(
-                self.keys, self.rows, self.found, self.expires, flat, at, bases,
-                self.max_rows, rows, found, expires,
+                self.keys, self.rows, self.found, self.expires, flat, slots, rows, found,
+                expires,
             )  # fmt: skip
 
 
