@@ -230,8 +230,13 @@ class RowTier(ABC):
         for name, data in blobs.items():
             self.put_blob(name, data)
 
+    def sync(self) -> None:  # noqa: B027 - optional hook
+        """Wait until every write made so far is applied where other clients see it; a
+        write that failed raises here at the latest. For tiers that send writes without
+        waiting for them (Redis); a no-op for the others."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Release connections and files."""
+        """Release connections and files (after ``sync``)."""
 
 
 class EmbeddingStore(ABC):

@@ -1071,6 +1071,7 @@ class TieredStore(EmbeddingStore):
                     self.hot.put_blob(POSITION_BLOB, blob.encode())
             else:
                 self._flush_to_cold(blob, given)
+            self.hot.sync()  # what was flushed is in Redis for every other client too
             self._set_gauges()
         elapsed = time.perf_counter() - start
         metrics.FLUSH_SECONDS.observe(elapsed)

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from storage.base import (
     Keys,
     ReadOnlyStore,
     RowFormatError,
     RowTier,
+    StoreError,
     StoreUnavailable,
     TableConfig,
 )
@@ -330,6 +332,65 @@ def test_redis_recount_matches_counter(clean_redis: str) -> None:
         assert tier.recount("t") == 90
     finally:
         tier.close()
+
+
+@pytest.mark.integration
+def test_redis_writes_in_flight_are_read_back_and_synced(clean_redis: str) -> None:
+    """Writes go out without waiting for their replies: the writer's own reads see them
+    at once, other clients after ``sync``, counters included."""
+    tier = RedisTier(clean_redis, buckets=16)
+    other = RedisTier(clean_redis, buckets=16)
+    try:
+        keys = np.arange(1000, dtype=np.uint64)
+        values = [b"v%d" % k for k in keys]
+        tier.put_many("t", keys, values)
+        assert tier.get_many("t", keys) == values
+        tier.delete_many("t", keys[:10])
+        tier.sync()
+        assert other.get_many("t", keys[:11]) == [None] * 10 + [values[10]]
+        assert other.count("t") == 990
+    finally:
+        tier.close()
+        other.close()
+
+
+@pytest.mark.integration
+def test_redis_failed_write_raises_at_the_next_call(clean_redis: str) -> None:
+    tier = RedisTier(clean_redis, buckets=16)
+    admin = redis.Redis.from_url(clean_redis)
+    try:
+        layout = tier.layout("t", create=True)
+        assert layout is not None
+        admin.set(layout.bucket_name(3), b"not a hash")  # key 3's bucket
+        tier.put_many("t", u64(3, 4), [b"a", b"b"])  # sent; the error reply comes later
+        with pytest.raises(StoreError, match=r"WRONGTYPE") as raised:
+            tier.sync()
+        assert tier.address in str(raised.value)
+        assert tier.get_many("t", u64(4)) == [b"b"]  # the connection is still in step
+        tier.put_many("t", u64(3), [b"c"])
+        with pytest.raises(StoreError, match=r"WRONGTYPE"):
+            tier.get_many("t", u64(4))  # or at the next read
+    finally:
+        tier.close()
+        admin.close()
+
+
+@pytest.mark.integration
+def test_redis_writes_on_a_dropped_connection_are_resent(clean_redis: str) -> None:
+    tier = RedisTier(clean_redis, buckets=16)
+    admin = redis.Redis.from_url(clean_redis)
+    try:
+        tier.put_many("t", u64(1000), [b"y"])  # the layout is known from here on
+        assert tier.get_many("t", u64(1000)) == [b"y"]  # leaves an idle connection
+        admin.client_kill_filter(_type="normal", skipme=True)
+        keys = np.arange(100, dtype=np.uint64)
+        tier.put_many("t", keys, [b"x"] * 100)  # sent on the dead connection
+        tier.sync()  # no replies there: resent on a fresh one
+        assert tier.get_many("t", keys) == [b"x"] * 100
+        assert tier.count("t") == 101
+    finally:
+        tier.close()
+        admin.close()
 
 
 def test_rocksdb_secondary_of_missing_db_names_path(tmp_path: Path) -> None:

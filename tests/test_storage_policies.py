@@ -642,6 +642,7 @@ def test_byte_capacity_counts_row_sizes(make_store: Factory) -> None:
 def test_rows_already_in_hot_are_indexed_and_flushed(make_store: Factory) -> None:
     plain = make_store([T4], cold=False)
     train(plain, "t4", ids(0, 30))  # e.g. left in Redis by an earlier trainer
+    plain.flush()
     store = make_store([T4], eviction=lru(20))
     stats = store.stats()
     assert stats["dirty_rows"] == 30 and stats["hot_rows.t4"] == 30
