@@ -122,6 +122,7 @@ class _Unacked:
     handlers: list[tuple[int, _ReplyHandler]] = field(default_factory=list)
     replies: int = 0
     nbytes: int = 0
+    broken: bool = False  # a send failed: the rest are not sent, all resent in ``sync``
 
 
 # hiredis' stub types pack_command's argument as a 1-tuple; it takes any arity.
@@ -600,9 +601,10 @@ class RedisTier(RowTier):
                 self._unacked = unacked = _Unacked(self._checkout())
             try:
                 for data, _ in chunks:
-                    unacked.conn._sock.sendall(data)
+                    if not unacked.broken:
+                        unacked.conn._sock.sendall(data)
             except _UNREACHABLE:
-                pass  # the replies will not come: ``sync`` resends on a fresh connection
+                unacked.broken = True
             unacked.chunks += chunks
             count = sum(n for _, n in chunks)
             unacked.handlers.append((count, handler))
@@ -621,11 +623,13 @@ class RedisTier(RowTier):
                 replies = self._acknowledge(unacked)
                 follow_ups: list[_Command] = []
                 at = 0
-                for count, handler in unacked.handlers:
-                    follow_ups += handler(replies[at : at + count])
-                    at += count
-                if follow_ups:
-                    self._send_writes(self._packed(follow_ups), self._checked)
+                try:
+                    for count, handler in unacked.handlers:
+                        follow_ups += handler(replies[at : at + count])
+                        at += count
+                finally:  # the counters of the writes checked before a failed one too
+                    if follow_ups:
+                        self._send_writes(self._packed(follow_ups), self._checked)
 
     def _acknowledge(self, unacked: _Unacked) -> list[Any]:
         """The replies of ``unacked``'s writes, resent once if the connection broke."""
@@ -633,6 +637,8 @@ class RedisTier(RowTier):
         replies: list[Any] = []
         try:
             try:
+                if unacked.broken:
+                    raise RedisConnectionError("a send failed")
                 reader = hiredis.Reader(notEnoughData=_MORE)
                 self._read(conn._sock, reader, replies, unacked.replies)
             except _UNREACHABLE:

@@ -5,22 +5,26 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import orjson
 import pytest
 import torch
 
+from storage.base import EmbeddingStore
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.tiered import TieredStore
 from streaming.log import InMemoryConsumer, InMemoryLog, JsonlFileProducer, LogUnavailable, Record
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
+from streaming.spec import FeatureSpec
 from streamrec.config import Settings
 from streamrec.wiring import table_configs
 from trainer import metrics
 from trainer.decoding import decode_chunk
+from trainer.encoding import EncodedBatch, FieldBatch
 from trainer.model import DLRM, ModelConfig
 from trainer.trainer import StreamingTrainer, TrainerConfig, _Lookahead, collector_threshold
 from trainer.versions import latest_version, load_version, publish
@@ -347,6 +351,59 @@ def test_a_revoke_records_dead_letters_read_before_the_first_dropped_event(
     trainer._decoder.close()
     assert trainer.read_position() == handled
     assert len((tmp_path / "dlq.jsonl").read_text().splitlines()) == 3
+
+
+class _BlockingPrefetch:
+    """A store whose prefetch blocks until released (the lookahead sees only prefetch)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.fetched: set[int] = set()
+
+    def prefetch(self, table: str, keys: np.ndarray) -> None:
+        self.fetched.update(keys.tolist())
+        self.started.set()
+        assert self.release.wait(10)
+
+
+def _batch_of(spec: FeatureSpec, key: int) -> EncodedBatch:
+    one = FieldBatch(np.array([key], dtype=np.uint64), np.zeros(1, dtype=np.int64))
+    return EncodedBatch(
+        {f.name: one for f in spec.sparse}, np.zeros((1, len(spec.dense)), np.float32)
+    )
+
+
+def test_training_waits_for_a_prefetch_under_way_and_drops_one_not_started() -> None:
+    """No row is read twice when training catches up with the lookahead."""
+    spec = small_source(1).spec
+    store = _BlockingPrefetch()
+    lookahead = _Lookahead(cast(EmbeddingStore, store), spec, 2)
+    first, second = _batch_of(spec, 1), _batch_of(spec, 2)
+    overtaken = metrics.PREFETCH_SKIPPED.labels(reason="overtaken")
+    before = overtaken._value.get()
+    try:
+        lookahead.submit(first)
+        lookahead.submit(second)
+        assert store.started.wait(5)  # the first under way, the second queued behind it
+        lookahead.claim(second)  # not started: dropped, its lookup reads the rows
+        assert overtaken._value.get() == before + 1
+        claimed = threading.Event()
+
+        def train_first() -> None:
+            lookahead.claim(first)
+            claimed.set()
+
+        waiter = threading.Thread(target=train_first)
+        waiter.start()
+        assert not claimed.wait(0.2)  # under way: training waits for it
+        store.release.set()
+        assert claimed.wait(5)
+        waiter.join()
+    finally:
+        store.release.set()
+        lookahead.close()
+    assert store.fetched == {1}
 
 
 def test_collector_threshold_is_raised_while_trainers_run_and_restored_after_the_last() -> None:

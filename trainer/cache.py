@@ -138,8 +138,9 @@ class _Table:
         self.used = np.zeros(0, dtype=np.int64)  # the step of the last access
         self.live = np.zeros(0, dtype=np.bool_)
         self.free: list[int] = []
-        # Bumped by every write to the store and every drop: a prefetch that raced one
-        # is discarded (it may have read a row older than the one written).
+        # Bumped by every drop: a prefetch that raced one is discarded (it may have read
+        # a row older than the one the dropped copy wrote back). Writes of cached rows
+        # need no bump: a prefetch only fills keys that are still uncached.
         self.changes = 0
 
     def slots_of(self, keys: Keys) -> npt.NDArray[np.int64]:
@@ -227,7 +228,6 @@ class CachedStore(EmbeddingStore):
         """Lock held: the store now holds every update of ``slots``."""
         t.pending[slots] = 0
         t.age[slots] = 0
-        t.changes += 1
         self._count_io(t, written=len(slots))
 
     def _count_io(self, t: _Table, *, read: int = 0, written: int = 0) -> None:

@@ -42,8 +42,17 @@ PREFETCH_SECONDS = Histogram(
 )
 PREFETCH_SKIPPED = Counter(
     "streamrec_trainer_prefetch_skipped_total",
-    "Upcoming batches not prefetched because the lookahead queue was full.",
+    "Upcoming batches not prefetched: the lookahead queue was full (queue_full), or "
+    "training reached the batch before its prefetch started (overtaken).",
+    ["reason"],
 )
+PREFETCH_WAIT_SECONDS = Histogram(
+    "streamrec_trainer_prefetch_wait_seconds",
+    "Time training waited for a batch's prefetch under way to finish.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+for _reason in ("queue_full", "overtaken"):
+    PREFETCH_SKIPPED.labels(reason=_reason)
 REWINDS = Counter(
     "streamrec_trainer_rewinds_total",
     "Rewinds to the recorded position after a store fault (reason: the error's class).",

@@ -20,6 +20,7 @@ recorded position and it trains on from there (``trainer.recovery``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import hashlib
@@ -27,7 +28,6 @@ import io
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
@@ -557,6 +557,7 @@ class StreamingTrainer:
                 # Train once the lookahead is full, or as soon as the stream is not ahead.
                 if ready and (len(ready) > cfg.lookahead_batches or not arrived):
                     batch = ready.popleft()
+                    lookahead.claim(batch.encoded)
                     self.train_step(batch.labels, batch.encoded)
                     trained += batch.size
                     self.position = batch.end
@@ -588,6 +589,7 @@ class StreamingTrainer:
                 self._take_decoded(None, lookahead)
             while ready:
                 batch = ready.popleft()
+                lookahead.claim(batch.encoded)
                 self.train_step(batch.labels, batch.encoded)
         finally:
             lookahead.close()
@@ -649,12 +651,20 @@ def collector_threshold(threshold: int) -> Iterator[None]:
 class _Lookahead:
     """Fetches the rows of batches waiting to be trained, on a background thread, so the
     training lookup finds them close (MLKV's lookahead). A full queue skips a prefetch
-    rather than holding up training; a failed one is logged (the lookup retries)."""
+    rather than holding up training; a failed one is logged (the lookup retries).
+
+    Before a batch trains, ``claim`` settles its prefetch: one not started yet is
+    dropped (the training lookup reads the rows itself), one under way is waited for, so
+    no row is read twice because training caught up with its prefetch."""
 
     def __init__(self, store: EmbeddingStore, spec: FeatureSpec, depth: int) -> None:
         self._store = store
         self._spec = spec
-        self._queue: queue.Queue[EncodedBatch | None] = queue.Queue(maxsize=max(depth, 1))
+        self._depth = max(depth, 1)
+        self._waiting: collections.deque[EncodedBatch] = collections.deque()
+        self._running: EncodedBatch | None = None
+        self._closed = False
+        self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         if depth > 0:
             self._thread = threading.Thread(target=self._work, name="lookahead", daemon=True)
@@ -663,13 +673,34 @@ class _Lookahead:
     def submit(self, batch: EncodedBatch) -> None:
         if self._thread is None:
             return
-        try:
-            self._queue.put_nowait(batch)
-        except queue.Full:
-            metrics.PREFETCH_SKIPPED.inc()
+        with self._changed:
+            if len(self._waiting) >= self._depth:
+                metrics.PREFETCH_SKIPPED.labels(reason="queue_full").inc()
+                return
+            self._waiting.append(batch)
+            self._changed.notify_all()
+
+    def claim(self, batch: EncodedBatch) -> None:
+        """``batch`` is about to train: take it off the queue, or wait for its prefetch."""
+        if self._thread is None:
+            return
+        with self._changed:
+            if any(b is batch for b in self._waiting):
+                self._waiting = collections.deque(b for b in self._waiting if b is not batch)
+                metrics.PREFETCH_SKIPPED.labels(reason="overtaken").inc()
+                return
+            if self._running is batch:
+                started = time.perf_counter()
+                self._changed.wait_for(lambda: self._running is not batch)
+                metrics.PREFETCH_WAIT_SECONDS.observe(time.perf_counter() - started)
 
     def _work(self) -> None:
-        while (batch := self._queue.get()) is not None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting or self._closed)
+                if self._closed:
+                    return
+                batch = self._running = self._waiting.popleft()
             started = time.perf_counter()
             try:
                 for field in self._spec.sparse:
@@ -678,11 +709,18 @@ class _Lookahead:
                 log.warning(
                     "prefetch failed; the training lookup will read the rows", exc_info=True
                 )
+            finally:
+                with self._changed:
+                    self._running = None
+                    self._changed.notify_all()
             metrics.PREFETCH_SECONDS.observe(time.perf_counter() - started)
 
     def close(self) -> None:
         if self._thread is not None:
-            self._queue.put(None)
+            with self._changed:
+                self._closed = True
+                self._waiting.clear()
+                self._changed.notify_all()
             self._thread.join()
 
 
