@@ -61,9 +61,9 @@ them once Redis has read them off the socket (at the latest after ``sync``), and
 failed write raises ``StoreError``/``StoreUnavailable`` from the next call instead of
 its own. On 2 cores that lets client and server work at once: +26-42% keys/s on
 ``bench/store.py``'s Redis run. ``commit`` wraps its commands in MULTI/EXEC, so it is
-atomic on a single Redis server. Cluster mode is not
-supported yet (the key layout is ready for it). The connection must speak RESP2
-(redis-py's default: no ``protocol=3`` in the URL).
+atomic on a single Redis server. Cluster mode is not supported yet (the key layout is
+ready for it). The connection must speak RESP2 (redis-py's default: no ``protocol=3``
+in the URL).
 
 Any connection failure raises ``StoreUnavailable`` naming the server's address.
 """
@@ -99,7 +99,7 @@ DEFAULT_EXPECTED_ROWS = 1 << 22
 _Command = tuple[bytes, ...]
 _Chunk = tuple[bytes | memoryview, int]  # RESP bytes to send in one go, commands in them
 # Checks a write's replies; returns the follow-up commands to send (row counters).
-_ReplyHandler = Callable[[list[Any]], list[tuple[bytes, ...]]]
+_ReplyHandler = Callable[[list[Any]], list[_Command]]
 _U8 = npt.NDArray[np.uint8]
 _I64 = npt.NDArray[np.int64]
 _Void = npt.NDArray[np.void]
@@ -114,7 +114,7 @@ _MORE = object()  # what hiredis' gets() returns until a whole reply is buffered
 
 @dataclass
 class _Unacked:
-    """Writes sent on ``conn`` (checked out of the pool) whose replies are not read yet:
+    """Writes sent on ``conn`` (kept checked out) whose replies are not read yet:
     ``chunks`` kept for one resend, ``handlers`` with the number of replies each takes."""
 
     conn: Any
