@@ -59,11 +59,11 @@ and Redis applies them while the caller goes on, until ``sync`` (which every rea
 reads and checks them. So this client's reads always see its writes, other clients see
 them once Redis has read them off the socket (at the latest after ``sync``), and a
 failed write raises ``StoreError``/``StoreUnavailable`` from the next call instead of
-its own. On 2 cores that lets client and server work at once: +26-42% keys/s on
-``bench/store.py``'s Redis run. ``commit`` wraps its commands in MULTI/EXEC, so it is
-atomic on a single Redis server. Cluster mode is not supported yet (the key layout is
-ready for it). The connection must speak RESP2 (redis-py's default: no ``protocol=3``
-in the URL).
+its own. On 2 cores that lets client and server work at once: +30-43% keys/s on
+``bench/store.py``'s Redis run at 20% capacity (``BENCHMARKS.md``). ``commit`` wraps
+its commands in MULTI/EXEC, so it is atomic on a single Redis server. Cluster mode is
+not supported yet (the key layout is ready for it). The connection must speak RESP2
+(redis-py's default: no ``protocol=3`` in the URL).
 
 Any connection failure raises ``StoreUnavailable`` naming the server's address.
 """

@@ -354,43 +354,49 @@ def test_redis_writes_in_flight_are_read_back_and_synced(clean_redis: str) -> No
         other.close()
 
 
-@pytest.mark.integration
-def test_redis_failed_write_raises_at_the_next_call(clean_redis: str) -> None:
+@pytest.fixture
+def tier_and_admin(clean_redis: str) -> Iterator[tuple[RedisTier, redis.Redis]]:
+    """A 16-bucket ``RedisTier`` and a plain client of the same server, to break it."""
     tier = RedisTier(clean_redis, buckets=16)
     admin = redis.Redis.from_url(clean_redis)
     try:
-        layout = tier.layout("t", create=True)
-        assert layout is not None
-        admin.set(layout.bucket_name(3), b"not a hash")  # key 3's bucket
-        tier.put_many("t", u64(3, 4), [b"a", b"b"])  # sent; the error reply comes later
-        with pytest.raises(StoreError, match=r"WRONGTYPE") as raised:
-            tier.sync()
-        assert tier.address in str(raised.value)
-        assert tier.get_many("t", u64(4)) == [b"b"]  # the connection is still in step
-        tier.put_many("t", u64(3), [b"c"])
-        with pytest.raises(StoreError, match=r"WRONGTYPE"):
-            tier.get_many("t", u64(4))  # or at the next read
+        yield tier, admin
     finally:
-        tier.close()
         admin.close()
+        tier.close()
 
 
 @pytest.mark.integration
-def test_redis_writes_on_a_dropped_connection_are_resent(clean_redis: str) -> None:
-    tier = RedisTier(clean_redis, buckets=16)
-    admin = redis.Redis.from_url(clean_redis)
-    try:
-        tier.put_many("t", u64(1000), [b"y"])  # the layout is known from here on
-        assert tier.get_many("t", u64(1000)) == [b"y"]  # leaves an idle connection
-        admin.client_kill_filter(_type="normal", skipme=True)
-        keys = np.arange(100, dtype=np.uint64)
-        tier.put_many("t", keys, [b"x"] * 100)  # sent on the dead connection
-        tier.sync()  # no replies there: resent on a fresh one
-        assert tier.get_many("t", keys) == [b"x"] * 100
-        assert tier.count("t") == 101
-    finally:
-        tier.close()
-        admin.close()
+def test_redis_failed_write_raises_at_the_next_call(
+    tier_and_admin: tuple[RedisTier, redis.Redis],
+) -> None:
+    tier, admin = tier_and_admin
+    layout = tier.layout("t", create=True)
+    assert layout is not None
+    admin.set(layout.bucket_name(3), b"not a hash")  # key 3's bucket
+    tier.put_many("t", u64(3, 4), [b"a", b"b"])  # sent; the error reply comes later
+    with pytest.raises(StoreError, match=r"WRONGTYPE") as raised:
+        tier.sync()
+    assert tier.address in str(raised.value)
+    assert tier.get_many("t", u64(4)) == [b"b"]  # the connection is still in step
+    tier.put_many("t", u64(3), [b"c"])
+    with pytest.raises(StoreError, match=r"WRONGTYPE"):
+        tier.get_many("t", u64(4))  # or at the next read
+
+
+@pytest.mark.integration
+def test_redis_writes_on_a_dropped_connection_are_resent(
+    tier_and_admin: tuple[RedisTier, redis.Redis],
+) -> None:
+    tier, admin = tier_and_admin
+    tier.put_many("t", u64(1000), [b"y"])  # the layout is known from here on
+    assert tier.get_many("t", u64(1000)) == [b"y"]  # leaves an idle connection
+    admin.client_kill_filter(_type="normal", skipme=True)
+    keys = np.arange(100, dtype=np.uint64)
+    tier.put_many("t", keys, [b"x"] * 100)  # sent on the dead connection
+    tier.sync()  # no replies there: resent on a fresh one
+    assert tier.get_many("t", keys) == [b"x"] * 100
+    assert tier.count("t") == 101
 
 
 def test_rocksdb_secondary_of_missing_db_names_path(tmp_path: Path) -> None:
