@@ -11,12 +11,12 @@ Prints progress to stderr and one JSON object as the last line of stdout.
   A row's payload is what any key/value layout must hold for it: its 8-byte key and its
   packed row (``*_row_bytes``; ``*_redis_bytes_over_row`` leaves the key out).
   ``OBJECT ENCODING`` of every bucket hash is tallied (all should be ``listpack``).
-* Throughput: per batch, ``TieredStore.lookup(create=True)`` of every table's 4096 keys,
-  then ``update`` of each table's unique keys (``np.unique``) with ``N(0, 1) * 0.01``
-  gradients. 26 tables, Zipf(1.1) ids over a 10M universe (hashed with
-  ``feature_keys``), dim 16, row-wise AdaGrad, RocksDB cold tier. Keys per second count
-  the lookup keys as they appear in the batches, duplicates included, over the batches
-  after the warm-up; only the store calls are timed. The hot tier (memory: embedded, or
+* Throughput: per batch, one ``TieredStore.lookup_tables(create=True)`` of every table's
+  4096 keys (a training step's lookup), then ``update`` of each table's unique keys
+  (``np.unique``) with ``N(0, 1) * 0.01`` gradients. 26 tables, Zipf(1.1) ids over a
+  10M universe (hashed with ``feature_keys``), dim 16, row-wise AdaGrad, RocksDB cold
+  tier. Keys per second count the lookup keys as they appear in the batches, duplicates
+  included, over the batches after the warm-up; only the store calls are timed. The hot tier (memory: embedded, or
   Redis) holds 20% of the run's distinct rows, if ``TieredStore`` takes a capacity
   (``hot_capacity_rows`` is null otherwise); the ``*_unbounded_*`` figures repeat the
   run without one. The Redis tier gets the rows it is to hold as its ``expected_rows``.
@@ -223,8 +223,7 @@ def run_store(
                 for u in uniques
             ]
             started = time.perf_counter()
-            for name, keys in zip(names, batch, strict=True):
-                store.lookup(name, keys, create=True)
+            store.lookup_tables(dict(zip(names, batch, strict=True)), create=True)
             for name, u, g in zip(names, uniques, grads, strict=True):
                 store.update(name, u, g)
             took = time.perf_counter() - started

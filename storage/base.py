@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import is_not
@@ -171,6 +171,16 @@ class RowTier(ABC):
             rows[found] = codec.unpack(keys[found], [v for v in values if v is not None])
         return rows, found
 
+    def get_rows_ahead(
+        self, requests: Sequence[tuple[str, Keys, RowCodec]]
+    ) -> Generator[tuple[Rows, Mask], None, None]:
+        """``get_rows`` of each (table, keys, codec) in turn. A tier with round trips
+        (Redis) sends the next request's read before handing out this one's rows, so the
+        server works on it while the caller handles these; the caller must therefore not
+        write a table of a later request before taking its rows."""
+        for table, keys, codec in requests:
+            yield self.get_rows(table, keys, codec)
+
     def put_rows(self, table: str, keys: Keys, rows: Rows) -> None:
         """Store ``rows[i]`` (packed) under ``keys[i]``; ``keys`` are distinct."""
         self.put_many(table, keys, row_values(rows))
@@ -254,10 +264,16 @@ class EmbeddingStore(ABC):
         with ``create=False`` (serving) it reads as zeros and ``found`` is False.
         """
 
-    def lookup_tables(self, keys: Mapping[str, Keys]) -> dict[str, LookupResult]:
-        """Serving reads (``create=False``) of several tables at once; stores override
-        it to batch the tables' reads into fewer round trips."""
-        return {table: self.lookup(table, table_keys) for table, table_keys in keys.items()}
+    def lookup_tables(
+        self, keys: Mapping[str, Keys], *, create: bool = False
+    ) -> dict[str, LookupResult]:
+        """``lookup`` of several tables at once (a training step's, with ``create``, or
+        a serving read's); stores override it to batch the tables' reads into fewer
+        round trips."""
+        return {
+            table: self.lookup(table, table_keys, create=create)
+            for table, table_keys in keys.items()
+        }
 
     @abstractmethod
     def update(self, table: str, keys: Keys, grads: Floats) -> Floats:
@@ -270,6 +286,15 @@ class EmbeddingStore(ABC):
         order, and which were found; ``create`` as in ``lookup``. For a single writer
         that applies the sparse optimizer itself and hands the rows back with
         ``write_rows`` (the trainer cache)."""
+
+    def lookup_rows_tables(
+        self, keys: Mapping[str, Keys], *, create: bool = False
+    ) -> dict[str, tuple[Rows, Mask]]:
+        """``lookup_rows`` of several tables at once (see ``lookup_tables``)."""
+        return {
+            table: self.lookup_rows(table, table_keys, create=create)
+            for table, table_keys in keys.items()
+        }
 
     @abstractmethod
     def write_rows(self, table: str, keys: Keys, rows: Rows) -> None:

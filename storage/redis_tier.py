@@ -60,7 +60,9 @@ reads and checks them. So this client's reads always see its writes, other clien
 them once Redis has read them off the socket (at the latest after ``sync``), and a
 failed write raises ``StoreError``/``StoreUnavailable`` from the next call instead of
 its own. On 2 cores that lets client and server work at once: +30-43% keys/s on
-``bench/store.py``'s Redis run at 20% capacity (``BENCHMARKS.md``). ``commit`` wraps
+``bench/store.py``'s Redis run at 20% capacity (``BENCHMARKS.md``). For the same reason
+``get_rows_ahead`` (a training step's lookup of every table) sends each table's HMGETs
+before the caller gets the rows of the table before. ``commit`` wraps
 its commands in MULTI/EXEC, so it is atomic on a single Redis server. Cluster mode is
 not supported yet (the key layout is ready for it). The connection must speak RESP2
 (redis-py's default: no ``protocol=3`` in the URL).
@@ -73,7 +75,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -709,13 +711,15 @@ class RedisTier(RowTier):
         if layout is None:  # nobody ever wrote the table
             return [None] * len(keys), np.arange(len(keys))
         batch = _build(b"HMGET", layout, np.asarray(keys, dtype=np.uint64), None)
-        replies = self._roundtrip(self._chunks(batch))
+        return self._values(self._roundtrip(self._chunks(batch))), batch.positions
+
+    def _values(self, replies: list[Any]) -> list[bytes | None]:
+        """The values of HMGET ``replies``, in command order."""
         try:
-            flat: list[bytes | None] = list(chain.from_iterable(replies))
+            return list(chain.from_iterable(replies))
         except TypeError:  # an error reply is not a list
             self._raise_errors(replies)
             raise
-        return flat, batch.positions
 
     def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
         n = len(keys)
@@ -728,11 +732,18 @@ class RedisTier(RowTier):
 
     def get_rows(self, table: str, keys: Keys, codec: RowCodec) -> tuple[Rows, Mask]:
         """Rows straight from the replies in command order (no reordered value list)."""
+        if len(keys) == 0:
+            return codec.zeros(0), np.zeros(0, dtype=np.bool_)
+        flat, positions = self._fetch(table, keys)
+        return self._rows(keys, codec, flat, positions)
+
+    @staticmethod
+    def _rows(
+        keys: Keys, codec: RowCodec, flat: list[bytes | None], positions: npt.NDArray[np.intp]
+    ) -> tuple[Rows, Mask]:
+        """``get_rows``' result from the values ``flat`` of ``keys[positions]``."""
         n = len(keys)
         found = np.zeros(n, dtype=np.bool_)
-        if n == 0:
-            return codec.zeros(0), found
-        flat, positions = self._fetch(table, keys)
         hit = present_mask(flat)
         at = positions[hit]
         got = codec.unpack(keys[at], [v for v in flat if v is not None])
@@ -740,6 +751,62 @@ class RedisTier(RowTier):
         rows[at] = got
         found[at] = True
         return rows, found
+
+    def get_rows_ahead(
+        self, requests: Sequence[tuple[str, Keys, RowCodec]]
+    ) -> Generator[tuple[Rows, Mask], None, None]:
+        """``get_rows`` of each request in turn on one connection, the next request's
+        HMGETs sent before this one's rows are handed out: Redis reads them while the
+        caller works on these (a writer's lookup of many tables: on 2 cores client and
+        server then run at once). Writes in flight are acknowledged first, as for every
+        read. A connection that fails on the way leaves the rest to ``get_rows`` (which
+        retries once on a fresh one)."""
+        self.sync()
+        reader = hiredis.Reader(notEnoughData=_MORE)
+        replies: list[Any] = []  # of the requests sent and not yet handed out
+        sent: list[_Batch | None] = []
+        conn = self._checkout()
+        done = False
+        try:
+            for i, (table, keys, codec) in enumerate(requests):
+                if conn is not None:
+                    try:
+                        while len(sent) <= min(i + 1, len(requests) - 1):
+                            sent.append(self._send_read(conn._sock, *requests[len(sent)][:2]))
+                        batch = sent[i]
+                        if batch is not None:
+                            self._read(conn._sock, reader, replies, batch.commands)
+                    except _UNREACHABLE:
+                        conn.disconnect()
+                        self._checkin(conn)
+                        conn = None
+                if conn is None:  # the connection failed: the rest one at a time
+                    yield self.get_rows(table, keys, codec)
+                    continue
+                if batch is None:
+                    yield codec.zeros(len(keys)), np.zeros(len(keys), dtype=np.bool_)
+                    continue
+                mine = replies[: batch.commands]
+                del replies[: batch.commands]
+                yield self._rows(keys, codec, self._values(mine), batch.positions)
+            done = True
+        except (RedisError, hiredis.HiredisError) as e:
+            raise StoreError(f"Redis at {self.address}: {e}") from e
+        finally:
+            if conn is not None:
+                if not done:  # replies may be left unread
+                    conn.disconnect()
+                self._checkin(conn)
+
+    def _send_read(self, sock: Any, table: str, keys: Keys) -> _Batch | None:
+        """Send the HMGETs of ``keys`` (None: nothing to read, all absent)."""
+        layout = self.layout(table) if len(keys) else None
+        if layout is None:
+            return None
+        batch = _build(b"HMGET", layout, np.asarray(keys, dtype=np.uint64), None)
+        for data, _ in self._chunks(batch):
+            sock.sendall(data)
+        return batch
 
     def get_tables(self, keys: Mapping[str, Keys]) -> dict[str, list[bytes | None]]:
         """``get_many`` of several tables in one pipeline on one connection: an ``HGET``

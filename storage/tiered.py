@@ -165,6 +165,14 @@ def spill_table(table: str) -> str:
     return "\x00spill\x00" + table
 
 
+def _result(rows: Rows, found: Mask, inverse: npt.NDArray[np.intp]) -> LookupResult:
+    """The lookup result of keys whose distinct keys' rows are ``rows``."""
+    # The distinct rows' embeddings made contiguous first: take of whole rows from that
+    # is faster than gathering the strided field.
+    emb: Floats = np.take(np.ascontiguousarray(rows["emb"], dtype=np.float32), inverse, axis=0)
+    return LookupResult(rows=emb, found=found[inverse])
+
+
 def _past_ceiling(size: int, capacity: int, cfg: EvictionConfig) -> int:
     """How much a pass may evict beyond the per-step budget: none within the overshoot
     ceiling, else down to ``low_water`` of it."""
@@ -469,13 +477,19 @@ class TieredStore(EmbeddingStore):
         *,
         admit: Literal["never", "policy", "force"],
         counts: npt.NDArray[np.intp] | None = None,
+        hot: tuple[Rows, Mask] | None = None,
     ) -> _Loaded:
-        """Writer path, lock held: rows of distinct ``keys`` from hot, then cold
-        (promoted), then new rows for the missing keys ``admit`` lets in (``counts``:
-        sightings per key for the policy). Records the access in the index."""
+        """Writer path, lock held: rows of distinct ``keys`` from hot (read now, or
+        ``hot`` as already read), then cold (promoted), then new rows for the missing
+        keys ``admit`` lets in (``counts``: sightings per key for the policy). Records the
+        access in the index."""
         table = codec.table
         n = len(keys)
-        rows, found, missing = self._from_hot(codec, keys)
+        if hot is None:
+            rows, found, missing = self._from_hot(codec, keys)
+        else:
+            rows, found = hot
+            missing = np.flatnonzero(~found)
         hot_misses = len(missing)
         dirty_idx: list[npt.NDArray[np.intp]] = []
         to_hot: list[npt.NDArray[np.intp]] = []  # promoted and created: one write
@@ -717,29 +731,37 @@ class TieredStore(EmbeddingStore):
         created rows are ``found``, unadmitted keys are not."""
         start = time.perf_counter()
         codec = self._codec(table)
+        unique, inverse, counts = self._distinct(table, keys, create)
+        rows, found = self._rows(codec, unique, create, counts)
+        result = _result(rows, found, inverse)
+        metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
+        return result
+
+    def _distinct(
+        self, table: str, keys: Keys, create: bool
+    ) -> tuple[Keys, npt.NDArray[np.intp], npt.NDArray[np.intp] | None]:
+        """``keys``' distinct keys, the inverse, and (for admission by a policy) how often
+        each was seen."""
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
         unique, inverse = unique_inverse(keys)
         counts = None
         if create and not self._admit_all[table]:
             counts = np.bincount(inverse, minlength=len(unique))
-        rows, found = self._rows(codec, unique, create, counts)
-        # The distinct rows' embeddings made contiguous first: take of whole rows from
-        # that is faster than gathering the strided field.
-        emb: Floats = np.take(np.ascontiguousarray(rows["emb"], dtype=np.float32), inverse, axis=0)
-        result = LookupResult(rows=emb, found=found[inverse])
-        metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
-        return result
+        return unique, inverse, counts
 
     def lookup_rows(self, table: str, keys: Keys, *, create: bool = False) -> tuple[Rows, Mask]:
         """See ``EmbeddingStore.lookup_rows``: ``lookup`` of distinct keys, whole rows."""
         start = time.perf_counter()
         codec = self._codec(table)
+        rows, found = self._rows(codec, self._check_distinct(table, keys), create, None)
+        metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
+        return rows, found
+
+    def _check_distinct(self, table: str, keys: Keys) -> Keys:
         keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
         if not is_sorted_distinct(keys) and len(_unique(keys)) != len(keys):
             raise ValueError(f"table {table!r}: lookup_rows keys must be unique")
-        rows, found = self._rows(codec, keys, create, None)
-        metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
-        return rows, found
+        return keys
 
     def _rows(
         self,
@@ -751,19 +773,37 @@ class TieredStore(EmbeddingStore):
         """Rows of distinct ``keys``; ``counts``: sightings per key for admission."""
         if not create:
             return self._read(codec, keys)
+        return self._load_tables({codec.table: (keys, counts)})[codec.table]
+
+    def _load_tables(
+        self, wanted: Mapping[str, tuple[Keys, npt.NDArray[np.intp] | None]]
+    ) -> dict[str, tuple[Rows, Mask]]:
+        """Writer lookup (``create=True``) of the distinct keys of each table (with
+        sightings per key, for the admission policy), under one hold of the lock. The
+        hot tier reads each table while the one before is loaded (``get_rows_ahead``),
+        so the eviction pass waits for the last table: one in between could demote rows
+        of a later table that were already read."""
         self._check_writable("lookup(create=True)")
-        table = codec.table
+        loaded: dict[str, _Loaded] = {}
         with self._lock:
-            self._advance(table)
+            for table in wanted:
+                self._advance(table)
             self._drain_reads()
-            loaded = self._load(codec, keys, admit="policy", counts=counts)
-            epoch = self._index[table].epoch if self._index is not None else 0
-            self._touched[table] = _Touched(keys, loaded, self._step, epoch)
+            requests = [(table, keys, self._codecs[table]) for table, (keys, _) in wanted.items()]
+            with contextlib.closing(self.hot.get_rows_ahead(requests)) as from_hot:
+                for (table, (keys, counts)), hot in zip(wanted.items(), from_hot, strict=True):
+                    got = self._load(
+                        self._codecs[table], keys, admit="policy", counts=counts, hot=hot
+                    )
+                    epoch = self._index[table].epoch if self._index is not None else 0
+                    self._touched[table] = _Touched(keys, got, self._step, epoch)
+                    loaded[table] = got
             self._maybe_evict()
-        self._record(
-            len(keys), loaded.hot_misses, loaded.cold_hits, loaded.hot_misses - loaded.cold_hits
-        )
-        return loaded.rows, loaded.found
+        for table, got in loaded.items():
+            self._record(
+                len(wanted[table][0]), got.hot_misses, got.cold_hits, got.hot_misses - got.cold_hits
+            )
+        return {table: (got.rows, got.found) for table, got in loaded.items()}
 
     def write_rows(self, table: str, keys: Keys, rows: Rows) -> None:
         """See ``EmbeddingStore.write_rows``: the rows go to hot, dirty (the next flush
@@ -803,13 +843,19 @@ class TieredStore(EmbeddingStore):
     def now(self) -> int:
         return self._now()
 
-    def lookup_tables(self, keys: Mapping[str, Keys]) -> dict[str, LookupResult]:
-        """A read-only store (a serving process) reads every table's keys with one hot-tier
-        read and one cold-tier read for all the hot misses; a writer reads table by table
-        (``lookup``: its hot misses take the lock and promote)."""
+    def lookup_tables(
+        self, keys: Mapping[str, Keys], *, create: bool = False
+    ) -> dict[str, LookupResult]:
+        """A writer's training lookup (``create``) loads the tables under one hold of
+        the lock, reading each from hot while the one before is loaded. A read-only
+        store (a serving process) reads every table's keys with one hot-tier read and
+        one cold-tier read for all the hot misses; a writer's plain reads go table by
+        table (``lookup``: its hot misses take the lock and promote)."""
+        start = time.perf_counter()
+        if create:
+            return self._lookup_created(keys, start)
         if not self.read_only:
             return super().lookup_tables(keys)
-        start = time.perf_counter()
         wanted: dict[str, tuple[Keys, npt.NDArray[np.intp] | None]] = {}
         layouts: dict[np.dtype[np.void], list[str]] = {}
         for table, table_keys in keys.items():
@@ -822,6 +868,17 @@ class TieredStore(EmbeddingStore):
             out.update(self._read_tables(tables, wanted, hot))
         metrics.LOOKUP_TABLES_SECONDS.observe(time.perf_counter() - start)
         return {table: out[table] for table in keys}
+
+    def _lookup_created(self, keys: Mapping[str, Keys], start: float) -> dict[str, LookupResult]:
+        wanted, inverses = {}, {}
+        for table, table_keys in keys.items():
+            self._codec(table)  # unknown table: KeyError before any read
+            unique, inverses[table], counts = self._distinct(table, table_keys, True)
+            wanted[table] = (unique, counts)
+        loaded = self._load_tables(wanted)
+        out = {table: _result(*loaded[table], inverses[table]) for table in keys}
+        metrics.LOOKUP_TABLES_SECONDS.observe(time.perf_counter() - start)
+        return out
 
     def _read_tables(
         self,
@@ -857,6 +914,22 @@ class TieredStore(EmbeddingStore):
             if inverse is not None:
                 table_emb, table_found = table_emb[inverse], table_found[inverse]
             out[table] = LookupResult(table_emb, table_found)
+        return out
+
+    def lookup_rows_tables(
+        self, keys: Mapping[str, Keys], *, create: bool = False
+    ) -> dict[str, tuple[Rows, Mask]]:
+        """With ``create``: as ``lookup_tables`` (one hold of the lock, each table read
+        while the one before loads)."""
+        if not create:
+            return super().lookup_rows_tables(keys)
+        start = time.perf_counter()
+        wanted = {}
+        for table, table_keys in keys.items():
+            self._codec(table)  # unknown table: KeyError before any read
+            wanted[table] = (self._check_distinct(table, table_keys), None)
+        out = self._load_tables(wanted)
+        metrics.LOOKUP_TABLES_SECONDS.observe(time.perf_counter() - start)
         return out
 
     def prefetch(self, table: str, keys: Keys) -> None:

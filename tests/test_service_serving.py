@@ -386,7 +386,7 @@ def test_reads_queued_while_the_reader_is_busy_coalesce_into_one_store_read() ->
         reading.set()
         return lookup_tables(keys)
 
-    store.lookup_tables = counted  # type: ignore[method-assign]
+    store.lookup_tables = counted  # type: ignore[method-assign,assignment]
     reader = EmbeddingReader(store, budget_s=5.0, threads=1)
 
     async def scenario() -> list[dict[str, LookupResult]]:

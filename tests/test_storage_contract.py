@@ -266,6 +266,33 @@ def test_get_tables_reads_like_get_many(tier: RowTier) -> None:
     assert tier.get_tables({}) == {}
 
 
+def test_get_rows_ahead_reads_like_get_rows(tier: RowTier) -> None:
+    """Each request's rows as ``get_rows`` gives them, also when the caller writes a
+    table between two of them (Redis: sent on another connection, after the read)."""
+    rng = np.random.default_rng(2)
+    codec = RowCodec(TableConfig(name="r", dim=4))
+    stored = {name: np.unique(keys_of(rng, 50)) for name in ("a", "bb", "c")}
+    for name, keys in stored.items():
+        tier.put_rows(name, keys, codec.new_rows(keys, 1))
+    requests = [
+        (name, rng.permutation(np.concatenate([keys[::3], keys_of(rng, 5)])), codec)
+        for name, keys in stored.items()
+    ]
+    requests.insert(1, ("empty", u64(), codec))
+    requests.append(("never", keys_of(rng, 4), codec))
+    expected = [tier.get_rows(name, keys, codec) for name, keys, _ in requests]
+    got = []
+    for i, read in enumerate(tier.get_rows_ahead(requests)):
+        got.append(read)
+        name, keys, _ = requests[i]
+        if name != "never":
+            tier.put_rows(name, keys, codec.new_rows(keys, 2))  # after its read
+    for (rows, found), (want_rows, want_found) in zip(got, expected, strict=True):
+        assert rows.tobytes() == want_rows.tobytes()
+        assert np.array_equal(found, want_found)
+    assert list(tier.get_rows_ahead([])) == []
+
+
 def test_commit_writes_rows_and_blobs(tier: RowTier) -> None:
     tier.commit({"a": (u64(1, 2), [b"a1", b"a2"]), "b": (u64(1), [b"b1"])}, {"pos": b"7"})
     assert tier.get_many("a", u64(1, 2)) == [b"a1", b"a2"]
@@ -397,6 +424,30 @@ def test_redis_writes_on_a_dropped_connection_are_resent(
     tier.sync()  # no replies there: resent on a fresh one
     assert tier.get_many("t", keys) == [b"x"] * 100
     assert tier.count("t") == 101
+
+
+@pytest.mark.integration
+def test_redis_read_ahead_on_a_dropped_connection_reads_the_rest_afresh(
+    tier_and_admin: tuple[RedisTier, redis.Redis],
+) -> None:
+    tier, admin = tier_and_admin
+    codec = RowCodec(TableConfig(name="r", dim=4))
+    keys = np.arange(1, 201, dtype=np.uint64)
+    for name in ("a", "b", "c"):
+        tier.put_rows(name, keys, codec.new_rows(keys, 1))
+    tier.sync()
+    ahead = tier.get_rows_ahead([(name, keys, codec) for name in ("a", "b", "c")])
+    rows, found = next(ahead)  # "b" was sent before this came back
+    assert found.all()
+    admin.client_kill_filter(_type="normal", skipme=True)
+    # "b"'s replies were already on their way; "c" is read again with get_rows.
+    for rows, found in ahead:
+        assert found.all()
+        assert rows.tobytes() == codec.new_rows(keys, 1).tobytes()
+    broken = tier.get_rows_ahead([("a", keys, codec), ("b", keys, codec)])
+    next(broken)
+    broken.close()  # abandoned with a reply unread: that connection is not reused
+    assert tier.get_rows("c", keys, codec)[1].all()
 
 
 def test_rocksdb_secondary_of_missing_db_names_path(tmp_path: Path) -> None:

@@ -238,10 +238,11 @@ Factory = Callable[..., TieredStore]
 
 @pytest.fixture(params=STORE_KINDS)
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
-    """``make_store(tables, cold=True, hot_name="main", **store_kwargs)``: a TieredStore
-    over a hot tier of the parametrised kind (same ``hot_name``: the same hot rows) and
-    RocksDB under ``tmp_path``, with spill in mapped scratch files as ``build_store`` wires
-    it (``spill=None`` keeps it in the cold tier); ``clock`` defaults to a fixed ``Clock``."""
+    """``make_store(tables, cold=True, hot_name="main", cold_name="db", **store_kwargs)``: a
+    TieredStore over a hot tier of the parametrised kind (same ``hot_name``: the same hot
+    rows) and RocksDB at ``tmp_path / cold_name``, with spill in mapped scratch files as
+    ``build_store`` wires it (``spill=None`` keeps it in the cold tier); ``clock``
+    defaults to a fixed ``Clock``."""
     redis_url = request.getfixturevalue("clean_redis") if request.param == "redis" else None
     memory_hots: dict[str, MemoryTier] = {}
     opened: list[TieredStore] = []
@@ -251,6 +252,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Facto
         *,
         cold: bool = True,
         hot_name: str = "main",
+        cold_name: str = "db",
         **kwargs: Any,
     ) -> TieredStore:
         hot: RowTier
@@ -258,9 +260,9 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Facto
             hot = RedisTier(redis_url, prefix=f"pol-{hot_name}", buckets=16)
         else:
             hot = memory_hots.setdefault(hot_name, MemoryTier())
-        cold_tier = RocksDBTier(tmp_path / "db") if cold else None
+        cold_tier = RocksDBTier(tmp_path / cold_name) if cold else None
         if cold_tier is not None and "spill" not in kwargs:
-            kwargs["spill"] = MemoryTier.scratch(tmp_path / "spill")
+            kwargs["spill"] = MemoryTier.scratch(tmp_path / f"{cold_name}-spill")
         kwargs.setdefault("clock", Clock())
         store = TieredStore(tables, hot, cold_tier, **kwargs)
         opened.append(store)
@@ -411,6 +413,44 @@ def test_demoted_then_promoted_row_is_bit_identical(
         assert packed(store.cold, name, keys) == before[name]
         assert packed(store.spill, spill_table(name), keys) == [None] * len(keys)
     assert store.stats()["spill_rows.t4"] == 0
+
+
+def test_training_lookup_of_many_tables_matches_table_by_table(make_store: Factory) -> None:
+    """``lookup_tables(create=True)`` reads each table from hot while the one before is
+    loaded and runs one eviction pass after the last: through evictions and promotions in
+    every step it returns, trains and stores exactly what a lookup per table does."""
+    tables = [T4, T8, TableConfig(name="t2", dim=2, optimizer="sgd")]
+    together = make_store(tables, eviction=lru(120), hot_name="a", cold_name="a")
+    apart = make_store(tables, eviction=lru(120), hot_name="b", cold_name="b")
+    rng = np.random.default_rng(11)
+    weights = 1.0 / np.arange(1, 1001) ** 1.1
+    weights /= weights.sum()
+    for step in range(25):
+        batch = {t.name: ids(0, 1000)[rng.choice(1000, 64, p=weights)] for t in tables}
+        batch["t2"] = u64() if step == 3 else batch["t2"]  # a table with nothing to read
+        got = together.lookup_tables(batch, create=True)
+        assert list(got) == list(batch)
+        for t in tables:
+            expected = apart.lookup(t.name, batch[t.name], create=True)
+            assert got[t.name].rows.tobytes() == expected.rows.tobytes()
+            assert np.array_equal(got[t.name].found, expected.found)
+            u = np.unique(batch[t.name])
+            grads = rng.standard_normal((len(u), t.dim)).astype(np.float32)
+            assert (
+                together.update(t.name, u, grads).tobytes()
+                == apart.update(t.name, u, grads).tobytes()
+            )
+    stats = together.stats()
+    assert stats["demotions"] > 100 and stats["promotions"] > 20
+    assert sum(stats[f"hot_rows.{t.name}"] for t in tables) <= 120 + 3 * 64
+    together.flush({"p": 1})
+    apart.flush({"p": 1})
+    for t in tables:
+        keys = ids(0, 1000)
+        assert packed(together.cold, t.name, keys) == packed(apart.cold, t.name, keys)
+        assert together.lookup(t.name, keys).rows.tobytes() == (
+            apart.lookup(t.name, keys).rows.tobytes()
+        )
 
 
 def test_training_on_a_demoted_row_continues_from_its_state(make_store: Factory) -> None:

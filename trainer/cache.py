@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -191,6 +192,17 @@ class _Table:
         return self.index.live
 
 
+class _Plan(NamedTuple):
+    """A table's part of a cached lookup: distinct keys, the inverse (None: the keys
+    were distinct), cache slots (-1: uncached), which the cache serves, which it reads."""
+
+    keys: Keys
+    inverse: npt.NDArray[np.intp] | None
+    slots: npt.NDArray[np.int64]
+    usable: Mask
+    need: npt.NDArray[np.intp]
+
+
 class CachedStore(EmbeddingStore):
     """``store`` behind a bounded-staleness cache (see the module docstring);
     ``shared``: other trainers write the same store."""
@@ -270,54 +282,77 @@ class CachedStore(EmbeddingStore):
         return self.store.tables()
 
     def lookup(self, table: str, keys: Keys, *, create: bool = False) -> LookupResult:
-        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
-        t = self._tables[table]
-        DEMAND_READ.inc(len(keys))
+        return self.lookup_tables({table: keys}, create=create)[table]
+
+    def lookup_tables(
+        self, keys: Mapping[str, Keys], *, create: bool = False
+    ) -> dict[str, LookupResult]:
+        """A training step's lookups: the rows no table's cache can serve are read from
+        the store in one ``lookup_rows_tables`` (its reads overlap), and the step's rows
+        all count as used now, so making room never drops one before its update."""
+        keys = {table: np.asarray(k, dtype=np.uint64).reshape(-1) for table, k in keys.items()}
+        total = sum(len(k) for k in keys.values())
+        DEMAND_READ.inc(total)
         if self.config.synchronous or not create:
-            result = self.store.lookup(table, keys, create=create)
-            self._count_io(t, read=len(keys))
-            MISSES.inc(len(keys))
-            return result
-        keys, inverse = distinct(keys)
+            out = self.store.lookup_tables(keys, create=create)
+            for table, k in keys.items():
+                self._count_io(self._tables[table], read=len(k))
+            MISSES.inc(total)
+            return out
         with self._lock:
             self._step += 1
-            slots = t.slots_of(keys)
-            cached = slots >= 0
-            if self.shared:
-                usable = np.zeros(len(keys), dtype=np.bool_)
-                usable[cached] = t.age[slots[cached]] < self.config.read_staleness
-                self._sync(table, t, slots[cached & ~usable])  # the read then includes them
-            else:
-                usable = cached  # the only writer: a cached row is never behind
-            need = np.flatnonzero(~usable)
-            if len(need):
-                rows, found = self.store.lookup_rows(table, keys[need], create=True)
-                self._count_io(t, read=len(need))
-                got = need[found]
-                have = slots[got] >= 0
-                slots[got[~have]] = t.allocate(keys[got[~have]])
-                fill = slots[got]
-                t.rows[fill] = rows[found]
-                t.age[fill] = 0
-                # Unfound keys (not admitted) stay uncached: zeros, counted by the store.
-                gone = need[~found]
-                stale = slots[gone]
-                if (stale >= 0).any():
-                    t.drop(stale[stale >= 0])
-                slots[gone] = -1
-            served = np.flatnonzero(usable)
-            if len(served):
-                _observe_many(STALENESS, t.age[slots[served]])
-                t.age[slots[served]] += 1
-            HITS.inc(len(served))
-            MISSES.inc(len(need))
-            present = slots >= 0
-            emb = np.zeros((len(keys), t.dim), dtype=np.float32)
-            emb[present] = t.rows["emb"][slots[present]]
-            t.used[slots[present]] = self._step
+            plans = {table: self._plan(table, k) for table, k in keys.items()}
+            wanted = {table: p.keys[p.need] for table, p in plans.items() if len(p.need)}
+            read = self.store.lookup_rows_tables(wanted, create=True) if wanted else {}
+            out = {table: self._serve(table, p, read.get(table)) for table, p in plans.items()}
             self._make_room(0)
-        if inverse is not None:
-            emb, present = emb[inverse], present[inverse]
+        return out
+
+    def _plan(self, table: str, keys: Keys) -> _Plan:
+        """Lock held: which of ``keys``' distinct keys the cache can serve."""
+        t = self._tables[table]
+        keys, inverse = distinct(keys)
+        slots = t.slots_of(keys)
+        cached = slots >= 0
+        if self.shared:
+            usable = np.zeros(len(keys), dtype=np.bool_)
+            usable[cached] = t.age[slots[cached]] < self.config.read_staleness
+            self._sync(table, t, slots[cached & ~usable])  # the read then includes them
+        else:
+            usable = cached  # the only writer: a cached row is never behind
+        return _Plan(keys, inverse, slots, usable, np.flatnonzero(~usable))
+
+    def _serve(self, table: str, plan: _Plan, read: tuple[Rows, Mask] | None) -> LookupResult:
+        """Lock held: ``plan``'s result, the rows ``read`` from the store cached."""
+        t = self._tables[table]
+        slots, need = plan.slots, plan.need
+        if read is not None:
+            rows, found = read
+            self._count_io(t, read=len(need))
+            got = need[found]
+            have = slots[got] >= 0
+            slots[got[~have]] = t.allocate(plan.keys[got[~have]])
+            fill = slots[got]
+            t.rows[fill] = rows[found]
+            t.age[fill] = 0
+            # Unfound keys (not admitted) stay uncached: zeros, counted by the store.
+            gone = need[~found]
+            stale = slots[gone]
+            if (stale >= 0).any():
+                t.drop(stale[stale >= 0])
+            slots[gone] = -1
+        served = np.flatnonzero(plan.usable)
+        if len(served):
+            _observe_many(STALENESS, t.age[slots[served]])
+            t.age[slots[served]] += 1
+        HITS.inc(len(served))
+        MISSES.inc(len(need))
+        present = slots >= 0
+        emb = np.zeros((len(plan.keys), t.dim), dtype=np.float32)
+        emb[present] = t.rows["emb"][slots[present]]
+        t.used[slots[present]] = self._step
+        if plan.inverse is not None:
+            emb, present = emb[plan.inverse], present[plan.inverse]
         return LookupResult(rows=emb, found=present)
 
     def update(self, table: str, keys: Keys, grads: Floats) -> Floats:

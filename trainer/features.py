@@ -122,7 +122,5 @@ def gather(
     gradients; in serving unknown ids read as zero vectors.
     """
     distinct = distinct_keys(batch, spec)
-    found = {
-        table: store.lookup(table, keys, create=train) for table, keys in distinct.keys.items()
-    }
+    found = store.lookup_tables(distinct.keys, create=train)
     return pool(batch, spec, distinct, found, train=train)
