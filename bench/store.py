@@ -16,10 +16,11 @@ Prints progress to stderr and one JSON object as the last line of stdout.
   (``np.unique``) with ``N(0, 1) * 0.01`` gradients. 26 tables, Zipf(1.1) ids over a
   10M universe (hashed with ``feature_keys``), dim 16, row-wise AdaGrad, RocksDB cold
   tier. Keys per second count the lookup keys as they appear in the batches, duplicates
-  included, over the batches after the warm-up; only the store calls are timed. The hot tier (memory: embedded, or
-  Redis) holds 20% of the run's distinct rows, if ``TieredStore`` takes a capacity
-  (``hot_capacity_rows`` is null otherwise); the ``*_unbounded_*`` figures repeat the
-  run without one. The Redis tier gets the rows it is to hold as its ``expected_rows``.
+  included, over the batches after the warm-up; only the store calls are timed. The
+  hot tier (memory: embedded, or Redis) holds 20% of the run's distinct rows, if
+  ``TieredStore`` takes a capacity (``hot_capacity_rows`` is null otherwise); the
+  ``*_unbounded_*`` figures repeat the run without one. The Redis tier gets the rows it
+  is to hold as its ``expected_rows``.
 
 Without ``--redis-url`` it starts a private ``redis-server`` on a free loopback port
 (no persistence, ``hash-max-listpack-entries 512``, ``hash-max-listpack-value 1024``:
