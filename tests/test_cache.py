@@ -163,6 +163,47 @@ def test_capacity_drops_rows_but_never_their_updates(shared: bool) -> None:
     assert np.allclose(plain.lookup("s", everything).rows, inner.lookup("s", everything).rows)
 
 
+def test_a_step_over_many_tables_keeps_every_row_until_its_update() -> None:
+    """``lookup_tables``: one store read for the misses of every table, and making room
+    never drops a row of the step (all its tables count as used now), so every update of
+    the step finds its rows cached (none goes to the store's ``update``); the rows
+    trained on match the plain store's."""
+    tables = [T, TableConfig(name="u", dim=4, optimizer="rowwise_adagrad")]
+    plain, inner = store_of(*tables), store_of(*tables)
+    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4, capacity_rows=30))
+    reads: list[list[str]] = []
+    lookup_rows_tables, update = inner.lookup_rows_tables, inner.update
+    direct: list[str] = []
+
+    def counted_reads(keys: dict[str, Keys], *, create: bool = False) -> object:
+        reads.append(sorted(keys))
+        return lookup_rows_tables(keys, create=create)
+
+    def counted_updates(table: str, keys: Keys, grads: np.ndarray) -> np.ndarray:
+        direct.append(table)
+        return update(table, keys, grads)
+
+    inner.lookup_rows_tables = counted_reads  # type: ignore[method-assign,assignment]
+    inner.update = counted_updates  # type: ignore[method-assign]
+    rng = np.random.default_rng(4)
+    for i in range(20):
+        batch = {t.name: np.unique(rng.integers(0, 60, 20).astype(np.uint64)) for t in tables}
+        before = len(reads)
+        got = cached.lookup_tables(batch, create=True)
+        want = plain.lookup_tables(batch, create=True)
+        assert len(reads) - before <= 1
+        if i == 0:
+            assert reads == [["t", "u"]]
+        assert cached.cached_rows() >= len(batch["t"]) + len(batch["u"]) > 30
+        for name, keys in batch.items():
+            assert got[name].rows.tobytes() == want[name].rows.tobytes()
+            grads = rng.standard_normal((len(keys), 4)).astype(np.float32)
+            assert cached.update(name, keys, grads).tobytes() == (
+                plain.update(name, keys, grads).tobytes()
+            )
+    assert direct == []
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_prefetch_fills_the_cache_and_cuts_store_reads(shared: bool) -> None:
     inner = store_of(T)

@@ -36,9 +36,11 @@ store. Rows the store did not find (ids not admitted yet) are never served from 
 cache: every lookup of them reaches the store, so admission sees every sighting;
 gradients with NaN/inf go to the store too, which rejects and counts them. The cache
 holds at most ``capacity_rows`` rows; beyond that the least recently used go (their
-pending updates written first). ``prefetch`` (the trainer's lookahead) reads uncached
-rows into the cache ahead of their lookup, creating them in tables that admit every id
-(as the lookup would); at s = 0 it only passes the hint on to the store.
+pending updates written first), never rows of the current training step (a step larger
+than the capacity overshoots it until the next). ``prefetch`` (the trainer's
+lookahead) reads uncached rows into the cache ahead of their lookup, creating them in
+tables that admit every id (as the lookup would); at s = 0 it only passes the hint on
+to the store.
 """
 
 from __future__ import annotations
