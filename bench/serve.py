@@ -18,7 +18,9 @@ Prints progress to stderr and one JSON object as the last line of stdout.
    scheduled send time, so a stalled server is not hidden by the client waiting (no
    coordinated omission); requests still unanswered ``duration`` after the last one
    was due count with their wait so far (``fixed_unanswered``). ``rps``/``noop_rps``:
-   closed loop with ``--connections`` requests in flight.
+   closed loop with ``--connections`` requests in flight. ``gc_full_passes`` /
+   ``gc_full_passes_over_50ms``: the real server's full garbage collections over its
+   whole run (``streamrec_service_gc_pause_seconds``), and those that took over 50 ms.
 
 Without ``--redis-url`` it starts a private ``redis-server`` (see ``bench/store.py``).
 """
@@ -407,6 +409,11 @@ batch_size = 1024
                     extra["defaulted_keys"] = scrape(
                         port, "streamrec_service_lookup_defaulted_total"
                     )
+                    full = 'streamrec_service_gc_pause_seconds_{}{{generation="2"{}}}'
+                    extra["gc_full_passes"] = scrape(port, full.format("count", ""))
+                    extra["gc_full_passes_over_50ms"] = extra["gc_full_passes"] - scrape(
+                        port, full.format("bucket", ',le="0.05"')
+                    )
                 results[kind] = {"fixed": fixed, "saturate": sat, **extra}
 
     real, noop = results["real"], results["noop"]
@@ -426,6 +433,8 @@ batch_size = 1024
         "fixed_unanswered": real["fixed"]["unanswered"],
         "near_cache_hit_ratio": round(real["near_cache_hit_ratio"], 3),
         "defaulted_keys": real["defaulted_keys"],
+        "gc_full_passes": real["gc_full_passes"],
+        "gc_full_passes_over_50ms": real["gc_full_passes_over_50ms"],
         "instances": INSTANCES,
         "sparse_fields": 26,
         "connections": args.connections,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
 from service.batching import PredictBatcher
+from service.collector import CollectorWatch
 from service.embeddings import EmbeddingReader
 from service.freshness import FreshnessTracker
 from service.schemas import (
@@ -123,6 +124,12 @@ class ServiceConfig(BaseModel):
     )
     freshness_timeout_s: float = Field(
         60.0, gt=0, description="How long a posted event's rows are watched for a change."
+    )
+    gc_freeze: bool = Field(
+        True,
+        description="Freeze the objects alive after startup out of Python's garbage "
+        "collector (gc.freeze), so a full collection walks only later ones: ~3 ms instead "
+        "of ~110 ms, during which no request moves.",
     )
 
 
@@ -293,6 +300,7 @@ def create_app(
     )
     tracker = FreshnessTracker(reader, timeout_s=config.freshness_timeout_s)
     batcher = PredictBatcher(reader, max_instances=config.max_batch_instances)
+    collector = CollectorWatch(freeze=config.gc_freeze)
 
     def refresh_quietly() -> None:
         try:
@@ -324,10 +332,12 @@ def create_app(
 
         await asyncio.to_thread(reader.start)
         await asyncio.to_thread(refresh_quietly)  # serve the latest version from the start
+        collector.start()  # after startup: what is alive now stays, so it is frozen
         tasks = [asyncio.create_task(refresher()), asyncio.create_task(freshness())]
         yield
         for task in tasks:
             task.cancel()
+        collector.stop()
         reader.close()
 
     app = FastAPI(

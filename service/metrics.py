@@ -81,3 +81,12 @@ FRESHNESS_UNOBSERVED = Counter(
     "Rows of posted events whose change was never seen within the watch timeout "
     "(e.g. an id the admission policy has not admitted yet).",
 )
+GC_PAUSE = Histogram(
+    "streamrec_service_gc_pause_seconds",
+    "Passes of Python's garbage collector in the service, by generation: a pass stalls "
+    "every request in flight.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+)
+for _generation in ("0", "1", "2"):
+    GC_PAUSE.labels(generation=_generation)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 
@@ -105,6 +106,29 @@ def test_health_ready_metrics(client: TestClient) -> None:
     assert client.get("/readyz").status_code == 200
     metrics = client.get("/metrics").text
     assert "streamrec_service_predict_requests_total" in metrics
+
+
+def test_startup_objects_are_frozen_out_of_the_collector_and_passes_timed() -> None:
+    """While an app runs, what was alive at its startup is frozen (``gc_freeze``) and every
+    collector pass lands in ``streamrec_service_gc_pause_seconds``, once however many
+    apps run; the last app to stop unfreezes."""
+    full = 'streamrec_service_gc_pause_seconds_count{generation="2"}'
+
+    def full_passes(client: TestClient) -> float:
+        line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith(full))
+        return float(line.rsplit(" ", 1)[1])
+
+    store = TieredStore(table_configs(SOURCE.spec, Settings()), MemoryTier())
+    with TestClient(create_app(store)) as running:
+        assert gc.get_freeze_count() > 1000
+        before = full_passes(running)
+        gc.collect()
+        assert full_passes(running) == before + 1
+    unfrozen = ServiceConfig(gc_freeze=False)
+    with TestClient(create_app(store, unfrozen)) as running:
+        before = full_passes(running)
+        gc.collect()
+        assert full_passes(running) == before + 1
 
 
 def test_not_ready_before_the_first_version() -> None:
