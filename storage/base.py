@@ -310,6 +310,12 @@ class EmbeddingStore(ABC):
         """A hint that ``keys`` are about to be looked up: stores with slow tiers move
         their rows closer. Changes no row and counts no sighting."""
 
+    def prefetch_tables(self, keys: Mapping[str, Keys]) -> None:
+        """``prefetch`` of several tables (a batch's lookahead); stores override it to
+        read the tables together."""
+        for table, table_keys in keys.items():
+            self.prefetch(table, table_keys)
+
     @abstractmethod
     def admit(self, table: str, keys: Keys) -> None:
         """Give ``keys`` rows now, whatever the admission policy says."""

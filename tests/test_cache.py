@@ -218,6 +218,32 @@ def test_prefetch_fills_the_cache_and_cuts_store_reads(shared: bool) -> None:
     assert result.rows.tobytes() == inner.lookup("t", keys).rows.tobytes()
 
 
+def test_prefetch_of_a_batch_reads_the_open_tables_together_and_creates_no_gated_rows() -> None:
+    gated = TableConfig(
+        name="g",
+        dim=4,
+        admission=AdmissionConfig(policy="count_min", threshold=3, sketch_width=1 << 10),
+    )
+    inner = store_of(T, SGD, gated)
+    cached = CachedStore(inner, CacheConfig(read_staleness=4, write_staleness=4))
+    calls: list[tuple[list[str], bool]] = []
+    lookup_rows_tables = inner.lookup_rows_tables
+
+    def counted(keys: dict[str, Keys], *, create: bool = False) -> object:
+        calls.append((sorted(keys), create))
+        return lookup_rows_tables(keys, create=create)
+
+    inner.lookup_rows_tables = counted  # type: ignore[method-assign,assignment]
+    keys = ids(*range(50))
+    cached.prefetch_tables({"t": keys, "s": keys, "g": keys})
+    assert calls == [(["s", "t"], True), (["g"], False)]
+    assert cached.cached_rows() == 100  # the open tables' new rows; no gated row exists
+    assert inner.stats()["hot_rows.g"] == 0
+    before = metric("streamrec_trainer_cache_lookups_total", result="hit")
+    assert cached.lookup_tables({"t": keys, "s": keys}, create=True)["t"].found.all()
+    assert metric("streamrec_trainer_cache_lookups_total", result="hit") - before == 100
+
+
 @pytest.mark.parametrize(("s", "shared"), [(0, False), (8, False), (8, True)])
 def test_traffic_counters(s: int, shared: bool) -> None:
     inner = store_of(T)

@@ -4,6 +4,7 @@ import gc
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
 
@@ -354,15 +355,17 @@ def test_a_revoke_records_dead_letters_read_before_the_first_dropped_event(
 
 
 class _BlockingPrefetch:
-    """A store whose prefetch blocks until released (the lookahead sees only prefetch)."""
+    """A store whose prefetch blocks until released (the lookahead sees only
+    ``prefetch_tables``)."""
 
     def __init__(self) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
         self.fetched: set[int] = set()
 
-    def prefetch(self, table: str, keys: np.ndarray) -> None:
-        self.fetched.update(keys.tolist())
+    def prefetch_tables(self, keys: Mapping[str, np.ndarray]) -> None:
+        for table_keys in keys.values():
+            self.fetched.update(table_keys.tolist())
         self.started.set()
         assert self.release.wait(10)
 

@@ -406,35 +406,45 @@ class CachedStore(EmbeddingStore):
         return out
 
     def prefetch(self, table: str, keys: Keys) -> None:
-        """Read rows that the next lookup could not serve into the cache; the store gets
-        the hint too (it promotes cold rows)."""
-        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        self.prefetch_tables({table: keys})
+
+    def prefetch_tables(self, keys: Mapping[str, Keys]) -> None:
+        """Read rows that the next lookup could not serve into the cache, the tables that
+        admit every id in one store read (it creates their rows, as that lookup would:
+        an id's sighting counts at its training lookup, so gated tables are read as they
+        are); the store gets the hint too (it promotes cold rows)."""
+        keys = {table: np.asarray(k, dtype=np.uint64).reshape(-1) for table, k in keys.items()}
         if self.config.synchronous:
-            self.store.prefetch(table, keys)
+            self.store.prefetch_tables(keys)
             return
-        t = self._tables[table]
-        keys, _ = distinct(keys)
+        wanted: dict[str, Keys] = {}
+        changes: dict[str, int] = {}
         with self._lock:
-            slots = t.slots_of(keys)
-            keys = keys[slots < 0]  # cached rows are refreshed by their lookup if due
-            changes = t.changes
-        if len(keys) == 0:
-            return
-        # An id's sighting counts at its training lookup: only tables that admit every id
-        # get rows here (as that lookup would give them); gated ones are read as they are.
-        rows, found = self.store.lookup_rows(table, keys, create=self._admit_all[table])
-        self._count_io(t, read=len(keys))
+            for table, table_keys in keys.items():
+                t = self._tables[table]
+                table_keys, _ = distinct(table_keys)
+                # Cached rows are refreshed by their lookup if due.
+                table_keys = table_keys[t.slots_of(table_keys) < 0]
+                if len(table_keys):
+                    wanted[table], changes[table] = table_keys, t.changes
+        open_tables = {table: k for table, k in wanted.items() if self._admit_all[table]}
+        gated = {table: k for table, k in wanted.items() if table not in open_tables}
+        read = self.store.lookup_rows_tables(open_tables, create=True) if open_tables else {}
+        read.update(self.store.lookup_rows_tables(gated) if gated else {})
         with self._lock:
-            if t.changes != changes:
-                return  # a write or drop may have changed rows we read: the lookup reads them
-            fresh = keys[found]
-            fresh_rows = rows[found]
-            absent = t.slots_of(fresh) < 0
-            if absent.any():
-                self._make_room(int(absent.sum()))
-                slots = t.allocate(fresh[absent])
-                t.rows[slots] = fresh_rows[absent]
-                t.used[slots] = self._step
+            for table, (rows, found) in read.items():
+                t = self._tables[table]
+                self._count_io(t, read=len(wanted[table]))
+                if t.changes != changes[table]:
+                    continue  # a write or drop may have changed rows we read: the lookup reads them
+                fresh = wanted[table][found]
+                fresh_rows = rows[found]
+                absent = t.slots_of(fresh) < 0
+                if absent.any():
+                    self._make_room(int(absent.sum()))
+                    slots = t.allocate(fresh[absent])
+                    t.rows[slots] = fresh_rows[absent]
+                    t.used[slots] = self._step
 
     def lookup_rows(self, table: str, keys: Keys, *, create: bool = False) -> tuple[Rows, Mask]:
         """The store's rows, after the cached updates of ``keys`` are written to it."""

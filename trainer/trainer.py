@@ -703,8 +703,12 @@ class _Lookahead:
                 batch = self._running = self._waiting.popleft()
             started = time.perf_counter()
             try:
-                for field in self._spec.sparse:
-                    self._store.prefetch(field.name, sorted_distinct(batch.fields[field.name].keys))
+                self._store.prefetch_tables(
+                    {
+                        field.name: sorted_distinct(batch.fields[field.name].keys)
+                        for field in self._spec.sparse
+                    }
+                )
             except Exception:
                 log.warning(
                     "prefetch failed; the training lookup will read the rows", exc_info=True
