@@ -536,9 +536,7 @@ class RedisTier(RowTier):
 
     def _roundtrip_once(self, chunks: Sequence[_Chunk]) -> list[Any]:
         out: list[Any] = []
-        with self._connection() as conn:
-            if conn._sock is None:
-                conn.connect()
+        with self._connection() as conn:  # connected by ``_checkout``
             sock = conn._sock
             reader = hiredis.Reader(notEnoughData=_MORE)
             sent = 0
@@ -707,11 +705,17 @@ class RedisTier(RowTier):
     def _fetch(self, table: str, keys: Keys) -> tuple[list[bytes | None], npt.NDArray[np.intp]]:
         """HMGET of ``keys`` (not empty): the values in command order and the batch
         positions they belong to."""
-        layout = self.layout(table)
-        if layout is None:  # nobody ever wrote the table
+        batch = self._hmget(table, keys)
+        if batch is None:  # nobody ever wrote the table
             return [None] * len(keys), np.arange(len(keys))
-        batch = _build(b"HMGET", layout, np.asarray(keys, dtype=np.uint64), None)
         return self._values(self._roundtrip(self._chunks(batch))), batch.positions
+
+    def _hmget(self, table: str, keys: Keys) -> _Batch | None:
+        """The HMGETs of ``keys`` (None: no keys, or the table has no layout: all absent)."""
+        layout = self.layout(table) if len(keys) else None
+        if layout is None:
+            return None
+        return _build(b"HMGET", layout, np.asarray(keys, dtype=np.uint64), None)
 
     def _values(self, replies: list[Any]) -> list[bytes | None]:
         """The values of HMGET ``replies``, in command order."""
@@ -800,12 +804,10 @@ class RedisTier(RowTier):
 
     def _send_read(self, sock: Any, table: str, keys: Keys) -> _Batch | None:
         """Send the HMGETs of ``keys`` (None: nothing to read, all absent)."""
-        layout = self.layout(table) if len(keys) else None
-        if layout is None:
-            return None
-        batch = _build(b"HMGET", layout, np.asarray(keys, dtype=np.uint64), None)
-        for data, _ in self._chunks(batch):
-            sock.sendall(data)
+        batch = self._hmget(table, keys)
+        if batch is not None:
+            for data, _ in self._chunks(batch):
+                sock.sendall(data)
         return batch
 
     def get_tables(self, keys: Mapping[str, Keys]) -> dict[str, list[bytes | None]]:

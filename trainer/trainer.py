@@ -20,7 +20,6 @@ recorded position and it trains on from there (``trainer.recovery``).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import gc
 import hashlib
@@ -661,7 +660,7 @@ class _Lookahead:
         self._store = store
         self._spec = spec
         self._depth = max(depth, 1)
-        self._waiting: collections.deque[EncodedBatch] = collections.deque()
+        self._waiting: deque[EncodedBatch] = deque()
         self._running: EncodedBatch | None = None
         self._closed = False
         self._changed = threading.Condition()
@@ -686,7 +685,7 @@ class _Lookahead:
             return
         with self._changed:
             if any(b is batch for b in self._waiting):
-                self._waiting = collections.deque(b for b in self._waiting if b is not batch)
+                self._waiting = deque(b for b in self._waiting if b is not batch)
                 metrics.PREFETCH_SKIPPED.labels(reason="overtaken").inc()
                 return
             if self._running is batch:
