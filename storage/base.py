@@ -145,6 +145,10 @@ class RowTier(ABC):
     keeps rows in arrays, Redis builds its wire bytes from arrays) overrides the second.
     """
 
+    #: Only the process that made the tier can change it (an in-process tier): what a
+    #: store wrote there stays until that store removes it.
+    private: bool = False
+
     @abstractmethod
     def get_many(self, table: str, keys: Keys) -> list[bytes | None]:
         """Return the stored value of each key, or None where it has none."""

@@ -171,6 +171,8 @@ class MemoryTier(RowTier):
     """Rows in numpy arenas (in memory, or mapped from files under ``mapped_dir``),
     blobs in a dict; lost when the process ends."""
 
+    private = True
+
     def __init__(self, mapped_dir: str | os.PathLike[str] | None = None) -> None:
         self._tables: dict[str, _Arena] = {}
         self._blobs: dict[str, bytes] = {}

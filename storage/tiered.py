@@ -165,6 +165,15 @@ def spill_table(table: str) -> str:
     return "\x00spill\x00" + table
 
 
+def _holds_rows(tier: RowTier, table: str) -> bool:
+    chunks = tier.scan(table, 1)
+    found = any(len(keys) for keys, _ in chunks)
+    close = getattr(chunks, "close", None)
+    if close is not None:  # a generator: its iterator is released now, not at collection
+        close()
+    return found
+
+
 def _result(rows: Rows, found: Mask, inverse: npt.NDArray[np.intp]) -> LookupResult:
     """The lookup result of keys whose distinct keys' rows are ``rows``."""
     # The distinct rows' embeddings made contiguous first: take of whole rows from that
@@ -283,6 +292,10 @@ class TieredStore(EmbeddingStore):
         # Rows created since the last flush, which the cold tier cannot hold yet (it was
         # read before each was created): the flush's commit need not check them.
         self._created_keys: dict[str, list[Keys]] = {}
+        # Tables whose cold rows all have a hot copy, so a key missing from hot is new
+        # and the cold read would only confirm it (most of a fresh embedded store's cold
+        # reads): see ``_note_cold_within_hot``.
+        self._cold_within_hot: frozenset[str] = frozenset()
         self._tally: Tally[str] = Tally()
         self._tally_lock = threading.Lock()
         self._policies: dict[str, AdmissionPolicy] = {
@@ -338,8 +351,29 @@ class TieredStore(EmbeddingStore):
                 if eviction is not None:
                     self._index = {name: HotIndex() for name in self._tables}
                     self._bootstrap_index()
+                self._note_cold_within_hot()
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _note_cold_within_hot(self) -> None:
+        """Lock held, at open: the tables whose cold rows all have a hot copy for as long
+        as this store runs. That holds for a cold table empty now under a hot tier that
+        only this store changes (``RowTier.private``) and never leaves (no capacity):
+        flushes copy hot rows, expiry and ``evict`` remove from both tiers."""
+        cold = self.cold
+        if cold is None or self.eviction is not None or self.shared_hot or not self.hot.private:
+            return
+        self._cold_within_hot = frozenset(
+            name for name in self._tables if not _holds_rows(cold, name)
+        )
+
+    def import_cold(self, table: str, keys: Keys, values: list[bytes]) -> None:
+        """Write packed rows straight to the cold tier (a snapshot's restore)."""
+        if self.cold is None:
+            raise ValueError("the store has no cold tier to import into")
+        with self._lock:
+            self._cold_within_hot -= {table}
+            self.cold.put_many(table, keys, values)
 
     @property
     def _marker_blob(self) -> str:
@@ -452,6 +486,8 @@ class TieredStore(EmbeddingStore):
                 rows[from_spill] = got[hit]
                 found[from_spill] = True
                 idx = np.concatenate([idx[~in_spill], at[~hit]])
+        if table in self._cold_within_hot:
+            return idx, from_spill, idx[:0]
         got, hit = self.cold.get_rows(table, keys[idx], codec)
         from_cold = idx[hit]
         rows[from_cold] = got[hit]
@@ -1258,6 +1294,7 @@ class TieredStore(EmbeddingStore):
             self._reads.clear()
             if self._index is not None:
                 self._index = {name: HotIndex() for name in self._tables}
+            self._note_cold_within_hot()  # the flushed rows are now only in cold
             self.hot.delete_blob(self._marker_blob)
             self._marker = uuid.uuid4().hex.encode()
             self.hot.put_blob(self._marker_blob, self._marker)

@@ -464,7 +464,7 @@ def _import(
     progress = _Progress("restore", manifest.rows, progress_every_s)
     for entry in manifest.tables:
         for keys, values in _chunks(directory, entry):
-            store.cold.put_many(entry.config.name, keys, values)
+            store.import_cold(entry.config.name, keys, values)
             progress.add(len(keys))
     if manifest.checkpoint is not None:
         raw = (directory / manifest.checkpoint.path).read_bytes()

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.base import HotTierLost, TableConfig
+from storage.base import HotTierLost, Mask, Rows, TableConfig
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
+from storage.rows import RowCodec
 from storage.tiered import TieredStore, spill_table
 
 TABLE = TableConfig(name="a", dim=4)
@@ -232,3 +233,41 @@ def test_cold_row_count_stays_exact_when_flushes_skip_reading_created_rows(
     assert store.cold.count("a") == stored() == 75
     train(KEYS[:80], 4)  # the other 5 removed rows come back
     assert store.cold.count("a") == stored() == 80
+
+
+class _CountingCold(RocksDBTier):
+    """A real RocksDB cold tier that counts the keys its rows are read for."""
+
+    read_keys = 0
+
+    def get_rows(self, table: str, keys: np.ndarray, codec: RowCodec) -> tuple[Rows, Mask]:
+        self.read_keys += len(keys)
+        return super().get_rows(table, keys, codec)
+
+
+def test_a_fresh_embedded_store_skips_cold_reads_until_cold_holds_rows_hot_lacks(
+    tmp_path: Path,
+) -> None:
+    """Over a private hot tier without a capacity, a cold tier empty at open holds only
+    copies of hot rows: new keys are not looked for there. Once it holds rows that hot
+    lacks (after ``discard_unflushed``, or when reopened) they are read from it."""
+    cold = _CountingCold(tmp_path / "db")
+    store = TieredStore([TABLE], MemoryTier(), cold, clock=lambda: 1000.0)
+    apply_events(store, 0, 300)
+    store.flush({"t:0": 300})
+    assert store.evict("a", KEYS[:7]) == 7
+    flushed = store.lookup("a", KEYS).rows
+    assert not flushed[:7].any() and flushed[7:].all(axis=1).any()
+    assert cold.read_keys == 0
+
+    apply_events(store, 300, 400)  # not flushed: dropped below
+    store.discard_unflushed()
+    assert np.array_equal(store.lookup("a", KEYS).rows, flushed)
+    assert cold.read_keys == len(KEYS)
+    store.close()
+
+    reopened = _CountingCold(tmp_path / "db")
+    store = TieredStore([TABLE], MemoryTier(), reopened, clock=lambda: 1000.0)
+    assert np.array_equal(store.lookup("a", KEYS).rows, flushed)
+    assert reopened.read_keys == len(KEYS)
+    store.close()

@@ -324,6 +324,14 @@ class StreamingTrainer:
             lookahead.submit(chunk.encoded)
         return True
 
+    def _due(self, arrived: bool) -> bool:
+        """Whether the oldest ready batch trains now: once the lookahead is full, or as
+        soon as the stream is not ahead (nothing arrived, nothing being decoded)."""
+        ready = self._ready
+        return bool(ready) and (
+            len(ready) > self.config.lookahead_batches or not (arrived or len(self._decoder))
+        )
+
     def _buffered(self) -> int:
         """Records polled and not trained yet (decoded ones: their good events)."""
         return len(self._raw) + self._decoder.records + sum(b.size for b in self._ready)
@@ -531,7 +539,7 @@ class StreamingTrainer:
                 if max_events is not None:
                     want = min(want, max_events - trained - self._buffered())
                 arrived = False
-                if want > 0 and ahead <= cfg.lookahead_batches:
+                if want > 0 and ahead <= cfg.lookahead_batches + 1:
                     # With work in hand, only take what has already arrived.
                     records = self._poll(want, 0.0 if ahead else 0.1, stop)
                     if records:
@@ -550,11 +558,10 @@ class StreamingTrainer:
                     self._raw = []
                 # Wait for a decode only with nothing else to do (no batch to train, nothing
                 # more arriving).
-                wait: float | None = None if not ready and not arrived else 0.0
+                wait: float | None = None if not arrived and not self._due(arrived) else 0.0
                 while self._take_decoded(wait, lookahead):
                     wait = 0.0
-                # Train once the lookahead is full, or as soon as the stream is not ahead.
-                if ready and (len(ready) > cfg.lookahead_batches or not arrived):
+                if self._due(arrived):
                     batch = ready.popleft()
                     lookahead.claim(batch.encoded)
                     self.train_step(batch.labels, batch.encoded)
