@@ -356,11 +356,13 @@ class TieredStore(EmbeddingStore):
     # -- helpers ------------------------------------------------------------------------
 
     def _note_cold_within_hot(self) -> None:
-        """Lock held, at open: the tables whose cold rows all have a hot copy for as long
-        as this store runs. That holds for a cold table empty now under a hot tier that
-        only this store changes (``RowTier.private``) and never leaves (no capacity):
-        flushes copy hot rows, expiry and ``evict`` remove from both tiers."""
+        """Lock held (at open, and once hot rows were dropped): the tables whose cold
+        rows all have a hot copy from now on. That holds for a cold table empty now under
+        a hot tier that only this store changes (``RowTier.private``) and that no row
+        leaves (no capacity): flushes copy hot rows, expiry and ``evict`` remove from
+        both tiers."""
         cold = self.cold
+        self._cold_within_hot = frozenset()
         if cold is None or self.eviction is not None or self.shared_hot or not self.hot.private:
             return
         self._cold_within_hot = frozenset(
