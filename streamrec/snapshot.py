@@ -460,7 +460,6 @@ def _chunks(directory: Path, entry: TableEntry) -> Iterator[tuple[Keys, list[byt
 def _import(
     store: TieredStore, manifest: Manifest, directory: Path, name: str, progress_every_s: float
 ) -> None:
-    assert store.cold is not None
     progress = _Progress("restore", manifest.rows, progress_every_s)
     for entry in manifest.tables:
         for keys, values in _chunks(directory, entry):

@@ -292,15 +292,21 @@ def test_decode_workers_train_exactly_what_the_trainer_thread_would(tmp_path: Pa
         assert dead == (tmp_path / "thread.jsonl").read_text() and dead.count("\n") == 3
 
 
-def test_lag_is_the_records_in_the_log_not_trained_yet(tmp_path: Path) -> None:
-    source = small_source(2_000)
+def trainer_over_backlog(
+    source: SyntheticSource, tmp_path: Path
+) -> tuple[StreamingTrainer, TieredStore]:
+    """A trainer (``make_trainer``) whose log already holds every event of ``source``."""
     store = TieredStore(
         table_configs(source.spec, Settings()), MemoryTier(), RocksDBTier(tmp_path / "db")
     )
     log = InMemoryLog()
     for event in source:
         log.append(TOPIC, event.to_json())
-    trainer = make_trainer(source, store, log, JsonlFileProducer(tmp_path / "dlq.jsonl"))
+    return make_trainer(source, store, log, JsonlFileProducer(tmp_path / "dlq.jsonl")), store
+
+
+def test_lag_is_the_records_in_the_log_not_trained_yet(tmp_path: Path) -> None:
+    trainer, _ = trainer_over_backlog(small_source(2_000), tmp_path)
     trainer.run(threading.Event(), max_events=1_024)
     lag = metrics.LAG_EVENTS.labels(partition=f"{TOPIC}:0")._value.get()
     assert lag == 2_000 - 1_024
@@ -459,13 +465,7 @@ def test_a_backlog_trains_each_batch_after_its_prefetch(tmp_path: Path) -> None:
     trained as soon as it was decoded)."""
     # 26 fields: decoding a batch takes about as long as training one (as in production).
     source = SyntheticSource(SyntheticConfig(num_sparse=26, num_dense=2, universe=500), 4_096)
-    store = TieredStore(
-        table_configs(source.spec, Settings()), MemoryTier(), RocksDBTier(tmp_path / "db")
-    )
-    log = InMemoryLog()
-    for event in source:
-        log.append(TOPIC, event.to_json())
-    trainer = make_trainer(source, store, log, JsonlFileProducer(tmp_path / "dlq.jsonl"))
+    trainer, store = trainer_over_backlog(source, tmp_path)
     assert trainer.config.lookahead_batches == 2 and trainer.config.decode_workers == 1
 
     def sample(name: str, **labels: str) -> float:
