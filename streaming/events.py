@@ -9,12 +9,13 @@ Wire format, one JSON object per message::
 
 Features missing from an event read as "no value" (a zero embedding); dense
 values missing read as 0.0. A field the spec does not know is an error, so a
-typo never trains silently.
+typo never trains silently. Dense values are float32 inputs of the model: a number
+beyond float32's range (|x| > ~3.4e38, or an integer too large for any float) would
+reach it as infinity and turn the dense weights into NaN, so it is invalid like NaN.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -73,6 +74,15 @@ class FieldError:
     reason: str  # unknown_field | wrong_type | invalid_value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: dense values beyond +-this are invalid."""
+
+
+def _dense_in_range(value: float) -> bool:
+    # Exact for ints of any size too (no conversion), and false for NaN.
+    return -FLOAT32_MAX <= value <= FLOAT32_MAX
+
+
 EVENT_FIELDS = frozenset({"event_id", "ts", "label", "features", "dense"})
 """The top-level keys of the wire format (the trainer ignores any others)."""
 
@@ -119,7 +129,7 @@ def check_fields(
     dense_names = spec.dense_names
     for name, value in dense.items():
         kind = type(value)
-        if (kind is float or kind is int) and name in dense_names and math.isfinite(value):  # type: ignore[arg-type]
+        if (kind is float or kind is int) and name in dense_names and _dense_in_range(value):  # type: ignore[arg-type]
             continue
         if name not in dense_names:
             errors.append(FieldError(name, f"unknown dense feature {name!r}", "unknown_field"))
@@ -131,8 +141,15 @@ def check_fields(
                     "wrong_type",
                 )
             )
-        elif not math.isfinite(value):
-            errors.append(FieldError(name, f"{name!r} must be finite", "invalid_value"))
+        elif not _dense_in_range(value):
+            errors.append(
+                FieldError(
+                    name,
+                    f"{name!r} must be a finite number within float32 range "
+                    f"(|x| <= {FLOAT32_MAX:.7g})",
+                    "invalid_value",
+                )
+            )
     return errors
 
 
@@ -191,11 +208,20 @@ def _sparse_columns_valid(rows: Sequence[Mapping[str, object]], spec: FeatureSpe
 
 def _dense_columns_valid(rows: Sequence[Mapping[str, object]], spec: FeatureSpec) -> bool:
     for column in _columns(rows, spec.dense):
-        if not set(map(type, column)) <= _NUMBER_TYPES or not all(
-            map(math.isfinite, column)  # type: ignore[arg-type]
-        ):
+        if not set(map(type, column)) <= _NUMBER_TYPES or not _column_in_range(column):
             return False
     return True
+
+
+def _column_in_range(column: Sequence[object]) -> bool:
+    """Whether every value (ints and floats) is within float32 range: a sum of
+    magnitudes is (NaN, infinity, or an int too large for a float make it fail or
+    raise). A false "no" (large values adding up past the range) only sends the batch
+    the exact, per-value way."""
+    try:
+        return bool(sum(map(abs, column)) <= FLOAT32_MAX)  # type: ignore[arg-type]
+    except OverflowError:
+        return False
 
 
 def _events_valid(objs: Sequence[Any], spec: FeatureSpec) -> bool:

@@ -66,6 +66,8 @@ BAD_EVENTS = [
     (wire(dense={"height": 1.0}), "unknown_field", "height"),
     (wire(features={"user": ""}), "wrong_type", "'user'"),
     (wire(event_id=""), "wrong_type", "event_id"),
+    # Finite in JSON, infinite as a float32 input: it would turn the dense weights NaN.
+    (wire(dense={"age": 1e39}), "invalid_value", "float32 range"),
 ]
 
 
@@ -78,14 +80,17 @@ def test_bad_events_name_the_problem(raw: bytes, reason: str, needle: str) -> No
 
 
 def test_every_reason_the_metric_is_set_up_with_is_one_a_bad_event_carries() -> None:
-    # invalid_value (a non-finite number) comes from check_fields: JSON has no infinity.
-    seen = {reason for _, reason, _ in BAD_EVENTS} | {"invalid_value"}
+    seen = {reason for _, reason, _ in BAD_EVENTS}
     assert seen == set(BAD_EVENT_REASONS)
 
 
-def test_non_finite_dense_is_invalid() -> None:
-    errors = check_fields({}, {"age": float("nan")}, SPEC)
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("-inf"), 3.5e38, -(10**400)], ids=["nan", "inf", "big", "int"]
+)
+def test_dense_values_beyond_float32_are_invalid(value: float) -> None:
+    errors = check_fields({}, {"age": value}, SPEC)
     assert [(e.field, e.reason) for e in errors] == [("age", "invalid_value")]
+    assert check_fields({}, {"age": 3.4e38}, SPEC) == []
 
 
 def test_split_instance_keeps_unknown_names_on_the_sparse_side() -> None:
@@ -106,6 +111,8 @@ def test_spec_rejects_duplicate_names() -> None:
         [{"user": "u"}, {"user": ""}, {"user": True}, {"user": 1.5}],
         [{"genres": "drama"}, {"genres": [True]}, {"genres": []}],
         [{"age": "old"}, {"age": float("inf")}, {"age": False}, {"typo": 1}],
+        [{"age": 3e38}, {"age": 3e38}],  # valid: their sum passes the range, not each
+        [{"age": 10**400}, {"age": 1.0}, {"age": -1e39}, {"age": float("nan")}],
     ],
 )
 def test_check_instances_agrees_with_check_fields(instances: list[dict[str, object]]) -> None:

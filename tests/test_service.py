@@ -81,6 +81,8 @@ def test_predict_returns_one_probability_per_instance(client: TestClient) -> Non
         ({"instances": [instance(i1="high")]}, "i1"),
         ({"instances": [instance()] * 6}, "at most 5"),
         ({"instances": [5]}, "instances"),
+        # Finite in JSON but infinite as the model's float32 input.
+        ({"instances": [instance(), instance(i2=-1e39)]}, "instance 1"),
     ],
 )
 def test_bad_instances_get_422_naming_the_problem(
@@ -99,6 +101,19 @@ def test_non_json_body_is_400_and_unknown_model_404(client: TestClient) -> None:
     )
     assert response.status_code == 400
     assert client.post("/v1/models/x:predict", json={"instances": [instance()]}).status_code == 404
+
+
+@pytest.mark.parametrize("value", [b"1" + b"0" * 400, b"1e400", b"NaN"], ids=["int", "inf", "nan"])
+def test_dense_values_no_float32_holds_get_422_not_500(client: TestClient, value: bytes) -> None:
+    # What orjson refuses the json fallback parses: an int of 400 digits, infinity, NaN.
+    body = b'{"instances": [{"c1": 1, "c2": "7", "c3": 99, "i1": %s, "i2": 2.0}]}' % value
+    response = client.post(
+        "/v1/models/streamrec:predict",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert "float32 range" in response.text and "i1" in response.text
 
 
 def test_health_ready_metrics(client: TestClient) -> None:
