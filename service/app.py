@@ -51,6 +51,7 @@ from streaming.events import (
 )
 from streaming.log import EventProducer, LogUnavailable
 from streaming.spec import FeatureSpec
+from trainer.encoding import flat_columns
 from trainer.features import distinct_keys, encode
 from trainer.model import DLRM
 from trainer.versions import VersionMeta, latest_version, load_version, stored_versions
@@ -458,7 +459,10 @@ def create_app(
                 ]
             )
         spec = meta.spec
-        problems = check_instances(body.instances, spec)
+        # The usual request is checked and cut into arrays in one pass; any other is
+        # checked field by field (and encoded so in its batch).
+        columns = flat_columns(body.instances, spec)
+        problems = check_instances(body.instances, spec) if columns is None else []
         if problems:
             metrics.REQUESTS.labels(status="422").inc()
             raise _invalid(
@@ -471,7 +475,7 @@ def create_app(
                     for i, problem in problems
                 ]
             )
-        predictions = await batcher.predict(meta, model, body.instances)
+        predictions = await batcher.predict(meta, model, body.instances, columns)
         metrics.INSTANCES.inc(len(body.instances))
         metrics.REQUESTS.labels(status="200").inc()
         metrics.LATENCY.observe(time.perf_counter() - started)

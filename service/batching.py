@@ -24,6 +24,8 @@ import torch
 
 from service import metrics
 from service.embeddings import EmbeddingReader
+from streaming.spec import FeatureSpec
+from trainer.encoding import EncodedBatch, FlatColumns, concat_batches, encode_columns
 from trainer.features import distinct_keys, encode, pool
 from trainer.model import DLRM
 from trainer.versions import VersionMeta
@@ -34,6 +36,7 @@ class _Waiting:
     meta: VersionMeta
     model: DLRM
     instances: list[dict[str, Any]]
+    columns: FlatColumns | None  # the instances as arrays, when ``flat_columns`` cut them
     answer: asyncio.Future[list[float]]
 
 
@@ -49,11 +52,16 @@ class PredictBatcher:
         self._tasks: set[asyncio.Task[None]] = set()  # strong references while they run
 
     async def predict(
-        self, meta: VersionMeta, model: DLRM, instances: list[dict[str, Any]]
+        self,
+        meta: VersionMeta,
+        model: DLRM,
+        instances: list[dict[str, Any]],
+        columns: FlatColumns | None = None,
     ) -> list[float]:
-        """Click probabilities of validated ``instances`` under version ``meta``."""
+        """Click probabilities of validated ``instances`` under version ``meta``
+        (``columns``: the same instances as ``flat_columns`` cut them)."""
         answer: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(meta, model, instances, answer))
+        self._waiting.append(_Waiting(meta, model, instances, columns, answer))
         if not self._starting:
             self._starting = True
             task = asyncio.create_task(self._score_waiting())
@@ -107,14 +115,25 @@ class PredictBatcher:
                 item.answer.set_result(predictions[start:end])
             start = end
 
+    @staticmethod
+    def _encode(batch: list[_Waiting], spec: FeatureSpec) -> EncodedBatch:
+        columns = [item.columns for item in batch if item.columns is not None]
+        if len(columns) == len(batch):  # the usual batch: hashed in one pass
+            return encode_columns(columns, spec)
+        # A flat instance serves as both parts: encode reads only the spec's names.
+        return concat_batches(
+            [
+                encode_columns([item.columns], spec)
+                if item.columns is not None
+                else encode(item.instances, item.instances, spec)
+                for item in batch
+            ]
+        )
+
     async def _predict(self, batch: list[_Waiting]) -> list[float]:
         meta, model = batch[0].meta, batch[0].model
-        instances = (
-            batch[0].instances if len(batch) == 1 else [x for b in batch for x in b.instances]
-        )
         spec = meta.spec
-        # A flat instance serves as both parts: encode reads only the spec's names.
-        encoded = encode(instances, instances, spec)
+        encoded = self._encode(batch, spec)
         distinct = distinct_keys(encoded, spec)
         rows = await self.reader.lookup_async(distinct.keys)
         with torch.inference_mode():
