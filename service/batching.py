@@ -20,12 +20,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from service import metrics
 from service.embeddings import EmbeddingReader
+from storage.keyindex import distinct_rows
 from streaming.spec import FeatureSpec
-from trainer.encoding import EncodedBatch, FlatColumns, concat_batches, encode_columns
+from trainer.encoding import FlatColumns, column_keys, concat_batches, encode_columns
 from trainer.features import distinct_keys, encode, pool
 from trainer.model import DLRM
 from trainer.versions import VersionMeta
@@ -115,13 +118,39 @@ class PredictBatcher:
                 item.answer.set_result(predictions[start:end])
             start = end
 
-    @staticmethod
-    def _encode(batch: list[_Waiting], spec: FeatureSpec) -> EncodedBatch:
+    async def _predict(self, batch: list[_Waiting]) -> list[float]:
+        meta, model = batch[0].meta, batch[0].model
         columns = [item.columns for item in batch if item.columns is not None]
-        if len(columns) == len(batch):  # the usual batch: hashed in one pass
-            return encode_columns(columns, spec)
+        if len(columns) == len(batch):
+            dense, sparse, unknown = await self._gather_columns(columns, meta.spec)
+        else:
+            dense, sparse, unknown = await self._gather(batch, meta.spec)
+        with torch.inference_mode():
+            probabilities = torch.sigmoid(model(torch.from_numpy(dense), sparse))
+        metrics.UNKNOWN_IDS.inc(unknown)
+        metrics.BATCH_REQUESTS.observe(len(batch))
+        predictions: list[float] = probabilities.tolist()
+        return predictions
+
+    async def _gather_columns(
+        self, columns: list[FlatColumns], spec: FeatureSpec
+    ) -> tuple[npt.NDArray[np.float32], torch.Tensor, int]:
+        """The usual batch (every request cut by ``flat_columns``: one id per field and
+        instance): keys hashed, deduplicated per field and looked up for all fields at
+        once, and each instance's rows gathered in one step. The same inputs as
+        ``_gather`` makes of it (a one-id bag pools to its row)."""
+        keys, dense = column_keys(columns, spec)
+        flat, starts, inverse = distinct_rows(keys)
+        rows, found = await self.reader.lookup_spans_async(spec.sparse_names, flat, starts)
+        sparse = torch.from_numpy(rows[inverse])  # (instances, fields, dim)
+        return dense, sparse, len(found) - int(np.count_nonzero(found))
+
+    async def _gather(
+        self, batch: list[_Waiting], spec: FeatureSpec
+    ) -> tuple[npt.NDArray[np.float32], torch.Tensor, int]:
+        """Any batch, field by field (string ids, multi_hot lists, fields left out)."""
         # A flat instance serves as both parts: encode reads only the spec's names.
-        return concat_batches(
+        encoded = concat_batches(
             [
                 encode_columns([item.columns], spec)
                 if item.columns is not None
@@ -129,17 +158,8 @@ class PredictBatcher:
                 for item in batch
             ]
         )
-
-    async def _predict(self, batch: list[_Waiting]) -> list[float]:
-        meta, model = batch[0].meta, batch[0].model
-        spec = meta.spec
-        encoded = self._encode(batch, spec)
         distinct = distinct_keys(encoded, spec)
         rows = await self.reader.lookup_async(distinct.keys)
         with torch.inference_mode():
             sparse, gathered = pool(encoded, spec, distinct, rows, train=False)
-            probabilities = torch.sigmoid(model(torch.from_numpy(encoded.dense), sparse))
-        metrics.UNKNOWN_IDS.inc(gathered.unknown)
-        metrics.BATCH_REQUESTS.observe(len(batch))
-        predictions: list[float] = probabilities.tolist()
-        return predictions
+        return encoded.dense, sparse, gathered.unknown

@@ -127,6 +127,55 @@ def _first_seen(keys: Keys, inverse: npt.NDArray[np.intp]) -> Keys:
     return out[:found]
 
 
+@kernel
+def _rows_first_seen(
+    keys: Keys, flat: Keys, starts: npt.NDArray[np.intp], inverse: npt.NDArray[np.intp]
+) -> int:
+    """``_first_seen`` of each row of a (rows, n) matrix, the rows' distinct keys laid
+    end to end in ``flat`` (row ``r``'s at ``starts[r]:starts[r + 1]``) and
+    ``inverse[i, r]`` the position of ``keys[r, i]`` in ``flat``; returns their count."""
+    bits = 1
+    while (1 << bits) < 2 * keys.shape[1]:
+        bits += 1
+    shift = np.uint64(64 - bits)
+    mask = (1 << bits) - 1
+    table = np.empty(1 << bits, dtype=np.uint64)
+    ids = np.empty(1 << bits, dtype=np.int64)
+    found = 0
+    starts[0] = 0
+    for r in range(keys.shape[0]):
+        ids[:] = -1
+        for i in range(keys.shape[1]):
+            key = keys[r, i]
+            p = np.int64((key * _PHI) >> shift)
+            while ids[p] >= 0 and table[p] != key:
+                p = (p + 1) & mask
+            if ids[p] < 0:
+                ids[p] = found
+                table[p] = key
+                flat[found] = key
+                found += 1
+            inverse[i, r] = ids[p]
+        starts[r + 1] = found
+    return found
+
+
+def distinct_rows(
+    keys: Keys,
+) -> tuple[Keys, npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The distinct keys of each row of a (rows, n) matrix (a predict batch: one row
+    per field), in order of first sight, in one compiled pass: ``(flat, starts,
+    inverse)`` with row ``r``'s keys ``flat[starts[r]:starts[r + 1]]`` and
+    ``keys[r, i] == flat[inverse[i, r]]``. ``inverse`` is transposed so that gathering
+    rows of values by it gives ``(n, rows, ...)``."""
+    keys = _as_u64(keys)
+    flat = np.empty(keys.size, dtype=np.uint64)
+    starts = np.empty(keys.shape[0] + 1, dtype=np.intp)
+    inverse = np.empty((keys.shape[1], keys.shape[0]), dtype=np.intp)
+    found = _rows_first_seen(keys, flat, starts, inverse)
+    return flat[:found], starts, inverse
+
+
 _Int = TypeVar("_Int", bound=np.integer)
 
 
@@ -306,6 +355,7 @@ def _load_kernels() -> None:
     index.add(keys)
     index.find(keys)
     unique_inverse(keys)
+    distinct_rows(keys.reshape(1, 2))
 
 
 _load_kernels()

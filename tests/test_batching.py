@@ -15,6 +15,7 @@ from service.batching import PredictBatcher
 from service.embeddings import EmbeddingReader
 from storage.base import StoreUnavailable
 from storage.tiered import TieredStore
+from trainer.encoding import flat_columns
 from trainer.model import DLRM
 from trainer.versions import VersionMeta, latest_version, load_version
 
@@ -73,6 +74,45 @@ def test_concurrent_requests_share_batches_and_get_their_own_predictions(
         np.testing.assert_allclose(mine, reference, rtol=1e-6, atol=1e-7)
     assert total == len(asked)
     assert count < len(asked) / 3  # shared: 72 instances in batches of at most 20
+
+
+def test_the_one_pass_path_of_usual_requests_predicts_what_the_per_field_path_does(
+    store: TieredStore,
+) -> None:
+    meta, model = latest(store)
+    asked = [  # int ids only: requests flat_columns cuts (unknown ids and repeats too)
+        [instance(c1=i * 7 + k, c2=k % 3, c3=i, i1=i / 3, i2=-k) for k in range(1 + i % 5)]
+        for i in range(12)
+    ] + [[instance(c1=10**6 + k, c2=5, c3=5) for k in range(4)]]
+    columns = [flat_columns(r, meta.spec) for r in asked]
+    assert all(c is not None for c in columns)
+
+    def unknown() -> float:
+        return REGISTRY.get_sample_value("streamrec_service_unknown_ids_total") or 0.0
+
+    def score(ttl_s: float, fast: bool) -> tuple[list[list[float]], float]:
+        """Predictions of every request, batched alike, and the unknown ids counted."""
+        reader = EmbeddingReader(store, ttl_s=ttl_s, budget_s=30.0)
+        batcher = PredictBatcher(reader, max_instances=20)
+        before = unknown()
+
+        async def scored() -> list[list[float]]:
+            pairs = zip(asked, columns, strict=True)
+            return await asyncio.gather(
+                *(batcher.predict(meta, model, r, c if fast else None) for r, c in pairs)
+            )
+
+        try:
+            return asyncio.run(scored()), unknown() - before
+        finally:
+            reader.close()
+
+    per_field, unknown_ids = score(1.0, fast=False)
+    assert unknown_ids > 0
+    # The same inputs, batched the same way: the very same numbers and counts, with the
+    # near cache (one pass) and without it (the per-table fallback).
+    assert score(1.0, fast=True) == (per_field, unknown_ids)
+    assert score(0.0, fast=True) == (per_field, unknown_ids)
 
 
 def test_versions_never_share_a_batch_and_errors_reach_every_request(

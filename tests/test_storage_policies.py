@@ -24,7 +24,13 @@ from storage.admission import (
 )
 from storage.base import AdmissionConfig, Keys, RowTier, TableConfig
 from storage.eviction import EvictionConfig, HotIndex, _first_k
-from storage.keyindex import KeyIndex, occurs_in, sorted_distinct, unique_inverse
+from storage.keyindex import (
+    KeyIndex,
+    distinct_rows,
+    occurs_in,
+    sorted_distinct,
+    unique_inverse,
+)
 from storage.keys import splitmix64
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
@@ -199,6 +205,21 @@ def test_unique_inverse_is_numpys_unique(seed: int) -> None:
         expected, expected_inverse = np.unique(keys, return_inverse=True)
         assert np.array_equal(distinct, expected) and distinct.dtype == np.uint64
         assert np.array_equal(inverse, expected_inverse.reshape(-1))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_distinct_rows_dedupes_each_row_apart(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for rows, n, high in ((1, 1, 2), (3, 0, 2), (26, 64, 40), (4, 3000, 2**63)):
+        keys = rng.integers(0, high, (rows, n), dtype=np.int64).astype(np.uint64)
+        keys[-1] = keys[0]  # the same keys in two rows stay apart
+        flat, starts, inverse = distinct_rows(keys)
+        assert starts[0] == 0 and starts[-1] == len(flat) and inverse.shape == (n, rows)
+        for r in range(rows):
+            mine = flat[starts[r] : starts[r + 1]]
+            assert len(set(mine.tolist())) == len(mine)  # distinct within the row
+            assert set(mine.tolist()) == set(keys[r].tolist())
+            assert np.array_equal(flat[inverse[:, r]], keys[r])
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -154,13 +154,22 @@ def flat_columns(
     return FlatColumns(id_matrix, wide.astype(np.float32))
 
 
-def encode_columns(parts: Sequence[FlatColumns], spec: FeatureSpec) -> EncodedBatch:
-    """``encode`` of the requests ``flat_columns`` cut, one after another: the same keys
-    and dense inputs, hashed in one vectorised pass."""
+def column_keys(
+    parts: Sequence[FlatColumns], spec: FeatureSpec
+) -> tuple[Keys, npt.NDArray[np.float32]]:
+    """The store keys of the requests ``flat_columns`` cut, one after another, as a
+    (sparse fields, examples) matrix hashed in one vectorised pass, and their dense
+    inputs: what ``encode`` makes of them, without a ``FieldBatch`` per field."""
     ids = parts[0].ids if len(parts) == 1 else np.concatenate([p.ids for p in parts])
     dense = parts[0].dense if len(parts) == 1 else np.concatenate([p.dense for p in parts])
-    keys = int_feature_keys(spec.sparse_names, ids.T)
-    bags = np.arange(len(ids), dtype=np.int64)  # one id per example: bag i is element i
+    return int_feature_keys(spec.sparse_names, ids.T), dense
+
+
+def encode_columns(parts: Sequence[FlatColumns], spec: FeatureSpec) -> EncodedBatch:
+    """``encode`` of the requests ``flat_columns`` cut, one after another: the same keys
+    and dense inputs."""
+    keys, dense = column_keys(parts, spec)
+    bags = np.arange(len(dense), dtype=np.int64)  # one id per example: bag i is element i
     return EncodedBatch(
         {name: FieldBatch(keys[j], bags) for j, name in enumerate(spec.sparse_names)}, dense
     )
