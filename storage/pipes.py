@@ -3,8 +3,10 @@ the trainer's decode workers; here at the bottom of the import graph so both can
 
 A child is ``python -m <module>`` with the parent's import path, so it imports only that
 module (not the parent's main module, as ``multiprocessing`` would), and it ends when
-its stdin closes: when the parent stops it or dies, however. Messages are
-length-prefixed bytes (``multiprocessing.connection.Connection``).
+its stdin closes: when the parent stops it or dies, however. It runs in a process group
+of its own, so Ctrl-C at a terminal (SIGINT to the foreground group) reaches only the
+parent, which stops its children in order instead of losing them mid-answer. Messages
+are length-prefixed bytes (``multiprocessing.connection.Connection``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ class PipeChild:
         path = [p or os.getcwd() for p in sys.path]  # the same imports as the parent's
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            [sys.executable, "-m", module],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            process_group=0,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._to = Connection(os.dup(self.proc.stdin.fileno()), readable=False)

@@ -38,7 +38,8 @@ def test_settings_layering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.slow
-def test_embedded_run_trains_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_embedded_run_trains_serves_and_stops_cleanly(tmp_path: Path, stop: str) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -59,6 +60,7 @@ def test_embedded_run_trains_serves_and_stops_cleanly_on_sigterm(tmp_path: Path)
             "STREAMREC_TRAINER__PROGRESS_EVERY_S": "1",
             "STREAMREC_TRAINER__PUBLISH_EVERY_S": "1",
         },
+        process_group=0,  # its own group, as a shell gives a command it runs
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -72,12 +74,17 @@ def test_embedded_run_trains_serves_and_stops_cleanly_on_sigterm(tmp_path: Path)
         assert "streamrec_trainer_events_total" in httpx.get(f"{base}/metrics").text
         time.sleep(1.5)  # at least one progress line
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if stop == "ctrl-c":  # a terminal sends SIGINT to the whole foreground group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output[-3000:]
     assert time.monotonic() - started < 15
     assert "rate=" in output and "window_auc=" in output
+    # No child (decode worker) killed mid-answer: no traceback, no restart warning.
+    assert "Traceback" not in output and "died" not in output, output[-3000:]
     assert (tmp_path / "data" / "rocksdb").is_dir()
 
 
