@@ -46,7 +46,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -147,15 +147,19 @@ class _Segments:
         self.max_rows = np.uint64(max_rows)
         self.lock = threading.Lock()
 
-    def _spans(self, keys: Mapping[str, Keys]) -> tuple[Keys, npt.NDArray[np.intp], Keys]:
-        """The keys of every table in one array, where each table's keys start in it
-        (and the end), and each table's first slot."""
+    def _bases(self, tables: Iterable[str]) -> Keys:
+        """Each table's first slot."""
+        return np.array([self.base[t] for t in tables], dtype=np.uint64)
+
+    @staticmethod
+    def _spans(keys: Mapping[str, Keys]) -> tuple[Keys, npt.NDArray[np.intp]]:
+        """The keys of every table in one array, and where each table's keys start in
+        it (and the end)."""
         counts = [len(k) for k in keys.values()]
         flat = np.concatenate(list(keys.values())) if keys else np.zeros(0, dtype=np.uint64)
         starts = np.zeros(len(counts) + 1, dtype=np.intp)
         np.cumsum(counts, out=starts[1:])
-        bases = np.array([self.base[t] for t in keys], dtype=np.uint64)
-        return flat, starts, bases
+        return flat, starts
 
     def get_spans(
         self, tables: Sequence[str], flat: Keys, starts: npt.NDArray[np.intp], now: float
@@ -163,7 +167,7 @@ class _Segments:
         """Rows and found flags of keys laid end to end (table ``tables[t]``'s at
         ``flat[starts[t]:starts[t + 1]]``; zeros where not cached), and which keys are
         missing or expired."""
-        bases = np.array([self.base[t] for t in tables], dtype=np.uint64)
+        bases = self._bases(tables)
         rows = np.zeros((len(flat), self.dim), dtype=np.float32)
         found = np.zeros(len(flat), dtype=np.bool_)
         stale = np.zeros(len(flat), dtype=np.bool_)
@@ -179,7 +183,7 @@ class _Segments:
     ) -> dict[str, tuple[Floats, npt.NDArray[np.bool_], npt.NDArray[np.intp]]]:
         """Per table: rows and found flags of its keys (zeros where not cached) and the
         positions of its keys that are missing or expired."""
-        flat, starts, _ = self._spans(keys)
+        flat, starts = self._spans(keys)
         rows, found, stale = self.get_spans(list(keys), flat, starts, now)
         at = starts.tolist()
         return {
@@ -190,7 +194,8 @@ class _Segments:
     def put(
         self, keys: Mapping[str, Keys], results: Mapping[str, LookupResult], expires: float
     ) -> None:
-        flat, starts, bases = self._spans(keys)
+        flat, starts = self._spans(keys)
+        bases = self._bases(keys)
         rows = np.concatenate([results[t].rows for t in keys])
         found = np.concatenate([results[t].found for t in keys])
         with self.lock:

@@ -214,10 +214,10 @@ def _dense_columns_valid(rows: Sequence[Mapping[str, object]], spec: FeatureSpec
 
 
 def _column_in_range(column: Sequence[object]) -> bool:
-    """Whether every value (ints and floats) is within float32 range: a sum of
-    magnitudes is (NaN, infinity, or an int too large for a float make it fail or
-    raise). A false "no" (large values adding up past the range) only sends the batch
-    the exact, per-value way."""
+    """Whether every value (ints and floats) is within float32 range, by the sum of
+    their magnitudes: NaN or infinity make it fail, an int too large for a float makes
+    it raise. A false "no" (large values adding up past the range) only sends the
+    batch the exact, per-value way."""
     try:
         return bool(sum(map(abs, column)) <= FLOAT32_MAX)  # type: ignore[arg-type]
     except OverflowError:
