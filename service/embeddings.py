@@ -339,8 +339,7 @@ class EmbeddingReader:
         at ``flat[starts[t]:starts[t + 1]]``, as ``keyindex.distinct_rows`` gives them),
         answered the same way: rows and found flags in that order. With every table in
         one near cache it is one pass over the keys, not a few steps per table."""
-        unknown = [t for t in tables if t not in self._dims]
-        cache = self._caches[0] if len(self._caches) == 1 and not unknown else None
+        cache = next((c for c in self._caches if all(t in c.base for t in tables)), None)
         if cache is None:  # no near cache, tables of several dims, or unknown tables
             keys = {t: flat[a:b] for t, a, b in zip(tables, starts, starts[1:], strict=False)}
             got = await self.lookup_async(keys)
