@@ -101,39 +101,13 @@ def _add(
 
 
 @kernel
-def _first_seen(keys: Keys, inverse: npt.NDArray[np.intp]) -> Keys:
-    """The distinct ``keys`` in order of first sight; ``inverse[i]``: the position of
-    ``keys[i]`` among them (a throwaway table at most half full)."""
-    bits = 1
-    while (1 << bits) < 2 * len(keys):
-        bits += 1
-    shift = np.uint64(64 - bits)
-    mask = (1 << bits) - 1
-    table = np.empty(1 << bits, dtype=np.uint64)
-    ids = np.full(1 << bits, -1, dtype=np.int64)
-    out = np.empty(len(keys), dtype=np.uint64)
-    found = 0
-    for i in range(len(keys)):
-        key = keys[i]
-        p = np.int64((key * _PHI) >> shift)
-        while ids[p] >= 0 and table[p] != key:
-            p = (p + 1) & mask
-        if ids[p] < 0:
-            ids[p] = found
-            table[p] = key
-            out[found] = key
-            found += 1
-        inverse[i] = ids[p]
-    return out[:found]
-
-
-@kernel
 def _rows_first_seen(
     keys: Keys, flat: Keys, starts: npt.NDArray[np.intp], inverse: npt.NDArray[np.intp]
 ) -> int:
-    """``_first_seen`` of each row of a (rows, n) matrix, the rows' distinct keys laid
-    end to end in ``flat`` (row ``r``'s at ``starts[r]:starts[r + 1]``) and
-    ``inverse[i, r]`` the position of ``keys[r, i]`` in ``flat``; returns their count."""
+    """The distinct keys of each row of a (rows, n) matrix in order of first sight
+    (a throwaway table at most half full, cleared per row), laid end to end in ``flat``
+    (row ``r``'s at ``starts[r]:starts[r + 1]``), and ``inverse[i, r]`` the position of
+    ``keys[r, i]`` in ``flat``; returns their count."""
     bits = 1
     while (1 << bits) < 2 * keys.shape[1]:
         bits += 1
@@ -218,8 +192,8 @@ def occurs_in(sorted_keys: Keys, others: Keys) -> Mask:
 def unique_inverse(keys: Keys) -> tuple[Keys, npt.NDArray[np.intp]]:
     """``np.unique(keys, return_inverse=True)``: the distinct keys by a compiled hash
     pass, then a sort of those alone (3x faster than an argsort of all the keys)."""
-    first_seen = np.empty(len(keys), dtype=np.intp)
-    distinct_keys = _first_seen(_as_u64(keys), first_seen)
+    distinct_keys, _, inverse = distinct_rows(np.reshape(keys, (1, -1)))
+    first_seen = inverse[:, 0]
     order = np.argsort(distinct_keys)
     rank = np.empty(len(order), dtype=np.intp)
     rank[order] = np.arange(len(order))

@@ -131,6 +131,10 @@ def flat_columns(
         # Every spec name present (itemgetter) and no other (the count): the spec's.
         if set(map(len, instances)) != {len(spec.known_names)}:
             return None
+        # A client sending string ids sends them from the first instance on: leave
+        # before cutting the tables.
+        if not all(type(instances[0].get(name)) is int for name in spec.sparse_names):
+            return None
         ids = list(map(itemgetter(*spec.sparse_names), instances))
         dense = list(map(itemgetter(*spec.dense), instances)) if spec.dense else []
     except (KeyError, TypeError):  # a name missing, or not a mapping
