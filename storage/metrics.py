@@ -19,6 +19,10 @@ LOOKUPS = Counter(
     "Distinct keys looked up, by tier and result.",
     ["tier", "result"],
 )
+COLD_READS_SKIPPED = Counter(
+    "streamrec_store_cold_reads_skipped",
+    "Hot misses not read from the cold tier: its key filter shows they were never written there.",
+)
 ROWS_CREATED = Counter(
     "streamrec_store_rows_created",
     "Rows initialised because their key had no row yet.",

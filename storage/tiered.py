@@ -113,7 +113,9 @@ from storage.base import (
     present_mask,
 )
 from storage.eviction import EvictionConfig, HotIndex, choose_victims
+from storage.keyfilter import KeyFilter
 from storage.keyindex import (
+    KeyIndex,
     Positions,
     distinct,
     is_sorted_distinct,
@@ -153,6 +155,7 @@ _COUNTERS = (
     "dropped_gradients",
     "promotions",
     "demotions",
+    "cold_reads_skipped",
     *(f"evictions.{reason}" for reason in metrics.EVICTION_REASONS),
     "eviction_passes",
     "eviction_floor_hits",
@@ -189,13 +192,12 @@ def _past_ceiling(size: int, capacity: int, cfg: EvictionConfig) -> int:
     return size - int(ceiling * cfg.low_water) if size > ceiling else 0
 
 
-def _merge(sorted_keys: Keys, keys: Keys) -> Keys:
-    """``sorted_keys`` (sorted, distinct) with ``keys`` added, sorted and distinct."""
-    both = np.concatenate([sorted_keys, np.sort(keys)])
-    both.sort(kind="stable")  # timsort: a linear merge of the two sorted runs
-    if len(both) > 1:
-        both = both[np.concatenate(([True], both[1:] != both[:-1]))]
-    return both
+def _holds(index: KeyIndex | None, keys: Keys) -> Mask:
+    """Which ``keys`` are in ``index`` (none without one)."""
+    if index is None or not index.live:
+        return np.zeros(len(keys), dtype=np.bool_)
+    found: Mask = index.find(keys) >= 0
+    return found
 
 
 class _Touched(NamedTuple):
@@ -296,6 +298,9 @@ class TieredStore(EmbeddingStore):
         # and the cold read would only confirm it (most of a fresh embedded store's cold
         # reads): see ``_note_cold_within_hot``.
         self._cold_within_hot: frozenset[str] = frozenset()
+        # Every key written to a cold table that was empty at open (a writer's): a hot
+        # miss these rule out is a new id, so the cold read is skipped.
+        self._cold_keys: dict[str, KeyFilter] = {}
         self._tally: Tally[str] = Tally()
         self._tally_lock = threading.Lock()
         self._policies: dict[str, AdmissionPolicy] = {
@@ -337,7 +342,7 @@ class TieredStore(EmbeddingStore):
         self._idle_step = 0  # every unprotected row is gone: no more passes this step
         self._floor_step = 0  # the floor held eviction back in this step
         self._reads: deque[tuple[str, Keys]] = deque(maxlen=_READ_TOUCHES)
-        self._spilled: dict[str, Keys] = {}  # sorted distinct keys per table
+        self._spilled: dict[str, KeyIndex] = {}  # keys in spill per table
         self._touched: dict[str, _Touched] = {}  # the last training lookup per table
         self.shared_hot = shared_hot
         self._marker = uuid.uuid4().hex.encode()
@@ -351,6 +356,10 @@ class TieredStore(EmbeddingStore):
                 if eviction is not None:
                     self._index = {name: HotIndex() for name in self._tables}
                     self._bootstrap_index()
+                if cold is not None:
+                    self._cold_keys = {
+                        name: KeyFilter() for name in self._tables if not _holds_rows(cold, name)
+                    }
                 self._note_cold_within_hot()
 
     # -- helpers ------------------------------------------------------------------------
@@ -375,7 +384,14 @@ class TieredStore(EmbeddingStore):
             raise ValueError("the store has no cold tier to import into")
         with self._lock:
             self._cold_within_hot -= {table}
+            self._note_cold_writes(table, keys)
             self.cold.put_many(table, keys, values)
+
+    def _note_cold_writes(self, table: str, keys: Keys) -> None:
+        """Lock held: ``keys`` are about to be written to ``table``'s cold rows."""
+        written = self._cold_keys.get(table)
+        if written is not None:
+            written.add(keys)
 
     @property
     def _marker_blob(self) -> str:
@@ -479,8 +495,8 @@ class TieredStore(EmbeddingStore):
         table = codec.table
         from_spill = idx[:0]
         spilled = self._spilled.get(table)
-        if spilled is not None and len(spilled) and len(idx):
-            in_spill = isin_sorted(keys[idx], spilled)
+        if spilled is not None and spilled.live and len(idx):
+            in_spill = spilled.find(keys[idx]) >= 0
             if in_spill.any():
                 at = idx[in_spill]
                 got, hit = self.spill.get_rows(spill_table(table), keys[at], codec)
@@ -490,11 +506,20 @@ class TieredStore(EmbeddingStore):
                 idx = np.concatenate([idx[~in_spill], at[~hit]])
         if table in self._cold_within_hot:
             return idx, from_spill, idx[:0]
+        new_ids = idx[:0]
+        written = self._cold_keys.get(table)
+        if written is not None and len(idx):
+            maybe = written.may_contain(keys[idx])
+            new_ids, idx = idx[~maybe], idx[maybe]
+            metrics.COLD_READS_SKIPPED.inc(len(new_ids))
+            self._count(cold_reads_skipped=len(new_ids))
         got, hit = self.cold.get_rows(table, keys[idx], codec)
         from_cold = idx[hit]
         rows[from_cold] = got[hit]
         found[from_cold] = True
         missing: npt.NDArray[np.intp] = idx[~hit]
+        if len(new_ids):
+            missing = np.concatenate([missing, new_ids])
         return missing, from_spill, from_cold
 
     def _promote(
@@ -715,13 +740,13 @@ class TieredStore(EmbeddingStore):
                     moving, rows = moving[kept], rows[kept]
                 assert self.eviction is not None
                 if self.eviction.write_back == "direct":
+                    self._note_cold_writes(table, moving)
                     self.cold.put_rows(table, moving, rows)
                 elif len(moving):
                     assert self.spill is not None
                     self._note_spill(table)
                     self.spill.put_rows(spill_table(table), moving, rows)
-                    spilled = self._spilled.get(table, _EMPTY_KEYS)
-                    self._spilled[table] = _merge(spilled, moving)
+                    self._spilled[table].add(moving)
             self._demoted[table].inc(len(keys))
             self._count(demotions=len(keys))
         self.hot.delete_many(table, keys)
@@ -733,7 +758,7 @@ class TieredStore(EmbeddingStore):
         """Record in the cold tier that ``table`` has spill, before writing any."""
         assert self.spill is not None
         if table not in self._spilled:
-            self._spilled[table] = _EMPTY_KEYS
+            self._spilled[table] = KeyIndex()
             self.spill.put_blob(SPILL_BLOB, json.dumps(sorted(self._spilled)).encode())
 
     def _remove(self, table: str, keys: Keys) -> None:
@@ -745,12 +770,13 @@ class TieredStore(EmbeddingStore):
         if self.cold is not None:
             self.cold.delete_many(table, keys)
             spilled = self._spilled.get(table)
-            if spilled is not None and len(spilled):
-                gone = isin_sorted(spilled, _unique(keys))
+            if spilled is not None and spilled.live:
+                pos = spilled.find(keys)
+                gone = pos >= 0
                 if gone.any():
                     assert self.spill is not None
-                    self.spill.delete_many(spill_table(table), spilled[gone])
-                    self._spilled[table] = spilled[~gone]
+                    self.spill.delete_many(spill_table(table), keys[gone])
+                    spilled.discard_at(pos[gone])
         if self._index is not None:
             self._index[table].discard(keys)
         elif self._dirty.get(table):
@@ -1076,7 +1102,7 @@ class TieredStore(EmbeddingStore):
             present = present_mask(self.hot.get_many(table, unique))
             if self.cold is not None:
                 present |= present_mask(self.cold.get_many(table, unique))
-                present |= isin_sorted(unique, self._spilled.get(table, _EMPTY_KEYS))
+                present |= _holds(self._spilled.get(table), unique)
             self._remove(table, unique)
         existed = int(present.sum())
         if existed:
@@ -1139,15 +1165,15 @@ class TieredStore(EmbeddingStore):
 
         sweep(self.hot, table, lambda k: np.zeros(len(k), dtype=np.bool_))
         if self.cold is not None:
-            spilled = self._spilled.get(table, _EMPTY_KEYS)
+            spilled = self._spilled.get(table)
 
             def in_hot(k: Keys) -> Mask:
                 return present_mask(self.hot.get_many(table, k))
 
-            if len(spilled):
+            if spilled is not None and spilled.live:
                 assert self.spill is not None
                 sweep(self.spill, spill_table(table), in_hot)
-            sweep(self.cold, table, lambda k: in_hot(k) | isin_sorted(k, spilled))
+            sweep(self.cold, table, lambda k: in_hot(k) | _holds(spilled, k))
         if not doomed:
             return {"ttl": 0, "l2_norm": 0}
         keys_all = np.concatenate(doomed)
@@ -1225,10 +1251,11 @@ class TieredStore(EmbeddingStore):
             if fresh_rows is not None:
                 keys = np.concatenate([keys, fresh_keys])
                 present.extend(self._codecs[table].pack(fresh_rows))
-            spilled = self._spilled.get(table, _EMPTY_KEYS)
-            if len(spilled) and self.spill is not None:
+            spilled = self._spilled.get(table)
+            if spilled is not None and spilled.live and self.spill is not None:
                 # Rows in hot are newer than their spill copy (promoted rows stay dirty).
-                rest = spilled[~isin_sorted(spilled, _unique(keys))]
+                spilled_keys = spilled.keys[spilled.live_positions()]
+                rest = spilled_keys[~isin_sorted(spilled_keys, _unique(keys))]
                 more = self.spill.get_many(spill_table(table), rest)
                 ok = present_mask(more)
                 keys = np.concatenate([keys, rest[ok]])
@@ -1246,6 +1273,8 @@ class TieredStore(EmbeddingStore):
             )
         blobs = {POSITION_BLOB: blob.encode()} if blob is not None else {}
         if rows or blobs:
+            for table, (keys, _) in rows.items():
+                self._note_cold_writes(table, keys)
             absent = {t: np.concatenate(k) for t, k in self._created_keys.items() if t in rows}
             self.cold.commit(rows, blobs, absent=absent)
         self._created_keys.clear()
@@ -1268,7 +1297,8 @@ class TieredStore(EmbeddingStore):
             tiers = {"hot": self.hot.count(table)}
             if self.cold is not None:
                 tiers["cold"] = self.cold.count(table)
-                tiers["spill"] = len(self._spilled.get(table, _EMPTY_KEYS))
+                spilled = self._spilled.get(table)
+                tiers["spill"] = spilled.live if spilled is not None else 0
             for tier, n in tiers.items():
                 metrics.ROWS.labels(tier=tier, table=table).set(n)
                 metrics.BYTES.labels(tier=tier, table=table).set(n * codec.nbytes)
@@ -1337,7 +1367,8 @@ class TieredStore(EmbeddingStore):
         (distinct keys of lookups), ``created_rows``, ``admissions``,
         ``admission_rejections`` (distinct keys per call), ``forced_admissions``,
         ``rejected_gradients`` (NaN/inf), ``dropped_gradients`` (no row),
-        ``promotions``, ``demotions``, ``evictions.<reason>`` for capacity, ttl, l2_norm
+        ``promotions``, ``demotions``, ``cold_reads_skipped`` (hot misses the cold
+        key filter ruled out), ``evictions.<reason>`` for capacity, ttl, l2_norm
         and manual, ``eviction_passes``, ``eviction_floor_hits`` (steps where the floor held
         eviction back), ``lost_dirty_rows``. Also refreshes the row and byte gauges."""
         with self._lock:

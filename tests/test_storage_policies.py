@@ -24,6 +24,7 @@ from storage.admission import (
 )
 from storage.base import AdmissionConfig, Keys, RowTier, TableConfig
 from storage.eviction import EvictionConfig, HotIndex, _first_k
+from storage.keyfilter import KeyFilter
 from storage.keyindex import (
     KeyIndex,
     distinct_rows,
@@ -231,6 +232,34 @@ def test_occurs_in_is_isin_for_sorted_distinct_keys(seed: int) -> None:
     )  # repeats, past the end
     assert (occurs_in(keys, others) == np.isin(keys, others)).all()
     assert occurs_in(keys, others).shape == keys.shape
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_key_filter_never_forgets_a_key_as_it_grows(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    f = KeyFilter(first_layer_keys=100)
+    added: list[Keys] = []
+    for n in (1, 99, 0, 250, 3000, 7):  # crosses layers, within and between calls
+        keys = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+        f.add(keys)
+        added.append(keys)
+        assert f.may_contain(np.concatenate(added)).all()
+    assert len(f._layers) >= 3
+    assert 3000 <= len(f) <= 3357  # distinct as far as the filter could tell
+    others = rng.integers(0, 2**64 - 1, 20_000, dtype=np.uint64, endpoint=True)
+    assert f.may_contain(others).mean() < 0.03  # ~0.8% a full layer
+    small = KeyFilter()
+    small.add(np.arange(1000, dtype=np.uint64))  # patterned keys spread too
+    assert small.may_contain(np.arange(1000, 100_000, dtype=np.uint64)).mean() < 0.01
+
+
+def test_key_filter_does_not_grow_on_keys_it_holds() -> None:
+    f = KeyFilter(first_layer_keys=64)
+    keys = ids(0, 60)
+    for _ in range(5):  # a flush writes the same hot rows again and again
+        f.add(keys)
+    assert len(f) <= 60 and len(f._layers) == 1
+    assert not KeyFilter().may_contain(keys).any()
 
 
 def test_eviction_config_needs_a_capacity() -> None:
@@ -525,6 +554,36 @@ def test_direct_write_back_skips_spill(make_store: Factory) -> None:
     assert store.cold is not None and store.cold.get_blob(SPILL_BLOB) is None
     assert store.lookup("t4", keys).found.all()
     assert packed(store.hot, "t4", keys) == before
+
+
+def test_new_ids_skip_the_cold_read_and_cold_rows_are_still_found(make_store: Factory) -> None:
+    """A cold table empty at open: the store knows every key it wrote there, so a hot
+    miss it never wrote is new and not read from cold; flushed rows evicted from hot
+    (clean), rows written back directly and imported rows are read and found."""
+    store = make_store([T4, T8], eviction=lru(20))
+    flushed = ids(0, 10)
+    train(store, "t4", flushed, value=2.0)
+    store.flush({"p": 1})
+    before = packed(store.cold, "t4", flushed)
+    train(store, "t4", ids(100, 120))  # pushes the flushed rows out of hot (clean)
+    assert packed(store.hot, "t4", flushed) == [None] * 10
+    codec8 = RowCodec(T8)
+    store.import_cold("t8", ids(500, 505), codec8.pack(codec8.new_rows(ids(500, 505), 1)))
+    skipped = store.stats()["cold_reads_skipped"]
+    new = ids(1000, 1200)
+    got = store.lookup_tables({"t4": np.concatenate([flushed, new]), "t8": ids(500, 505)})
+    assert got["t4"].found[:10].all() and not got["t4"].found[10:].any()
+    assert got["t8"].found.all()
+    stats = store.stats()
+    assert stats["cold_hits"] >= 15  # the evicted flushed rows and the imported ones
+    assert stats["cold_reads_skipped"] - skipped >= 190  # the new ids, false positives aside
+    assert packed(store.hot, "t4", flushed) == before  # promoted whole
+    # Reopened over a cold tier that holds rows: no filter for that table, so its rows
+    # are read from cold even with an empty hot tier.
+    store.close()
+    again = make_store([T4, T8], hot_name="other", eviction=lru(20))
+    assert again.lookup_tables({"t4": flushed}, create=True)["t4"].found.all()
+    assert packed(again.hot, "t4", flushed) == before
 
 
 def test_without_cold_tier_capacity_eviction_deletes(make_store: Factory) -> None:
