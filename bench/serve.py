@@ -95,10 +95,13 @@ def serve(settings_path: Path, port: int, noop: bool, workers: int) -> None:
     """Run the service (or its noop twin) on ``port`` until terminated."""
     import uvicorn
 
+    from storage.allocator import tune_malloc
     from streamrec.cli import main as streamrec_main
     from streamrec.config import load_settings
     from streamrec.serving import build_serving
 
+    if load_settings(settings_path).malloc_tuning:  # as `streamrec serve`, noop alike
+        tune_malloc()
     if workers > 1 and not noop:  # exactly what users run
         cmd = ["serve", "--config", str(settings_path), "--port", str(port)]
         sys.exit(streamrec_main([*cmd, "--workers", str(workers)]))

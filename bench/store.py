@@ -49,6 +49,7 @@ import numpy.typing as npt
 import redis
 from common import private_redis
 
+from storage.allocator import tune_malloc
 from storage.base import Keys, RowTier, TableConfig
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
@@ -265,7 +266,15 @@ def main() -> None:
     parser.add_argument(
         "--rows-per-bucket", type=int, default=None, help="RedisTier's (default: its own)"
     )
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="leave glibc malloc as it is (streamrec processes tune it: malloc_tuning)",
+    )
     args = parser.parse_args()
+    # As a streamrec process does at start (Settings.malloc_tuning), in this process
+    # only: the private redis-server is started from here.
+    malloc_tuned = not args.no_malloc_tuning and tune_malloc(children=False)
     mem_rows = 100_000 if args.quick else 1_000_000
     n_batches = 8 if args.quick else 60
     warmup = 2 if args.quick else 5
@@ -357,6 +366,7 @@ def main() -> None:
         "zipf": ZIPF,
         "dim": DIM,
         "cpu_count": os.cpu_count(),
+        "malloc_tuning": malloc_tuned,
         "redis_version": version,
         "redis_listpack_settings": listpack,
         "private_redis": args.redis_url is None,

@@ -55,6 +55,7 @@ import torch
 from common import private_redis
 from prometheus_client import REGISTRY
 
+from storage.allocator import tune_malloc
 from storage.base import RowTier, TableConfig
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
@@ -227,7 +228,15 @@ def main() -> None:
         default=TrainerConfig.model_fields["gc_threshold"].default,
         help="trainer.gc_threshold for every streamrec run (0: Python's default)",
     )
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="leave glibc malloc as it is (streamrec processes tune it: malloc_tuning)",
+    )
     args = parser.parse_args()
+    # As a streamrec process does at start (Settings.malloc_tuning); through the
+    # environment the decode workers and the TorchRec baseline's process get it too.
+    malloc_tuned = not args.no_malloc_tuning and tune_malloc()
     logging.basicConfig(
         level=logging.INFO,
         format="[bench/train] %(asctime)s %(name)s: %(message)s",
@@ -373,6 +382,7 @@ def main() -> None:
         "dim": spec.sparse[0].dim,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "malloc_tuning": malloc_tuned,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from storage.allocator import tune_malloc
 from streamrec.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -40,7 +41,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["source"] = args.source
     if getattr(args, "data_dir", None):
         overrides["store"] = {"data_dir": args.data_dir}
-    return load_settings(args.config, **overrides)
+    settings = load_settings(args.config, **overrides)
+    if settings.malloc_tuning:
+        tune_malloc()
+    return settings
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
