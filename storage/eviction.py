@@ -160,7 +160,7 @@ class HotIndex(KeyIndex):
         return out
 
     def candidates(self, before_step: int) -> Positions:
-        """Positions of live keys last accessed before ``before_step``."""
+        """Positions of live keys last accessed before ``before_step``, ascending."""
         out: Positions = np.flatnonzero((self.state == LIVE) & (self.step < before_step))
         return out
 
@@ -241,7 +241,7 @@ def choose_victims(
         return Victims({}, 0, 0, short_by="budget")
 
     protect_from = step - cfg.protect_steps + 1
-    pos_parts, table_parts, score_parts = [], [], []
+    pos_parts, table_parts, score_parts, tables_in = [], [], [], []
     candidate_bytes = 0
     for t, ix in enumerate(indexes):
         pos = ix.candidates(protect_from)
@@ -252,6 +252,7 @@ def choose_victims(
             freq = np.minimum(ix.freq[pos], (1 << _FREQ_BITS) - 1).astype(np.int64)
             score = (freq << _STEP_BITS) | (score & ((1 << _STEP_BITS) - 1))
         pos_parts.append(pos)
+        tables_in.append(t)
         table_parts.append(np.full(len(pos), t, dtype=np.int64))
         candidate_bytes += len(pos) * row_bytes[t]
         score_parts.append(score)
@@ -283,9 +284,11 @@ def choose_victims(
         take, short_by = budget_rows, "budget"
     if budget_bytes is not None and cum[take - 1] > budget_bytes:
         take, short_by = int(np.searchsorted(cum, budget_bytes, side="right")), "budget"
-    chosen = part[:take]
-    chosen_tables = table_all[chosen]
+    # Candidates lie in blocks per table: sorted, the chosen split at the block bounds.
+    chosen = np.sort(part[:take])
+    cuts = np.searchsorted(chosen, np.cumsum([0, *map(len, pos_parts)]))
     by_table: dict[int, Positions] = {}
-    for t in np.unique(chosen_tables).tolist():
-        by_table[int(t)] = pos_all[chosen[chosen_tables == t]]
+    for t, a, b in zip(tables_in, cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+        if b > a:
+            by_table[t] = pos_all[chosen[a:b]]
     return Victims(by_table, take, int(cum[take - 1]) if take else 0, short_by=short_by)

@@ -23,7 +23,7 @@ from storage.admission import (
     make_policy,
 )
 from storage.base import AdmissionConfig, Keys, RowTier, TableConfig
-from storage.eviction import EvictionConfig, HotIndex, _first_k
+from storage.eviction import EvictionConfig, HotIndex, _first_k, choose_victims
 from storage.keyfilter import KeyFilter
 from storage.keyindex import (
     KeyIndex,
@@ -195,6 +195,43 @@ def test_first_k_is_a_stable_sort_prefix(seed: int) -> None:
             else:  # argpartition: the same scores, each index once
                 assert np.array_equal(score[got], score[expected])
                 assert len(set(got.tolist())) == k
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lru_victims_are_the_oldest_unprotected_rows_of_all_tables(seed: int) -> None:
+    """Against a reference: every (table, key) with its last step, sorted by step (ties
+    in table then position order), cut after the rows needed down to low water."""
+    rng = np.random.default_rng(seed)
+    indexes = [HotIndex() for _ in range(int(rng.integers(1, 6)))]
+    for step in range(1, 30):
+        for ix in indexes:
+            if rng.random() < 0.7:
+                ix.touch(np.unique(rng.integers(0, 500, 40).astype(np.uint64)), step)
+            if rng.random() < 0.2:  # tombstones among the live slots
+                ix.discard(np.unique(rng.integers(0, 500, 10).astype(np.uint64)))
+    live = sum(ix.live for ix in indexes)
+    cfg = EvictionConfig(max_rows=max(1, live // 2), protect_steps=3, low_water=0.8)
+    victims = choose_victims(indexes, [16] * len(indexes), cfg, 29)
+    rows = [
+        (int(ix.step[p]), t, int(p))
+        for t, ix in enumerate(indexes)
+        for p in ix.candidates(27).tolist()
+    ]
+    assert all(ix.state[p] == 1 and ix.step[p] < 27 for _, t, p in rows for ix in [indexes[t]])
+    need = live - int(cfg.max_rows * cfg.low_water)  # type: ignore[operator]
+    expected = sorted(rows)[: min(need, len(rows))]
+    got = sorted(
+        (int(indexes[t].step[p]), t, int(p))
+        for t, pos in victims.positions.items()
+        for p in pos.tolist()
+    )
+    assert victims.rows == len(got) == len(expected)
+    # Same steps chosen; within the cut-off step any rows of that step may be taken.
+    assert [r[0] for r in got] == [r[0] for r in expected]
+    assert {r for r in got if r[0] < expected[-1][0]} == {
+        r for r in expected if r[0] < expected[-1][0]
+    }
+    assert len({(t, p) for _, t, p in got}) == len(got)
 
 
 @pytest.mark.parametrize("seed", range(5))
