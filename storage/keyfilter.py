@@ -10,7 +10,8 @@ probes every layer, so the false-positive rate is the sum of the layers' (~0.8% 
 10 bits and 7 probes a key); a false positive costs only the cold read it would have
 cost anyway. Keys are never removed: a deleted row's key just stays a false positive.
 Memory: 10 bits (rounded up to a power of two) a key of each layer's design count,
-allocated when the layer starts: 11 MB after 2M distinct keys.
+allocated when the layer starts: 11 MB after 2M distinct keys. ``max_bytes`` caps it:
+past that, ``add`` says so and the owner drops the filter.
 
 Not thread-safe: callers serialise access.
 """
@@ -67,9 +68,13 @@ def _test_bits(
             h += step
 
 
+def _layer_bits(capacity: int) -> int:
+    return 1 << max(6, (capacity * _BITS_PER_KEY - 1).bit_length())  # a power of two
+
+
 class _Layer:
     def __init__(self, capacity: int) -> None:
-        bits = 1 << max(6, (capacity * _BITS_PER_KEY - 1).bit_length())  # a power of two
+        bits = _layer_bits(capacity)
         self.capacity = capacity
         self.count = 0
         self.mask = np.uint64(bits - 1)
@@ -79,7 +84,10 @@ class _Layer:
 class KeyFilter:
     """Keys added so far, as a Bloom filter that grows (see the module docstring)."""
 
-    def __init__(self, first_layer_keys: int = _FIRST_LAYER_KEYS) -> None:
+    def __init__(
+        self, first_layer_keys: int = _FIRST_LAYER_KEYS, max_bytes: int | None = None
+    ) -> None:
+        self.max_bytes = max_bytes
         self._layers = [_Layer(first_layer_keys)]
 
     def __len__(self) -> int:
@@ -103,20 +111,28 @@ class KeyFilter:
             maybe = here if maybe is none else maybe | here
         return maybe
 
-    def add(self, keys: Keys) -> None:
+    def add(self, keys: Keys) -> bool:
         """Add ``keys`` (those the filter may hold already are skipped, so re-adding the
-        same keys, as every flush does, does not grow it)."""
+        same keys, as every flush does, does not grow it). False when they need a layer
+        that would take the filter past ``max_bytes``: some are then missing, and the
+        filter must no longer be used."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         keys = keys[~self.may_contain(keys)]
         while len(keys):
             layer = self._layers[-1]
             room = layer.capacity - layer.count
             if room == 0:
-                self._layers.append(_Layer(layer.capacity * _GROWTH))
+                capacity = layer.capacity * _GROWTH
+                if self.max_bytes is not None and (
+                    self.nbytes + _layer_bits(capacity) // 8 > self.max_bytes
+                ):
+                    return False
+                self._layers.append(_Layer(capacity))
                 continue
             part, keys = keys[:room], keys[room:]
             _set_bits(layer.words, layer.mask, part)
             layer.count += len(part)
+        return True
 
 
 def _load_kernels() -> None:

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -125,6 +126,12 @@ from storage.keyindex import (
 from storage.keyindex import sorted_distinct as _unique
 from storage.optim import apply_sparse
 from storage.rows import RowCodec, Rows
+
+log = logging.getLogger(__name__)
+
+# Per table: 128 KiB to start, 10.6 MiB at 5.3M keys; the next layer (32 MiB) would pass
+# this, and the table's new ids are read from RocksDB again (its own bloom filters).
+COLD_FILTER_BYTES = 16 << 20
 
 POSITION_BLOB = "streamrec.store.position"
 """Blob name under which ``flush`` records the stream position (JSON object)."""
@@ -358,7 +365,9 @@ class TieredStore(EmbeddingStore):
                     self._bootstrap_index()
                 if cold is not None:
                     self._cold_keys = {
-                        name: KeyFilter() for name in self._tables if not _holds_rows(cold, name)
+                        name: KeyFilter(max_bytes=COLD_FILTER_BYTES)
+                        for name in self._tables
+                        if not _holds_rows(cold, name)
                     }
                 self._note_cold_within_hot()
 
@@ -390,8 +399,14 @@ class TieredStore(EmbeddingStore):
     def _note_cold_writes(self, table: str, keys: Keys) -> None:
         """Lock held: ``keys`` are about to be written to ``table``'s cold rows."""
         written = self._cold_keys.get(table)
-        if written is not None:
-            written.add(keys)
+        if written is not None and not written.add(keys):
+            del self._cold_keys[table]
+            log.info(
+                "table %r: over %d keys written to the cold tier since open; its hot misses "
+                "are read from the cold tier again",
+                table,
+                len(written),
+            )
 
     @property
     def _marker_blob(self) -> str:

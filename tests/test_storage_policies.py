@@ -290,6 +290,13 @@ def test_key_filter_never_forgets_a_key_as_it_grows(seed: int) -> None:
     assert small.may_contain(np.arange(1000, 100_000, dtype=np.uint64)).mean() < 0.01
 
 
+def test_key_filter_stops_at_its_byte_cap() -> None:
+    f = KeyFilter(first_layer_keys=16, max_bytes=100)  # 32 bytes, then 128: past the cap
+    assert f.add(ids(0, 16)) and f.nbytes == 32
+    assert not f.add(ids(16, 20))
+    assert f.nbytes == 32 and len(f._layers) == 1
+
+
 def test_key_filter_does_not_grow_on_keys_it_holds() -> None:
     f = KeyFilter(first_layer_keys=64)
     keys = ids(0, 60)
@@ -621,6 +628,23 @@ def test_new_ids_skip_the_cold_read_and_cold_rows_are_still_found(make_store: Fa
     again = make_store([T4, T8], hot_name="other", eviction=lru(20))
     assert again.lookup_tables({"t4": flushed}, create=True)["t4"].found.all()
     assert packed(again.hot, "t4", flushed) == before
+
+
+def test_a_full_cold_key_filter_is_dropped_and_cold_rows_still_found(
+    make_store: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = make_store([T4], eviction=lru(20))
+    store._cold_keys["t4"] = KeyFilter(first_layer_keys=16, max_bytes=100)  # full at 16
+    flushed = ids(0, 18)
+    train(store, "t4", flushed, value=2.0)
+    with caplog.at_level("INFO", logger="storage.tiered"):
+        store.flush({"p": 1})
+    assert "t4" not in store._cold_keys and "read from the cold tier again" in caplog.text
+    train(store, "t4", ids(100, 120))  # pushes the flushed rows out of hot
+    skipped = store.stats()["cold_reads_skipped"]
+    assert store.lookup("t4", flushed).found.all()
+    assert not store.lookup("t4", ids(500, 600)).found.any()
+    assert store.stats()["cold_reads_skipped"] == skipped  # read, not ruled out
 
 
 def test_without_cold_tier_capacity_eviction_deletes(make_store: Factory) -> None:
