@@ -11,8 +11,9 @@ took twice as long as from reused memory.
 The settings: blocks up to 32 MiB come from the heap (glibc's own ceiling for its
 adaptive threshold, which any explicit setting turns off), up to 128 MiB may sit free
 at its top, and each time the heap grows it grows 64 MiB more. The cost is that much
-resident memory the process keeps instead of handing back. Other C libraries (musl)
-have no such knobs: nothing is changed there.
+resident memory kept instead of handed back, per malloc arena (the main thread's, and
+one for each thread that allocates heavily). Other C libraries (musl) have no such
+knobs: nothing is changed there.
 """
 
 from __future__ import annotations

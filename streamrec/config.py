@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         True,
         description="Keep freed heap memory for the next batch instead of handing it back "
         "to the kernel (glibc; see storage/allocator.py): fewer page faults, up to ~200 MB "
-        "more resident memory per process.",
+        "of freed memory kept resident per malloc arena (one per busy thread).",
     )
 
     @classmethod
