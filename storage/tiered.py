@@ -305,8 +305,9 @@ class TieredStore(EmbeddingStore):
         # and the cold read would only confirm it (most of a fresh embedded store's cold
         # reads): see ``_note_cold_within_hot``.
         self._cold_within_hot: frozenset[str] = frozenset()
-        # Every key written to a cold table that was empty at open (a writer's): a hot
-        # miss these rule out is a new id, so the cold read is skipped.
+        # Every key written to a cold table that was empty at open (a writer's), for the
+        # tables with a capacity or a shared hot tier: a hot miss these rule out is a new
+        # id, so the cold read is skipped.
         self._cold_keys: dict[str, KeyFilter] = {}
         self._tally: Tally[str] = Tally()
         self._tally_lock = threading.Lock()
@@ -363,13 +364,15 @@ class TieredStore(EmbeddingStore):
                 if eviction is not None:
                     self._index = {name: HotIndex() for name in self._tables}
                     self._bootstrap_index()
+                self._note_cold_within_hot()
                 if cold is not None:
+                    # Tables within hot need no filter (no cold read at all), and keep
+                    # none if they leave it: one started late would lack earlier keys.
                     self._cold_keys = {
                         name: KeyFilter(max_bytes=COLD_FILTER_BYTES)
                         for name in self._tables
-                        if not _holds_rows(cold, name)
+                        if name not in self._cold_within_hot and not _holds_rows(cold, name)
                     }
-                self._note_cold_within_hot()
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -630,6 +630,19 @@ def test_new_ids_skip_the_cold_read_and_cold_rows_are_still_found(make_store: Fa
     assert packed(again.hot, "t4", flushed) == before
 
 
+def test_an_unbounded_private_hot_tier_keeps_no_cold_key_filter(tmp_path: Path) -> None:
+    """Its new ids skip the cold read without one (every cold row has a hot copy), so
+    flushes need not feed filters it would never consult."""
+    store = TieredStore([T4], MemoryTier(), RocksDBTier(tmp_path / "db"))
+    try:
+        train(store, "t4", ids(0, 50))
+        store.flush({"p": 1})
+        assert store._cold_keys == {} and store._cold_within_hot == {"t4"}
+        assert store.lookup("t4", ids(0, 50)).found.all()
+    finally:
+        store.close()
+
+
 def test_a_full_cold_key_filter_is_dropped_and_cold_rows_still_found(
     make_store: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
