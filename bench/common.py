@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import shutil
 import socket
 import subprocess
@@ -70,3 +71,22 @@ def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout_s: float
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def private_redis_cluster(log: Callable[[str], None], masters: int = 3) -> Iterator[str]:
+    """A throwaway Redis Cluster of ``masters`` masters on free loopback ports
+    (``deploy/local/redis_cluster.py``); its first master's URL."""
+    path = Path(__file__).resolve().parents[1] / "deploy" / "local" / "redis_cluster.py"
+    spec = importlib.util.spec_from_file_location("redis_cluster", path)
+    assert spec is not None and spec.loader is not None
+    cluster = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cluster)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-redis-cluster-"))
+    try:
+        url: str = cluster.start(workdir, cluster.free_ports(masters))
+        log(f"private Redis Cluster ({masters} masters) at {url}")
+        yield url
+    finally:
+        cluster.stop(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -27,6 +27,10 @@ Without ``--redis-url`` it starts a private ``redis-server`` on a free loopback 
 the settings ``storage.redis_tier`` asks for) and stops it at the end. With
 ``--redis-url`` it uses fresh key prefixes on that server; its ``used_memory`` deltas then
 include whatever other clients do meanwhile.
+
+``tiered_redis_cluster_keys_per_s``: the Redis run at 20% again, over a private Redis
+Cluster of ``--cluster-masters`` masters (default 3, all on this machine;
+``deploy/local/redis_cluster.py``), the rows spread over them by bucket.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import redis
-from common import private_redis
+from common import private_redis, private_redis_cluster
 
 from storage.allocator import tune_malloc
 from storage.base import Keys, RowTier, TableConfig
@@ -267,6 +271,12 @@ def main() -> None:
         "--rows-per-bucket", type=int, default=None, help="RedisTier's (default: its own)"
     )
     parser.add_argument(
+        "--cluster-masters",
+        type=int,
+        default=3,
+        help="masters of the private Redis Cluster of the cluster run (0: no cluster run)",
+    )
+    parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="leave glibc malloc as it is (streamrec processes tune it: malloc_tuning)",
@@ -325,6 +335,12 @@ def main() -> None:
                 runs[f"redis{label}"] = run_store(
                     f"redis{label}", hot, Path(tmp) / f"r{label}", batches, warmup, cap
                 )
+            if args.cluster_masters:
+                with private_redis_cluster(log, args.cluster_masters) as cluster_url:
+                    hot = RedisTier(cluster_url, expected_rows=per_table, **tier_kwargs)
+                    runs["redis_cluster"] = run_store(
+                        "redis_cluster", hot, Path(tmp) / "rc", batches, warmup, capacity
+                    )
 
     payload = adagrad["payload_bytes"]
     embedded, tiered_redis = runs["embedded"], runs["redis"]
@@ -353,6 +369,10 @@ def main() -> None:
         "tiered_redis_keys_per_s": round(tiered_redis["keys_per_s"]),
         "tiered_embedded_unbounded_keys_per_s": round(runs["embedded_unbounded"]["keys_per_s"]),
         "tiered_redis_unbounded_keys_per_s": round(runs["redis_unbounded"]["keys_per_s"]),
+        "tiered_redis_cluster_keys_per_s": (
+            round(runs["redis_cluster"]["keys_per_s"]) if "redis_cluster" in runs else None
+        ),
+        "redis_cluster_masters": args.cluster_masters or None,
         "hot_capacity_rows": capacity if embedded["capacity_applied"] else None,
         "hot_capacity_note": embedded["capacity_note"],
         "hot_rows_end": {k: v["hot_rows_end"] for k, v in runs.items()},

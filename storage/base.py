@@ -224,6 +224,19 @@ class RowTier(ABC):
     def delete_blob(self, name: str) -> None:
         """Remove a named blob; a missing one is ignored."""
 
+    def put_marker(self, name: str, value: bytes) -> None:
+        """Leave a marker that ``has_marker`` finds for as long as this tier keeps what
+        it holds (gone once a Redis restarts without persistence or is flushed): a blob;
+        a tier spread over several servers leaves one on each."""
+        self.put_blob(name, value)
+
+    def has_marker(self, name: str, value: bytes) -> bool:
+        """Whether the marker ``put_marker`` left is still there (on every server)."""
+        return self.get_blob(name) == value
+
+    def delete_marker(self, name: str) -> None:
+        self.delete_blob(name)
+
     def commit(
         self,
         rows: Mapping[str, tuple[Keys, list[bytes]]],

@@ -63,15 +63,29 @@ its own. On 2 cores that lets client and server work at once: +30-43% keys/s on
 ``bench/store.py``'s Redis run at 20% capacity (``BENCHMARKS.md``). For the same reason
 ``get_rows_ahead`` (a training step's lookup of every table) sends each table's HMGETs
 before the caller gets the rows of the table before. ``commit`` wraps
-its commands in MULTI/EXEC, so it is atomic on a single Redis server. Cluster mode is
-not supported yet (the key layout is ready for it). The connection must speak RESP2
-(redis-py's default: no ``protocol=3`` in the URL).
+its commands in MULTI/EXEC, so it is atomic on a single Redis server. The connection
+must speak RESP2 (redis-py's default: no ``protocol=3`` in the URL).
+
+Redis Cluster: the URL may name any master; ``INFO cluster`` tells, and ``CLUSTER SLOTS``
+maps each of the 16384 hash slots to its master. A bucket's slot is the CRC16 of its
+hash tag (``<table>:<B>:<bucket hex>``), computed for every bucket of a table at once
+(``_bucket_slots``), so a batch's keys are split by master with numpy and each master
+gets the commands of its buckets: reads as one pipeline per master, all masters sent
+to before any is read (``_roundtrip_nodes``), writes in flight per master. The other
+keys (layout, row counter, blob) go to the master of their own slot. Every master needs
+the listpack settings above. Slots that move while the store is open (resharding): a
+read redirected with ``MOVED`` refreshes the map and is sent again once; a redirected
+write (or an ``ASK``, a slot half migrated) raises ``StoreUnavailable``, so a trainer
+rewinds to its recorded position. ``put_marker`` leaves a copy on every master (a hash
+tag of one of its slots each), so a master that lost its data is noticed. ``commit``
+cannot be one transaction across masters: rows go first, then the blobs.
 
 Any connection failure raises ``StoreUnavailable`` naming the server's address.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -106,7 +120,9 @@ _U8 = npt.NDArray[np.uint8]
 _I64 = npt.NDArray[np.int64]
 _Void = npt.NDArray[np.void]
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_I32 = npt.NDArray[np.int32]
 _U64_MAX = (1 << 64) - 1
+_MAX_MAPPED_BUCKETS = 1 << 20  # tables with more buckets map their buckets' slots per batch
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _RECV_BYTES = 1 << 18
 _MAX_UNACKED_BYTES = 32 << 20  # writes in flight before a writer waits for their replies
@@ -119,6 +135,7 @@ class _Unacked:
     """Writes sent on ``conn`` (kept checked out) whose replies are not read yet:
     ``chunks`` kept for one resend, ``handlers`` with the number of replies each takes."""
 
+    node: _Node
     conn: Any
     chunks: list[_Chunk] = field(default_factory=list)
     handlers: list[tuple[int, _ReplyHandler]] = field(default_factory=list)
@@ -137,11 +154,134 @@ def _pack(commands: Sequence[_Command]) -> bytes:
     return b"".join(map(_hiredis_pack, commands))
 
 
-def _address(pool: redis.ConnectionPool) -> str:
-    kw = pool.connection_kwargs
+def _address(kw: Mapping[str, Any]) -> str:
+    """The address of a connection pool's ``connection_kwargs``, for errors."""
     if "path" in kw:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _crc16_table() -> list[int]:
+    """CRC16-CCITT (XMODEM, polynomial 0x1021): what Redis Cluster hashes keys with."""
+    table = []
+    for i in range(256):
+        crc = i << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+        table.append(crc)
+    return table
+
+
+_CRC16 = _crc16_table()
+_CRC16_NP = np.array(_CRC16, dtype=np.uint32)
+_SLOTS = 16384
+
+
+def _crc16(data: bytes, crc: int = 0) -> int:
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ byte) & 0xFF]
+    return crc
+
+
+def _hash_tag(key: bytes) -> bytes:
+    """What Redis Cluster hashes of ``key``: the text between its first ``{`` and the
+    next ``}`` if that is not empty, else the whole key."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def key_slot(key: bytes) -> int:
+    """The Redis Cluster hash slot of ``key``."""
+    return _crc16(_hash_tag(key)) % _SLOTS
+
+
+class _Node:
+    """One Redis server: its connection pool, the idle connections of this process, and
+    the writes in flight to it (see ``RedisTier._send_writes``)."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self.pool = pool
+        self.address = _address(pool.connection_kwargs)
+        self.unacked: _Unacked | None = None
+        self._idle: list[Any] = []
+        self._idle_pid = os.getpid()
+        self._idle_lock = threading.Lock()
+
+    def checkout(self) -> Any:
+        """A connection of this process (typed Any: redis-py leaves its wire methods
+        untyped), connected. Idle ones wait in a list of our own: redis-py's pool
+        checks each one it hands out with a poll, ~5% of a batch's time."""
+        conn: Any = None
+        with self._idle_lock:
+            if self._idle and self._idle_pid == os.getpid():
+                conn = self._idle.pop()
+        try:
+            if conn is None:
+                conn = self.pool.get_connection()
+            if conn._sock is None:
+                conn.connect()
+        except _UNREACHABLE as e:
+            if conn is not None:
+                self.checkin(conn)
+            raise StoreUnavailable(f"Redis at {self.address} is unreachable: {e}") from e
+        return conn
+
+    def checkin(self, conn: Any) -> None:
+        with self._idle_lock:
+            if self._idle_pid == os.getpid():
+                self._idle.append(conn)
+                return
+        self.pool.release(conn)  # a forked child's: never shared with the parent
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        conn = self.checkout()
+        try:
+            yield conn
+        except BaseException:
+            # Replies may be left unread: never hand a desynchronised connection back.
+            conn.disconnect()
+            raise
+        finally:
+            self.checkin(conn)
+
+    def roundtrip_once(self, chunks: Sequence[_Chunk]) -> list[Any]:
+        out: list[Any] = []
+        with self.connection() as conn:  # connected by ``checkout``
+            sock = conn._sock
+            reader = hiredis.Reader(notEnoughData=_MORE)
+            sent = 0
+            for data, commands in chunks:
+                sock.sendall(data)
+                # Parse the previous chunk's replies while Redis works on this one: both
+                # sides busy, and Redis never buffers more than ~2 chunks of replies.
+                read_replies(sock, reader, out, sent)
+                sent += commands
+            read_replies(sock, reader, out, sent)
+        return out
+
+    def close(self) -> None:
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self.pool.release(conn)
+        self.pool.disconnect()
+
+
+def read_replies(sock: Any, reader: hiredis.Reader, out: list[Any], replies: int) -> None:
+    """Read replies off ``sock`` into ``out`` until it holds ``replies``."""
+    while len(out) < replies:
+        data = sock.recv(_RECV_BYTES)
+        if not data:
+            raise RedisConnectionError("connection closed by server")
+        # Small feeds: hiredis moves its unread buffer down every ~1 KiB parsed.
+        for at in range(0, len(data), _FEED_BYTES):
+            reader.feed(data, at, min(_FEED_BYTES, len(data) - at))
+            out.extend(iter(reader.gets, _MORE))
 
 
 def field_bytes(buckets: int) -> int:
@@ -214,6 +354,21 @@ class BucketLayout:
         q = raw.view("<u8").reshape(-1).astype(np.uint64)
         keys: Keys = q * np.uint64(self.buckets) + np.uint64(bucket)
         return keys
+
+
+def _bucket_slots(layout: BucketLayout, buckets: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+    """The cluster hash slot of each bucket's hash (``key_slot`` of ``bucket_name``),
+    vectorised: the CRC16 of the tag's fixed head once, then one step per hex digit."""
+    head = layout.name_head
+    tag_head = head[head.index(b"{") + 1 :]
+    if b"}" in tag_head or not buckets.size:  # a prefix with braces: name by name
+        return np.array([key_slot(layout.bucket_name(int(b))) for b in buckets], dtype=np.intp)
+    crc = np.full(len(buckets), _crc16(tag_head), dtype=np.uint32)
+    digits = _hex(buckets, layout.hex_digits).view(np.uint8).reshape(len(buckets), -1)
+    for j in range(layout.hex_digits):
+        index = ((crc >> np.uint32(8)) ^ digits[:, j]) & np.uint32(0xFF)
+        crc = ((crc << np.uint32(8)) & np.uint32(0xFFFF)) ^ _CRC16_NP[index]
+    return (crc % np.uint32(_SLOTS)).astype(np.intp)
 
 
 @lru_cache(maxsize=64)
@@ -413,18 +568,21 @@ class RedisTier(RowTier):
             socket_connect_timeout=connect_timeout,
             decode_responses=False,  # rows are raw bytes
         )
-        self._pool = self._client.connection_pool
-        self.address = _address(self._pool)
+        self._seed = _Node(self._client.connection_pool)
+        self.address = self._seed.address
         self._layouts: dict[str, BucketLayout] = {}
         self._layouts_lock = threading.Lock()
         # Writes go out without waiting for their replies (see ``_send_writes``).
-        self._unacked: _Unacked | None = None
         self._unacked_lock = threading.RLock()
-        self._idle: list[Any] = []
-        self._idle_pid = os.getpid()
-        self._idle_lock = threading.Lock()
+        # A cluster's masters (the seed first) and the one serving each hash slot;
+        # ``_slots`` is None on a single server (see ``_discover``).
+        self._nodes: list[_Node] = [self._seed]
+        self._slots: npt.NDArray[np.int32] | None = None
+        self._bucket_nodes: dict[BucketLayout, npt.NDArray[np.int32]] = {}
+        self._master_tags: dict[int, bytes] | None = None  # a hash tag on each master
         try:
             self._execute([(b"PING",)])  # fail fast, naming the address
+            self._discover()
         except BaseException:
             self._client.close()
             raise
@@ -494,111 +652,201 @@ class RedisTier(RowTier):
                 "the table with other buckets?); the rows just written are unreachable"
             )
 
+    # -- cluster ------------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the server is a Redis Cluster (rows spread over its masters)."""
+        return self._slots is not None
+
+    def _discover(self) -> None:
+        """On a Redis Cluster, learn which master serves each hash slot."""
+        (info,) = self._roundtrip_on(self._seed, self._packed([(b"INFO", b"cluster")]))
+        if isinstance(info, bytes) and b"cluster_enabled:1" in info:
+            self._refresh_slots()
+
+    def _refresh_slots(self) -> None:
+        """Read the slot map (``CLUSTER SLOTS``) from the first master that answers."""
+        errors = []
+        for node in list(self._nodes):
+            try:
+                (reply,) = self._roundtrip_on(node, self._packed([(b"CLUSTER", b"SLOTS")]))
+            except StoreUnavailable as e:
+                errors.append(str(e))
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                raise StoreError(f"Redis at {node.address}: CLUSTER SLOTS: {reply}")
+            break
+        else:
+            raise StoreUnavailable("; ".join(errors))
+        by_address = {n.address: i for i, n in enumerate(self._nodes)}
+        slots = np.full(_SLOTS, -1, dtype=np.int32)
+        seed = self._seed.pool.connection_kwargs
+        for first, last, master, *_ in reply:
+            # An empty host: the one this client reached the cluster at.
+            kwargs = {**seed, "host": master[0].decode() or seed["host"], "port": int(master[1])}
+            address = _address(kwargs)
+            if address not in by_address:
+                pool = redis.ConnectionPool(
+                    connection_class=self._seed.pool.connection_class, **kwargs
+                )
+                by_address[address] = len(self._nodes)
+                self._nodes.append(_Node(pool))
+            slots[int(first) : int(last) + 1] = by_address[address]
+        if (slots < 0).any():
+            raise StoreUnavailable(
+                f"Redis Cluster at {self.address}: {int((slots < 0).sum())} of {_SLOTS} hash "
+                "slots have no master (cluster_state not ok?)"
+            )
+        self._slots = slots
+        self._bucket_nodes = {}
+        self._master_tags = None
+
+    def _node_of(self, key: bytes) -> int:
+        return 0 if self._slots is None else int(self._slots[key_slot(key)])
+
+    def _nodes_of_buckets(self, layout: BucketLayout, buckets: npt.NDArray[np.uint64]) -> _I32:
+        """The master (index in ``_nodes``) of each bucket, from a per-table map of every
+        bucket's slot (one vectorised CRC16 pass over the bucket names' hash tags)."""
+        assert self._slots is not None
+        table = self._bucket_nodes.get(layout)
+        if table is None:
+            every = np.arange(layout.buckets, dtype=np.uint64)
+            table = self._slots[_bucket_slots(layout, every)]
+            if layout.buckets <= _MAX_MAPPED_BUCKETS:
+                self._bucket_nodes[layout] = table
+            else:  # too many buckets to map them all: these only
+                return self._slots[_bucket_slots(layout, buckets)]
+        return table[buckets]
+
+    def _split(
+        self, layout: BucketLayout, keys: Keys
+    ) -> list[tuple[int, npt.NDArray[np.intp] | None]]:
+        """The masters ``keys`` live on, each with the positions of its keys (None: all)."""
+        if self._slots is None:
+            return [(0, None)]
+        nodes = self._nodes_of_buckets(layout, keys % np.uint64(layout.buckets))
+        present = np.unique(nodes)
+        if len(present) == 1:
+            return [(int(present[0]), None)]
+        return [(int(n), np.flatnonzero(nodes == n)) for n in present]
+
+    def _moved(self, replies: Sequence[Any]) -> str | None:
+        """The first MOVED/ASK redirection among ``replies`` (resharding), if any."""
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(("MOVED ", "ASK ")):
+                return str(reply)
+        return None
+
     # -- wire ---------------------------------------------------------------------------
 
-    def _checkout(self) -> Any:
-        """A connection of this process (typed Any: redis-py leaves its wire methods
-        untyped), connected. Idle ones wait in a list of our own: redis-py's pool
-        checks each one it hands out with a poll, ~5% of a batch's time."""
-        conn: Any = None
-        with self._idle_lock:
-            if self._idle and self._idle_pid == os.getpid():
-                conn = self._idle.pop()
-        try:
-            if conn is None:
-                conn = self._pool.get_connection()
-            if conn._sock is None:
-                conn.connect()
-        except _UNREACHABLE as e:
-            if conn is not None:
-                self._checkin(conn)
-            raise StoreUnavailable(f"Redis at {self.address} is unreachable: {e}") from e
-        return conn
-
-    def _checkin(self, conn: Any) -> None:
-        with self._idle_lock:
-            if self._idle_pid == os.getpid():
-                self._idle.append(conn)
-                return
-        self._pool.release(conn)  # a forked child's: never shared with the parent
-
-    @contextmanager
-    def _connection(self) -> Iterator[Any]:
-        conn = self._checkout()
-        try:
-            yield conn
-        except BaseException:
-            # Replies may be left unread: never hand a desynchronised connection back.
-            conn.disconnect()
-            raise
-        finally:
-            self._checkin(conn)
-
-    def _roundtrip_once(self, chunks: Sequence[_Chunk]) -> list[Any]:
-        out: list[Any] = []
-        with self._connection() as conn:  # connected by ``_checkout``
-            sock = conn._sock
-            reader = hiredis.Reader(notEnoughData=_MORE)
-            sent = 0
-            for data, commands in chunks:
-                sock.sendall(data)
-                # Parse the previous chunk's replies while Redis works on this one: both
-                # sides busy, and Redis never buffers more than ~2 chunks of replies.
-                self._read(sock, reader, out, sent)
-                sent += commands
-            self._read(sock, reader, out, sent)
-        return out
-
-    @staticmethod
-    def _read(sock: Any, reader: hiredis.Reader, out: list[Any], replies: int) -> None:
-        """Read replies off ``sock`` into ``out`` until it holds ``replies``."""
-        while len(out) < replies:
-            data = sock.recv(_RECV_BYTES)
-            if not data:
-                raise RedisConnectionError("connection closed by server")
-            # Small feeds: hiredis moves its unread buffer down every ~1 KiB parsed.
-            for at in range(0, len(data), _FEED_BYTES):
-                reader.feed(data, at, min(_FEED_BYTES, len(data) - at))
-                out.extend(iter(reader.gets, _MORE))
-
-    def _roundtrip(self, chunks: Sequence[_Chunk], *, retry: bool = True) -> list[Any]:
-        """Send ``chunks`` (RESP bytes, number of commands) pipelined on one connection;
-        the replies in order (error replies as ``hiredis.ReplyError`` objects). Writes
-        still in flight are acknowledged first, so every read sees them."""
-        self.sync()
+    def _roundtrip_on(
+        self, node: _Node, chunks: Sequence[_Chunk], *, retry: bool = True
+    ) -> list[Any]:
+        """Send ``chunks`` (RESP bytes, number of commands) pipelined on one connection
+        to ``node``; the replies in order (error replies as ``hiredis.ReplyError``
+        objects)."""
         if not chunks:
             return []
         try:
             try:
-                return self._roundtrip_once(chunks)
+                return node.roundtrip_once(chunks)
             except _UNREACHABLE:
                 if not retry:
                     raise
                 # A pooled connection may have gone stale (server restart, idle timeout).
-                return self._roundtrip_once(chunks)
+                return node.roundtrip_once(chunks)
         except _UNREACHABLE as e:
-            raise StoreUnavailable(f"Redis at {self.address} is unreachable: {e}") from e
+            raise StoreUnavailable(f"Redis at {node.address} is unreachable: {e}") from e
         except (RedisError, hiredis.HiredisError) as e:
-            raise StoreError(f"Redis at {self.address}: {e}") from e
+            raise StoreError(f"Redis at {node.address}: {e}") from e
 
-    def _raise_errors(self, replies: Sequence[Any]) -> None:
+    def _roundtrip(self, chunks: Sequence[_Chunk], *, retry: bool = True) -> list[Any]:
+        """``_roundtrip_on`` the seed server, writes in flight acknowledged first (so
+        every read sees them)."""
+        self.sync()
+        return self._roundtrip_on(self._seed, chunks, retry=retry)
+
+    def _roundtrip_nodes(self, chunks: Mapping[int, Sequence[_Chunk]]) -> dict[int, list[Any]]:
+        """``_roundtrip_on`` several masters at once (writes in flight acknowledged
+        first): each round sends every master its next chunk, then parses the replies
+        to the chunks before, so the masters work side by side. A connection that fails
+        on the way leaves its master to ``_roundtrip_on`` (which retries once)."""
+        self.sync()
+        if not chunks:
+            return {}
+        if len(chunks) == 1:
+            ((node, only),) = chunks.items()
+            return {node: self._roundtrip_on(self._nodes[node], only)}
+        out: dict[int, list[Any]] = {node: [] for node in chunks}
+        conns: dict[int, Any] = {}
+        failed: set[int] = set()
+        done = False
+        try:
+            for node in chunks:
+                with contextlib.suppress(StoreUnavailable):  # retried on its own below
+                    conns[node] = self._nodes[node].checkout()
+            readers = {node: hiredis.Reader(notEnoughData=_MORE) for node in conns}
+            sent = dict.fromkeys(conns, 0)
+            for i in range(max(len(c) for c in chunks.values()) + 1):
+                for node, conn in conns.items():
+                    if node in failed:
+                        continue
+                    try:
+                        if i < len(chunks[node]):
+                            conn._sock.sendall(chunks[node][i][0])
+                        read_replies(conn._sock, readers[node], out[node], sent[node])
+                        if i < len(chunks[node]):
+                            sent[node] += chunks[node][i][1]
+                    except _UNREACHABLE:
+                        failed.add(node)
+            for node, conn in conns.items():
+                if node not in failed:
+                    read_replies(conn._sock, readers[node], out[node], sent[node])
+            done = True
+        except (RedisError, hiredis.HiredisError) as e:
+            raise StoreError(f"Redis Cluster at {self.address}: {e}") from e
+        finally:
+            for node, conn in conns.items():
+                if node in failed or not done:  # replies may be left unread
+                    conn.disconnect()
+                self._nodes[node].checkin(conn)
+        for node in chunks:
+            if node in failed or node not in conns:
+                out[node] = self._roundtrip_on(self._nodes[node], chunks[node])
+        return out
+
+    def _raise_errors(self, replies: Sequence[Any], node: _Node | None = None) -> None:
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
-                raise StoreError(f"Redis at {self.address}: {reply}")
+                address = (node or self._seed).address
+                if self._slots is not None and str(reply).startswith(("MOVED ", "ASK ")):
+                    # Resharding: later calls go where the slots live now. Unavailable,
+                    # not broken: a trainer rewinds and replays, serving answers 503.
+                    self._refresh_slots()
+                    raise StoreUnavailable(
+                        f"Redis Cluster at {address}: {reply} (hash slots moving while this "
+                        "store is open; the slot map is refreshed, retry)"
+                    )
+                raise StoreError(f"Redis at {address}: {reply}")
 
-    def _send_writes(self, chunks: list[_Chunk], handler: _ReplyHandler) -> None:
-        """Send write ``chunks`` without waiting for their replies, so Redis applies them
-        while this process goes on (on 2 cores the client and the server then work at
-        once instead of in turns). ``handler`` checks their replies later, in ``sync``,
-        which every read, ``close`` and this method past ``_MAX_UNACKED_BYTES`` call
-        first: a read always sees earlier writes (one connection, applied in order), and
-        a failed write raises from the next call instead of its own."""
+    def _send_writes(
+        self, chunks: list[_Chunk], handler: _ReplyHandler, node: _Node | None = None
+    ) -> None:
+        """Send write ``chunks`` to ``node`` (default: the seed server) without waiting
+        for their replies, so Redis applies them while this process goes on (on 2 cores
+        the client and the server then work at once instead of in turns). ``handler``
+        checks their replies later, in ``sync``, which every read, ``close`` and this
+        method past ``_MAX_UNACKED_BYTES`` call first: a read always sees earlier writes
+        (one connection per server, applied in order), and a failed write raises from
+        the next call instead of its own."""
         if not chunks:
             return
+        node = node or self._seed
         with self._unacked_lock:
-            unacked = self._unacked
+            unacked = node.unacked
             if unacked is None:
-                self._unacked = unacked = _Unacked(self._checkout())
+                node.unacked = unacked = _Unacked(node, node.checkout())
             try:
                 for data, _ in chunks:
                     if not unacked.broken:
@@ -618,43 +866,59 @@ class RedisTier(RowTier):
         (``StoreError``/``StoreUnavailable`` as a waited-for write would raise). A write
         whose connection broke is resent once on a fresh one, like any batch."""
         with self._unacked_lock:
-            while (unacked := self._unacked) is not None:
-                self._unacked = None
-                replies = self._acknowledge(unacked)
+            while pending := [n.unacked for n in self._nodes if n.unacked is not None]:
                 follow_ups: list[_Command] = []
-                at = 0
                 try:
-                    for count, handler in unacked.handlers:
-                        follow_ups += handler(replies[at : at + count])
-                        at += count
+                    for unacked in pending:
+                        unacked.node.unacked = None
+                        replies = self._acknowledge(unacked)
+                        at = 0
+                        for count, handler in unacked.handlers:
+                            follow_ups += handler(replies[at : at + count])
+                            at += count
                 finally:  # the counters of the writes checked before a failed one too
                     if follow_ups:
-                        self._send_writes(self._packed(follow_ups), self._checked)
+                        self._send_commands(follow_ups, self._checked)
+
+    def _send_commands(self, commands: Sequence[_Command], handler: _ReplyHandler) -> None:
+        """``_send_writes`` of ``commands``, each to the server of its key."""
+        for node, mine in self._route(commands).items():
+            self._send_writes(self._packed(mine), handler, self._nodes[node])
+
+    def _route(self, commands: Sequence[_Command]) -> dict[int, list[_Command]]:
+        """``commands`` by the master of their key (the first argument)."""
+        if self._slots is None:
+            return {0: list(commands)}
+        by_node: dict[int, list[_Command]] = {}
+        for command in commands:
+            node = self._node_of(command[1]) if len(command) > 1 else 0
+            by_node.setdefault(node, []).append(command)
+        return by_node
 
     def _acknowledge(self, unacked: _Unacked) -> list[Any]:
         """The replies of ``unacked``'s writes, resent once if the connection broke."""
-        conn = unacked.conn
+        node, conn = unacked.node, unacked.conn
         replies: list[Any] = []
         try:
             try:
                 if unacked.broken:
                     raise RedisConnectionError("a send failed")
                 reader = hiredis.Reader(notEnoughData=_MORE)
-                self._read(conn._sock, reader, replies, unacked.replies)
+                read_replies(conn._sock, reader, replies, unacked.replies)
             except _UNREACHABLE:
                 conn.disconnect()
                 # A stale pooled connection: the writes are idempotent, bar the row
                 # counters (see the module docstring), so resend them all.
-                replies = self._roundtrip_once(unacked.chunks)
+                replies = node.roundtrip_once(unacked.chunks)
             except BaseException:
                 conn.disconnect()  # replies may be left unread
                 raise
             finally:
-                self._checkin(conn)
+                node.checkin(conn)
         except _UNREACHABLE as e:
-            raise StoreUnavailable(f"Redis at {self.address} is unreachable: {e}") from e
+            raise StoreUnavailable(f"Redis at {node.address} is unreachable: {e}") from e
         except (RedisError, hiredis.HiredisError) as e:
-            raise StoreError(f"Redis at {self.address}: {e}") from e
+            raise StoreError(f"Redis at {node.address}: {e}") from e
         return replies
 
     def _checked(self, replies: list[Any]) -> list[_Command]:
@@ -662,9 +926,43 @@ class RedisTier(RowTier):
         return []
 
     def _execute(self, commands: Sequence[_Command], *, retry: bool = True) -> list[Any]:
-        """Send ``commands`` pipelined on one connection; their replies, in order."""
-        replies = self._roundtrip(self._packed(commands), retry=retry)
+        """Send ``commands`` pipelined, one connection per server; their replies, in
+        order. ``retry``: once more on a fresh connection if a pooled one failed."""
+        if self._slots is None:
+            replies = self._roundtrip(self._packed(commands), retry=retry)
+        else:
+            replies = self._execute_routed(commands, retry=retry, redirected=False)
         self._raise_errors(replies)
+        return replies
+
+    def _execute_routed(
+        self, commands: Sequence[_Command], *, retry: bool, redirected: bool
+    ) -> list[Any]:
+        """``_execute`` on a cluster, each command to the master of its key; those
+        redirected (``MOVED``: sent where a slot used to be, so not run) are sent again
+        once, after the slot map is refreshed."""
+        routed = self._route(commands)
+        if len(routed) == 1:  # the usual: one key, or keys of one server
+            ((node, mine),) = routed.items()
+            self.sync()
+            replies = self._roundtrip_on(self._nodes[node], self._packed(mine), retry=retry)
+        else:
+            by_node = self._roundtrip_nodes({n: self._packed(c) for n, c in routed.items()})
+            # Back in the order asked: each server's replies follow its commands' order.
+            taken = dict.fromkeys(by_node, 0)
+            replies = []
+            for command in commands:
+                node = self._node_of(command[1]) if len(command) > 1 else 0
+                replies.append(by_node[node][taken[node]])
+                taken[node] += 1
+        if not redirected and self._moved(replies):
+            self._refresh_slots()
+            again = [i for i, r in enumerate(replies) if self._moved([r])]
+            resent = self._execute_routed(
+                [commands[i] for i in again], retry=retry, redirected=True
+            )
+            for i, reply in zip(again, resent, strict=True):
+                replies[i] = reply
         return replies
 
     def _packed(self, commands: Sequence[_Command]) -> list[_Chunk]:
@@ -693,11 +991,11 @@ class RedisTier(RowTier):
         sizes = [self.chunk] * (len(cuts) - 2) + [batch.commands - self.chunk * (len(cuts) - 2)]
         return [(view[a:b], n) for (a, b), n in zip(pairwise(cuts), sizes, strict=True)]
 
-    def _sum_replies(self, replies: Sequence[Any]) -> int:
+    def _sum_replies(self, replies: Sequence[Any], node: _Node | None = None) -> int:
         try:
             return int(sum(replies))
         except TypeError:  # an error reply among the integers
-            self._raise_errors(replies)
+            self._raise_errors(replies, node)
             raise
 
     # -- RowTier ------------------------------------------------------------------------
@@ -705,10 +1003,51 @@ class RedisTier(RowTier):
     def _fetch(self, table: str, keys: Keys) -> tuple[list[bytes | None], npt.NDArray[np.intp]]:
         """HMGET of ``keys`` (not empty): the values in command order and the batch
         positions they belong to."""
+        if self._slots is not None:
+            return self._fetch_many([(table, keys)])[0]
         batch = self._hmget(table, keys)
         if batch is None:  # nobody ever wrote the table
             return [None] * len(keys), np.arange(len(keys))
         return self._values(self._roundtrip(self._chunks(batch))), batch.positions
+
+    def _fetch_many(
+        self, requests: Sequence[tuple[str, Keys]], *, retry: bool = True
+    ) -> list[tuple[list[bytes | None], npt.NDArray[np.intp]]]:
+        """``_fetch`` of several tables on a cluster: each master's HMGETs of every
+        table in one pipeline. Read again once if slots moved meanwhile."""
+        sent: dict[int, list[tuple[int, _Batch, npt.NDArray[np.intp] | None]]] = {}
+        for r, (table, keys) in enumerate(requests):
+            layout = self.layout(table) if len(keys) else None
+            if layout is None:
+                continue
+            keys = np.asarray(keys, dtype=np.uint64)
+            for node, at in self._split(layout, keys):
+                batch = _build(b"HMGET", layout, keys if at is None else keys[at], None)
+                sent.setdefault(node, []).append((r, batch, at))
+        replies = self._roundtrip_nodes(
+            {
+                node: [c for _, b, _ in parts for c in self._chunks(b)]
+                for node, parts in sent.items()
+            }
+        )
+        if retry and self._moved([r for rs in replies.values() for r in rs]):
+            self._refresh_slots()
+            return self._fetch_many(requests, retry=False)
+        values: list[list[bytes | None]] = [[None] * len(k) for _, k in requests]
+        positions = [np.arange(len(k)) for _, k in requests]
+        got: dict[int, list[tuple[list[bytes | None], npt.NDArray[np.intp]]]] = {}
+        for node, parts in sent.items():
+            node_replies, at_reply = replies[node], 0
+            for r, batch, at in parts:
+                mine = node_replies[at_reply : at_reply + batch.commands]
+                at_reply += batch.commands
+                self._raise_errors(mine, self._nodes[node])
+                where = batch.positions if at is None else at[batch.positions]
+                got.setdefault(r, []).append((self._values(mine), where))
+        for r, pieces in got.items():
+            values[r] = [v for vals, _ in pieces for v in vals]
+            positions[r] = np.concatenate([where for _, where in pieces])
+        return list(zip(values, positions, strict=True))
 
     def _hmget(self, table: str, keys: Keys) -> _Batch | None:
         """The HMGETs of ``keys`` (None: no keys, or the table has no layout: all absent)."""
@@ -764,12 +1103,21 @@ class RedisTier(RowTier):
         caller works on these (a writer's lookup of many tables: on 2 cores client and
         server then run at once). Writes in flight are acknowledged first, as for every
         read. A connection that fails on the way leaves the rest to ``get_rows`` (which
-        retries once on a fresh one)."""
+        retries once on a fresh one). On a cluster: every request's HMGETs at once, one
+        pipeline per master."""
+        if self._slots is not None:
+            fetched = self._fetch_many([(table, keys) for table, keys, _ in requests])
+            for (_, keys, codec), (flat, positions) in zip(requests, fetched, strict=True):
+                if len(keys) == 0:
+                    yield codec.zeros(0), np.zeros(0, dtype=np.bool_)
+                else:
+                    yield self._rows(keys, codec, flat, positions)
+            return
         self.sync()
         reader = hiredis.Reader(notEnoughData=_MORE)
         replies: list[Any] = []  # of the requests sent and not yet handed out
         sent: list[_Batch | None] = []
-        conn = self._checkout()
+        conn = self._seed.checkout()
         done = False
         try:
             for i, (table, keys, codec) in enumerate(requests):
@@ -779,10 +1127,10 @@ class RedisTier(RowTier):
                             sent.append(self._send_read(conn._sock, *requests[len(sent)][:2]))
                         batch = sent[i]
                         if batch is not None:
-                            self._read(conn._sock, reader, replies, batch.commands)
+                            read_replies(conn._sock, reader, replies, batch.commands)
                     except _UNREACHABLE:
                         conn.disconnect()
-                        self._checkin(conn)
+                        self._seed.checkin(conn)
                         conn = None
                 if conn is None:  # the connection failed: the rest one at a time
                     yield self.get_rows(table, keys, codec)
@@ -800,7 +1148,7 @@ class RedisTier(RowTier):
             if conn is not None:
                 if not done:  # replies may be left unread
                     conn.disconnect()
-                self._checkin(conn)
+                self._seed.checkin(conn)
 
     def _send_read(self, sock: Any, table: str, keys: Keys) -> _Batch | None:
         """Send the HMGETs of ``keys`` (None: nothing to read, all absent)."""
@@ -814,6 +1162,15 @@ class RedisTier(RowTier):
         """``get_many`` of several tables in one pipeline on one connection: an ``HGET``
         per key (a serving read touches ~1 key per bucket, so grouping keys by bucket
         would save Redis nothing), built for all tables at once."""
+        if self._slots is not None:  # HMGETs, one pipeline per master
+            fetched = self._fetch_many(list(keys.items()))
+            out_of: dict[str, list[bytes | None]] = {}
+            for (table, table_keys), (flat, positions) in zip(keys.items(), fetched, strict=True):
+                ordered: list[bytes | None] = [None] * len(table_keys)
+                for value, at in zip(flat, positions.tolist(), strict=True):
+                    ordered[at] = value
+                out_of[table] = ordered
+            return out_of
         # Nothing asked, or nobody ever wrote the table: all None (in the order asked).
         out: dict[str, list[bytes | None]] = {t: [None] * len(k) for t, k in keys.items()}
         shapes: dict[tuple[int, int, int], list[tuple[str, BucketLayout, Keys]]] = {}
@@ -872,7 +1229,15 @@ class RedisTier(RowTier):
             return
         layout = self.layout(table, create=True)
         assert layout is not None
-        self._store(layout, self._put_chunks(layout, keys, values))
+        keys = np.asarray(keys, dtype=np.uint64)
+        self._store(
+            layout,
+            keys,
+            lambda at: self._put_chunks(
+                layout, keys if at is None else keys[at], values if at is None else
+                [values[i] for i in at.tolist()]
+            ),
+        )  # fmt: skip
 
     def put_rows(self, table: str, keys: Keys, rows: Rows) -> None:
         """The HSETs built from the rows' bytes (no ``bytes`` object per row)."""
@@ -880,23 +1245,57 @@ class RedisTier(RowTier):
             return
         layout = self.layout(table, create=True)
         assert layout is not None
+        keys = np.asarray(keys, dtype=np.uint64)
         data = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
-        batch = _build(b"HSET", layout, np.asarray(keys, dtype=np.uint64), data)
-        self._store(layout, self._chunks(batch))
+        self._store(
+            layout,
+            keys,
+            lambda at: self._chunks(
+                _build(b"HSET", layout, keys, data)
+                if at is None
+                else _build(b"HSET", layout, keys[at], data[at])
+            ),
+        )
 
-    def _store(self, layout: BucketLayout, chunks: list[_Chunk]) -> None:
-        """Send a batch's HSETs with the layout assertion; count the new fields (both
-        once acknowledged: see ``_send_writes``)."""
+    def _store(
+        self,
+        layout: BucketLayout,
+        keys: Keys,
+        hsets: Callable[[npt.NDArray[np.intp] | None], list[_Chunk]],
+    ) -> None:
+        """Send a batch's HSETs (``hsets`` of the positions of the keys of one server,
+        None: all) with the layout assertion; count the new fields (both once
+        acknowledged: see ``_send_writes``)."""
+        if self._slots is None:
 
-        def counted(replies: list[Any]) -> list[_Command]:
-            self._raise_errors(replies[:2])
+            def counted(replies: list[Any]) -> list[_Command]:
+                self._raise_errors(replies[:2])
+                self._check_layout(layout, replies[1])
+                return self._counter(b"INCRBY", layout.table, self._sum_replies(replies[2:]))
+
+            self._send_writes([*self._packed(self._assert_layout(layout)), *hsets(None)], counted)
+            return
+
+        def asserted(replies: list[Any]) -> list[_Command]:
+            self._raise_errors(replies)
             self._check_layout(layout, replies[1])
-            return self._counter(b"INCRBY", layout.table, self._sum_replies(replies[2:]))
+            return []
 
-        self._send_writes([*self._packed(self._assert_layout(layout)), *chunks], counted)
+        self._send_commands(self._assert_layout(layout), asserted)
+        for node, at in self._split(layout, keys):
+            self._send_writes(
+                hsets(at), self._counting(b"INCRBY", layout.table, node), self._nodes[node]
+            )
 
     def _counter(self, command: bytes, table: str, delta: int) -> list[_Command]:
         return [(command, self._count_key(table), str(delta).encode())] if delta else []
+
+    def _counting(self, command: bytes, table: str, node: int) -> _ReplyHandler:
+        """A handler that moves ``table``'s row counter by the sum of the replies of
+        writes to master ``node``."""
+        return lambda replies: self._counter(
+            command, table, self._sum_replies(replies, self._nodes[node])
+        )
 
     def delete_many(self, table: str, keys: Keys) -> None:
         if len(keys) == 0:
@@ -904,11 +1303,12 @@ class RedisTier(RowTier):
         layout = self.layout(table)
         if layout is None:
             return
-        batch = _build(b"HDEL", layout, np.asarray(keys, dtype=np.uint64), None)
-        self._send_writes(
-            self._chunks(batch),
-            lambda replies: self._counter(b"DECRBY", table, self._sum_replies(replies)),
-        )
+        keys = np.asarray(keys, dtype=np.uint64)
+        for node, at in self._split(layout, keys):
+            batch = _build(b"HDEL", layout, keys if at is None else keys[at], None)
+            self._send_writes(
+                self._chunks(batch), self._counting(b"DECRBY", table, node), self._nodes[node]
+            )
 
     def count(self, table: str) -> int:
         (reply,) = self._execute([(b"GET", self._count_key(table))])
@@ -924,6 +1324,18 @@ class RedisTier(RowTier):
         self._execute([(b"SET", self._count_key(table), str(total).encode())])
         return total
 
+    def clear(self, table: str) -> None:
+        """Every row deleted, and the row counter reset: it may have drifted (e.g. a
+        cluster master that lost its data took part of the rows, or the counter, with
+        it)."""
+        layout = self.layout(table)
+        if layout is None:
+            return
+        for keys, _ in self.scan(table):
+            self.delete_many(table, keys)
+        self.sync()
+        self._execute([(b"SET", self._count_key(table), b"0")])
+
     def put_blob(self, name: str, data: bytes) -> None:
         self._execute([(b"SET", self._blob_key(name), bytes(data))])
 
@@ -934,6 +1346,47 @@ class RedisTier(RowTier):
         (reply,) = self._execute([(b"GET", self._blob_key(name))])
         return bytes(reply) if reply is not None else None
 
+    def put_marker(self, name: str, value: bytes) -> None:
+        """On a cluster, one copy on every master (any of them losing its data loses
+        the marker)."""
+        if self._slots is None:
+            self.put_blob(name, value)
+            return
+        self._execute([(b"SET", key, value) for key in self._marker_keys(name)])
+
+    def has_marker(self, name: str, value: bytes) -> bool:
+        if self._slots is None:
+            return self.get_blob(name) == value
+        replies = self._execute([(b"GET", key) for key in self._marker_keys(name)])
+        return all(reply == value for reply in replies)
+
+    def delete_marker(self, name: str) -> None:
+        if self._slots is None:
+            self.delete_blob(name)
+            return
+        self._execute([(b"DEL", key) for key in self._marker_keys(name)])
+
+    def _marker_keys(self, name: str) -> list[bytes]:
+        """A key of the marker ``name`` on each master that serves slots, each under a
+        hash tag of a slot of that master (slots moved since the marker was left: its
+        copies are looked for where they are not, and it reads as lost; a false alarm
+        only costs a rebuild of the hot tier from the cold one)."""
+        assert self._slots is not None
+        tags = self._master_tags
+        if tags is None:
+            masters = set(self._slots.tolist())
+            tags = {}
+            for i in range(1 << 20):
+                tag = b"m%d" % i
+                tags.setdefault(int(self._slots[key_slot(tag)]), tag)
+                if masters <= tags.keys():
+                    break
+            self._master_tags = tags
+        return [
+            b"{%s}:%s:marker:%s" % (tag, self.prefix.encode(), name.encode())
+            for tag in tags.values()
+        ]
+
     def commit(
         self,
         rows: Mapping[str, tuple[Keys, list[bytes]]],
@@ -941,10 +1394,22 @@ class RedisTier(RowTier):
         *,
         absent: Mapping[str, Keys] | None = None,
     ) -> None:
-        """Rows and blobs in one MULTI/EXEC (atomic on one server); counters after."""
+        """Rows and blobs in one MULTI/EXEC (atomic on one server); counters after. On
+        a cluster a transaction cannot span masters: the rows go first and the blobs
+        once every row is acknowledged, so a reader never sees a blob ahead of its rows
+        (a crash in between leaves rows ahead of the blobs)."""
         for table, (keys, values) in rows.items():
             if len(keys) != len(values):
                 raise ValueError(f"table {table!r}: {len(keys)} keys but {len(values)} values")
+        if self._slots is not None:
+            for table, (keys, values) in rows.items():
+                self.put_many(table, keys, values)
+            self.sync()
+            if blobs:
+                self._execute(
+                    [(b"SET", self._blob_key(name), bytes(data)) for name, data in blobs.items()]
+                )
+            return
         # (layout, HSET count) per table; the body is layout asserts, HSETs, blob SETs.
         parts: list[tuple[BucketLayout, int]] = []
         chunks: list[_Chunk] = []
@@ -986,10 +1451,8 @@ class RedisTier(RowTier):
         try:
             self.sync()
         finally:
-            with self._idle_lock:
-                idle, self._idle = self._idle, []
-            for conn in idle:
-                self._pool.release(conn)
+            for node in self._nodes:
+                node.close()
             self._client.close()
 
     def scan(self, table: str, batch: int = 4096) -> Iterator[tuple[Keys, list[bytes]]]:

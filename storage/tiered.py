@@ -360,7 +360,7 @@ class TieredStore(EmbeddingStore):
                     self._discard_hot_rows()
                 if cold is not None:
                     self._clear_stale_spill()
-                    self.hot.put_blob(self._marker_blob, self._marker)
+                    self.hot.put_marker(self._marker_blob, self._marker)
                 if eviction is not None:
                     self._index = {name: HotIndex() for name in self._tables}
                     self._bootstrap_index()
@@ -442,8 +442,7 @@ class TieredStore(EmbeddingStore):
         apply those updates twice. A restarting writer drops them, and rows come back
         from the cold tier exactly as of the recorded position."""
         for table in self._tables:
-            for keys, _ in self.hot.scan(table, _SCAN_BATCH):
-                self.hot.delete_many(table, keys)
+            self.hot.clear(table)
 
     def _clear_stale_spill(self) -> None:
         """Spill left by a writer that died before flushing is ahead of the recorded
@@ -1239,7 +1238,7 @@ class TieredStore(EmbeddingStore):
         contents since the last flush: rows promoted from cold since then carry updates
         on top of stale values, and rows gone cannot be written back."""
         assert self.cold is not None
-        if self.hot.get_blob(self._marker_blob) != self._marker:
+        if not self.hot.has_marker(self._marker_blob, self._marker):
             raise HotTierLost(
                 "the hot tier lost its contents since the last flush (restarted without "
                 "persistence?); nothing was committed"
@@ -1345,9 +1344,9 @@ class TieredStore(EmbeddingStore):
             if self._index is not None:
                 self._index = {name: HotIndex() for name in self._tables}
             self._note_cold_within_hot()  # the flushed rows are now only in cold
-            self.hot.delete_blob(self._marker_blob)
+            self.hot.delete_marker(self._marker_blob)
             self._marker = uuid.uuid4().hex.encode()
-            self.hot.put_blob(self._marker_blob, self._marker)
+            self.hot.put_marker(self._marker_blob, self._marker)
 
     def position(self) -> dict[str, int] | None:
         raw = self.cold.get_blob(POSITION_BLOB) if self.cold is not None else None
@@ -1406,7 +1405,7 @@ class TieredStore(EmbeddingStore):
         """Close every tier (unflushed dirty rows stay only in hot)."""
         if not self.read_only and self.cold is not None:
             with contextlib.suppress(StoreError):
-                self.hot.delete_blob(self._marker_blob)
+                self.hot.delete_marker(self._marker_blob)
         self.hot.close()
         if self.cold is not None:
             self.cold.close()

@@ -8,12 +8,14 @@ service is never a silent skip.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import redis_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "deploy" / "local" / "services.sh"
@@ -46,6 +48,40 @@ def redis_url(services: None) -> str:
 def kafka_bootstrap(services: None) -> str:
     port = os.environ.get("STREAMREC_KAFKA_PORT", "19092")
     return f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(services: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 3-master Redis Cluster on loopback for the session (real ``redis-server``s,
+    started by ``deploy/local/redis_cluster.py``); the URL of its first master."""
+    spec = importlib.util.spec_from_file_location(
+        "redis_cluster", ROOT / "deploy/local/redis_cluster.py"
+    )
+    assert spec is not None and spec.loader is not None
+    cluster = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cluster)
+    workdir = tmp_path_factory.mktemp("redis-cluster")
+    try:
+        url: str = cluster.start(workdir, cluster.free_ports(3))
+    except (RuntimeError, OSError) as e:
+        cluster.stop(workdir)
+        pytest.fail(f"local Redis Cluster failed to start: {e}", pytrace=False)
+    yield url
+    cluster.stop(workdir)
+
+
+@pytest.fixture()
+def clean_redis_cluster(redis_cluster_url: str) -> Iterator[str]:
+    """The cluster's URL, every master empty at the start of the test."""
+    import redis
+
+    seed = redis.Redis.from_url(redis_cluster_url)
+    for node in redis_command(seed, "CLUSTER", "SLOTS"):
+        host, port = node[2][0].decode() or "127.0.0.1", int(node[2][1])
+        with redis.Redis(host=host, port=port) as master:
+            master.flushall()
+    seed.close()
+    yield redis_cluster_url
 
 
 @pytest.fixture()

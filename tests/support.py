@@ -7,15 +7,21 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
+import redis
 
 if TYPE_CHECKING:
     from storage.base import EmbeddingStore
     from streamrec.runtime import TrainerRuntime
     from trainer.trainer import TrainerReport
+
+
+def redis_command(client: redis.Redis, *args: object) -> Any:
+    """``client.execute_command`` (which redis-py leaves untyped)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 def free_port() -> int:

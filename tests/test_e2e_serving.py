@@ -71,9 +71,13 @@ def served_row(client: TestClient, table: str, value: str) -> tuple[bool, np.nda
     return bool(result.found[0]), result.rows[0]
 
 
+@pytest.mark.parametrize("redis_fixture", ["redis_url", "clean_redis_cluster"])
 def test_posted_event_changes_the_served_embedding_within_the_bound(
-    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+    kafka_bootstrap: str, redis_fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """Trainer, serving (its read process too) and the loop back through
+    ``/v1/events``, over one Redis server and over a Redis Cluster."""
+    redis_url = request.getfixturevalue(redis_fixture)
     topic = new_topic(kafka_bootstrap, "serve", partitions=1)
     config = tmp_path / "streamrec.toml"
     write_config(config, kafka_bootstrap, redis_url, topic, tmp_path / "data")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from support import redis_command
 
 from storage.base import (
     Keys,
@@ -38,9 +39,15 @@ TIER_KINDS = [
     "memory",
     "mapped",
     pytest.param("redis", marks=pytest.mark.integration),
+    pytest.param("redis_cluster", marks=pytest.mark.integration),
     "rocksdb",
 ]
-STORE_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.integration)]
+STORE_KINDS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.integration),
+    pytest.param("redis_cluster", marks=pytest.mark.integration),
+]
+REDIS_FIXTURES = {"redis": "clean_redis", "redis_cluster": "clean_redis_cluster"}
 
 
 def u64(*values: int) -> Keys:
@@ -66,9 +73,10 @@ def tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RowTier]:
         t = MemoryTier()
     elif request.param == "mapped":  # the spill of build_store
         t = MemoryTier.scratch(tmp_path / "mapped")
-    elif request.param == "redis":
-        # Few buckets, small chunks: several keys per hash and several sends per batch.
-        t = RedisTier(request.getfixturevalue("clean_redis"), buckets=8, chunk=3)
+    elif request.param in REDIS_FIXTURES:
+        # Few buckets, small chunks: several keys per hash and several sends per batch
+        # (on the cluster: buckets on every master).
+        t = RedisTier(request.getfixturevalue(REDIS_FIXTURES[request.param]), buckets=8, chunk=3)
     else:
         t = RocksDBTier(tmp_path / "db")
     yield t
@@ -450,6 +458,124 @@ def test_redis_read_ahead_on_a_dropped_connection_reads_the_rest_afresh(
     assert tier.get_rows("c", keys, codec)[1].all()
 
 
+def _masters(url: str) -> list[redis.Redis]:
+    """A client of each master of the cluster at ``url``, in slot order."""
+    with redis.Redis.from_url(url) as seed:
+        slots = redis_command(seed, "CLUSTER", "SLOTS")
+    return [redis.Redis(host="127.0.0.1", port=int(node[2][1])) for node in slots]
+
+
+@pytest.mark.integration
+def test_redis_cluster_spreads_rows_over_every_master(clean_redis_cluster: str) -> None:
+    tier = RedisTier(clean_redis_cluster, buckets=64)
+    other = RedisTier(clean_redis_cluster, buckets=64)
+    try:
+        assert tier.cluster and len(tier._nodes) == 3
+        keys = np.arange(1, 3001, dtype=np.uint64) * np.uint64(104729)
+        codec = RowCodec(TableConfig(name="r", dim=4))
+        rows = codec.new_rows(keys, 1)
+        tier.put_rows("t", keys, rows)
+        tier.sync()
+        masters = _masters(clean_redis_cluster)
+        # Every master holds some of the 64 bucket hashes (and nothing unroutable).
+        held = [m.dbsize() for m in masters]
+        assert all(n >= 10 for n in held), held
+        got, found = other.get_rows("t", keys, codec)
+        assert found.all() and got.tobytes() == rows.tobytes()
+        assert other.count("t") == 3000
+        for m in masters:
+            m.close()
+    finally:
+        tier.close()
+        other.close()
+
+
+@pytest.mark.integration
+def test_redis_cluster_read_on_a_dropped_connection_is_read_again(
+    clean_redis_cluster: str,
+) -> None:
+    tier = RedisTier(clean_redis_cluster, buckets=64)
+    masters = _masters(clean_redis_cluster)
+    try:
+        keys = np.arange(1, 1001, dtype=np.uint64)
+        values = [b"v%d" % k for k in keys.tolist()]
+        tier.put_many("t", keys, values)
+        assert tier.get_many("t", keys) == values  # leaves an idle connection per master
+        masters[1].client_kill_filter(_type="normal", skipme=True)
+        assert tier.get_tables({"t": keys})["t"] == values  # that master's read again
+    finally:
+        for m in masters:
+            m.close()
+        tier.close()
+
+
+def _migrate_slot(masters: list[redis.Redis], slot: int, source: redis.Redis) -> redis.Redis:
+    """Move ``slot`` and its keys from ``source`` to another master (what
+    ``redis-cli --cluster reshard`` does); the new owner."""
+    target = next(m for m in masters if m is not source)
+    target_id = redis_command(target, "CLUSTER", "MYID")
+    source_id = redis_command(source, "CLUSTER", "MYID")
+    redis_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    redis_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    port = target.connection_pool.connection_kwargs["port"]
+    while keys := redis_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+        redis_command(source, "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+    for m in masters:
+        redis_command(m, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    return target
+
+
+@pytest.mark.integration
+def test_redis_cluster_reads_on_after_a_slot_moves(clean_redis_cluster: str) -> None:
+    """Resharding under an open store: reads follow the slot (the map is refreshed
+    on a MOVED reply); a write sent to the old master raises ``StoreError`` at the next
+    call as ``StoreUnavailable``, and the write after it goes to the new one."""
+    tier = RedisTier(clean_redis_cluster, buckets=64)
+    masters = _masters(clean_redis_cluster)
+    try:
+        keys = np.arange(0, 640, dtype=np.uint64)  # 10 keys in each of the 64 buckets
+        values = [b"v%d" % k for k in keys.tolist()]
+        tier.put_many("t", keys, values)
+        layout = tier.layout("t")
+        assert layout is not None
+        name = layout.bucket_name(5)  # keys 5, 69, 133, ...
+        slot = int(redis_command(masters[0], "CLUSTER", "KEYSLOT", name))
+
+        def held(m: redis.Redis) -> int:
+            return int(redis_command(m, "CLUSTER", "COUNTKEYSINSLOT", slot))
+
+        source = next(m for m in masters if held(m))
+        target = _migrate_slot(masters, slot, source)
+        assert held(target) and not held(source)
+        assert tier.get_many("t", keys) == values  # MOVED, map refreshed, read again
+        # A second store with the old map: its write to the old master fails clearly.
+        stale = RedisTier(clean_redis_cluster, buckets=64)
+        try:
+            assert stale.get_many("t", u64(4)) == [b"v4"]
+            _migrate_slot(masters, slot, target)
+            stale.put_many("t", u64(5), [b"new"])
+            with pytest.raises(StoreUnavailable, match="MOVED"):
+                stale.sync()  # unavailable: a trainer rewinds, serving answers 503
+            stale.put_many("t", u64(5), [b"newer"])
+            assert stale.get_many("t", u64(5, 69)) == [b"newer", b"v69"]
+            # Keys of their own (row counter, blobs) follow their slot too.
+            stale.put_blob("pos", b"7")
+            for name in (b"sr:rows:t", b"sr:blob:pos"):
+                key_slot = int(redis_command(masters[0], "CLUSTER", "KEYSLOT", name))
+                owner = next(
+                    m for m in masters
+                    if redis_command(m, "CLUSTER", "COUNTKEYSINSLOT", key_slot)
+                )  # fmt: skip
+                _migrate_slot(masters, key_slot, owner)
+            assert (stale.count("t"), stale.get_blob("pos")) == (640, b"7")
+        finally:
+            stale.close()
+    finally:
+        for m in masters:
+            m.close()
+        tier.close()
+
+
 def test_rocksdb_secondary_of_missing_db_names_path(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match=str(tmp_path / "nothing")):
         RocksDBTier(tmp_path / "nothing", read_only=True)
@@ -585,7 +711,8 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store
     test's RocksDB path. Stores with another ``hot_name`` get an empty hot tier of the
     same kind (a fresh MemoryTier, or another Redis prefix); memory stores with the same
     ``hot_name`` share the MemoryTier."""
-    redis_url = request.getfixturevalue("clean_redis") if request.param == "redis" else None
+    fixture = REDIS_FIXTURES.get(request.param)
+    redis_url = request.getfixturevalue(fixture) if fixture else None
     memory_hots: dict[str, MemoryTier] = {}
     opened: list[TieredStore] = []
 

@@ -325,7 +325,12 @@ def test_hot_capacity_rows_is_shorthand_for_max_rows() -> None:
 
 # -- the store --------------------------------------------------------------------------
 
-STORE_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.integration)]
+STORE_KINDS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.integration),
+    pytest.param("redis_cluster", marks=pytest.mark.integration),
+]
+REDIS_FIXTURES = {"redis": "clean_redis", "redis_cluster": "clean_redis_cluster"}
 
 Factory = Callable[..., TieredStore]
 
@@ -337,7 +342,8 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Facto
     rows) and RocksDB at ``tmp_path / cold_name``, with spill in mapped scratch files as
     ``build_store`` wires it (``spill=None`` keeps it in the cold tier); ``clock``
     defaults to a fixed ``Clock``."""
-    redis_url = request.getfixturevalue("clean_redis") if request.param == "redis" else None
+    fixture = REDIS_FIXTURES.get(request.param)
+    redis_url = request.getfixturevalue(fixture) if fixture else None
     memory_hots: dict[str, MemoryTier] = {}
     opened: list[TieredStore] = []
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import redis_command
 
 from storage.base import HotTierLost, Mask, Rows, TableConfig
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
-from storage.redis_tier import RedisTier
+from storage.redis_tier import RedisTier, key_slot
 from storage.rocksdb_tier import RocksDBTier
 from storage.rows import RowCodec
 from storage.tiered import TieredStore, spill_table
@@ -122,13 +123,34 @@ def cold_rows(store: TieredStore) -> list[bytes | None]:
     return store.cold.get_many("a", KEYS)
 
 
-@pytest.mark.integration
-def test_flush_commits_nothing_once_redis_lost_its_rows(clean_redis: str, tmp_path: Path) -> None:
+def _lose_redis_data(url: str, hot: RedisTier, marker_blob: str) -> None:
+    """What a restart without persistence leaves: an empty server; on a cluster, one
+    empty master (not the one a single marker blob would be on: each master needs its
+    own)."""
     import redis
 
+    if not hot.cluster:
+        redis.Redis.from_url(url).flushdb()
+        return
+    with redis.Redis.from_url(url) as seed:
+        slots = redis_command(seed, "CLUSTER", "SLOTS")
+    blob_slot = key_slot(f"{hot.prefix}:blob:{marker_blob}".encode())
+    _, _, (host, port, *_), *_ = next(
+        entry for entry in slots if not entry[0] <= blob_slot <= entry[1]
+    )
+    with redis.Redis(host=host.decode() or "127.0.0.1", port=port) as master:
+        master.flushall()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("redis_fixture", ["clean_redis", "clean_redis_cluster"])
+def test_flush_commits_nothing_once_redis_lost_its_rows(
+    redis_fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue(redis_fixture)
     store = TieredStore(
         [TABLE],
-        RedisTier(clean_redis, prefix="lost", buckets=8),
+        RedisTier(url, prefix="lost", buckets=8),
         RocksDBTier(tmp_path / "db"),
         clock=lambda: 1000.0,
     )
@@ -136,7 +158,8 @@ def test_flush_commits_nothing_once_redis_lost_its_rows(clean_redis: str, tmp_pa
     store.flush({"t:0": 300})
     flushed = cold_rows(store)
     apply_events(store, 300, 450)
-    redis.Redis.from_url(clean_redis).flushdb()  # what a restart without persistence leaves
+    assert isinstance(store.hot, RedisTier)
+    _lose_redis_data(url, store.hot, store._marker_blob)
     # Rows come back from the cold tier as of offset 300 and get updates on top of them:
     # present in hot, but wrong. Committing them would acknowledge a lost stretch.
     apply_events(store, 450, 600)

@@ -1,0 +1,154 @@
+"""A local Redis Cluster on loopback: several ``redis-server`` masters, no replicas.
+
+For trying streamrec's Redis hot tier on a cluster, and for the tests that do (a
+session fixture in ``tests/conftest.py``). Usage::
+
+    python deploy/local/redis_cluster.py start [--dir DIR] [--ports 17000 17001 17002]
+    python deploy/local/redis_cluster.py stop [--dir DIR]
+
+``start`` prints the URL of the first master (``redis://127.0.0.1:17000/0``): point
+``store.redis_url`` at it; the store finds the other masters itself. The 16384 hash
+slots are split evenly over the masters (``CLUSTER ADDSLOTSRANGE``), the masters meet,
+and ``start`` returns once every one reports ``cluster_state:ok``. No persistence: a
+stopped cluster is gone. Needs ``redis-server`` 7.0+ on PATH (Debian's
+``redis-server``, as ``deploy/local/services.sh`` installs) and the ``redis`` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+SLOTS = 16384
+DEFAULT_PORTS = (17000, 17001, 17002)
+DEFAULT_DIR = Path.home() / ".cache" / "streamrec" / "services" / "redis-cluster"
+# What the hot tier needs from every master (see storage/redis_tier.py, Memory).
+SETTINGS = ("--hash-max-listpack-entries", "512", "--hash-max-listpack-value", "1024")
+
+
+def command(client: redis.Redis, *args: object) -> Any:
+    """``client.execute_command`` (which redis-py leaves untyped)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def free_ports(count: int, first: int = 21000) -> list[int]:
+    """``count`` loopback ports that are free, each with its cluster bus port (+10000)."""
+    ports: list[int] = []
+    for port in range(first, 30000, 7):
+        if len(ports) == count:
+            break
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+def start(workdir: Path, ports: Sequence[int] = DEFAULT_PORTS, timeout: float = 30.0) -> str:
+    """Start the masters on ``ports`` (state and logs in ``workdir``, emptied first) and
+    join them into one cluster; the first master's URL."""
+    stop(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for port in ports:
+        node_dir = workdir / str(port)
+        node_dir.mkdir(exist_ok=True)
+        for old in node_dir.iterdir():  # a fresh cluster: no nodes.conf of an old one
+            old.unlink()
+        with (node_dir / "redis.log").open("ab") as log:
+            proc = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--save", "", "--appendonly", "no", "--daemonize", "no", *SETTINGS],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        (node_dir / "redis.pid").write_text(str(proc.pid))
+    clients = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in ports]
+    deadline = time.monotonic() + timeout
+    for port, client in zip(ports, clients, strict=True):
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    log_tail = (workdir / str(port) / "redis.log").read_text()[-2000:]
+                    raise RuntimeError(
+                        f"redis-server on port {port} did not start: {log_tail}"
+                    ) from None
+                time.sleep(0.05)
+    per = SLOTS // len(ports)
+    for i, client in enumerate(clients):
+        last = SLOTS - 1 if i == len(ports) - 1 else (i + 1) * per - 1
+        command(client, "CLUSTER", "ADDSLOTSRANGE", i * per, last)
+    for port in ports[1:]:
+        command(clients[0], "CLUSTER", "MEET", "127.0.0.1", port)
+    while not all(b"cluster_state:ok" in command(c, "CLUSTER", "INFO") for c in clients):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Redis Cluster on ports {list(ports)} not ok after {timeout}s")
+        time.sleep(0.1)
+    for client in clients:
+        client.close()
+    return f"redis://127.0.0.1:{ports[0]}/0"
+
+
+def stop(workdir: Path) -> None:
+    """Stop the masters started in ``workdir`` (none running: nothing to do)."""
+    if not workdir.is_dir():
+        return
+    for pid_file in workdir.glob("*/redis.pid"):
+        pid = int(pid_file.read_text())
+        try:
+            Path(f"/proc/{pid}/cmdline").read_bytes().index(b"redis-server")
+        except (OSError, ValueError):  # gone, or the PID is someone else's now
+            pid_file.unlink()
+            continue
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        pid_file.unlink()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["start", "stop"])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--ports", type=int, nargs="+", default=list(DEFAULT_PORTS))
+    parser.add_argument(
+        "--free-ports", type=int, metavar="N", help="N masters on free ports instead of --ports"
+    )
+    args = parser.parse_args(argv)
+    if args.command == "start":
+        print(start(args.dir, free_ports(args.free_ports) if args.free_ports else args.ports))
+    else:
+        stop(args.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
