@@ -122,6 +122,10 @@ _Void = npt.NDArray[np.void]
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _I32 = npt.NDArray[np.int32]
 _U64_MAX = (1 << 64) - 1
+# Error replies of a server that cannot serve for now (a cluster without all its slots
+# covered, e.g. while a master restarts; a server loading its data): unavailable, not
+# broken, so a trainer waits and rewinds, serving answers 503.
+_TRANSIENT_ERRORS = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")
 _MAX_MAPPED_BUCKETS = 1 << 20  # tables with more buckets map their buckets' slots per batch
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _RECV_BYTES = 1 << 18
@@ -828,6 +832,8 @@ class RedisTier(RowTier):
                         f"Redis Cluster at {address}: {reply} (hash slots moving while this "
                         "store is open; the slot map is refreshed, retry)"
                     )
+                if str(reply).startswith(_TRANSIENT_ERRORS):
+                    raise StoreUnavailable(f"Redis at {address}: {reply}")
                 raise StoreError(f"Redis at {address}: {reply}")
 
     def _send_writes(

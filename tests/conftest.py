@@ -8,14 +8,13 @@ service is never a silent skip.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import redis_command
+from support import LocalRedisCluster, redis_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "deploy" / "local" / "services.sh"
@@ -51,23 +50,24 @@ def kafka_bootstrap(services: None) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster_url(services: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_cluster(
+    services: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalRedisCluster]:
     """A 3-master Redis Cluster on loopback for the session (real ``redis-server``s,
-    started by ``deploy/local/redis_cluster.py``); the URL of its first master."""
-    spec = importlib.util.spec_from_file_location(
-        "redis_cluster", ROOT / "deploy/local/redis_cluster.py"
-    )
-    assert spec is not None and spec.loader is not None
-    cluster = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cluster)
+    started by ``deploy/local/redis_cluster.py``)."""
     workdir = tmp_path_factory.mktemp("redis-cluster")
     try:
-        url: str = cluster.start(workdir, cluster.free_ports(3))
+        cluster = LocalRedisCluster(workdir)
     except (RuntimeError, OSError) as e:
-        cluster.stop(workdir)
         pytest.fail(f"local Redis Cluster failed to start: {e}", pytrace=False)
-    yield url
-    cluster.stop(workdir)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    """The URL of the session cluster's first master (all a store needs)."""
+    return redis_cluster.url
 
 
 @pytest.fixture()

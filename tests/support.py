@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 import time
 import uuid
@@ -22,6 +23,43 @@ if TYPE_CHECKING:
 def redis_command(client: redis.Redis, *args: object) -> Any:
     """``client.execute_command`` (which redis-py leaves untyped)."""
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+class LocalRedisCluster:
+    """A Redis Cluster of real ``redis-server`` masters on free loopback ports, started
+    by ``deploy/local/redis_cluster.py`` (state in ``workdir``)."""
+
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        path = Path(__file__).resolve().parents[1] / "deploy" / "local" / "redis_cluster.py"
+        spec = importlib.util.spec_from_file_location("redis_cluster", path)
+        assert spec is not None and spec.loader is not None
+        self._launcher = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self._launcher)
+        self.workdir = workdir
+        self.ports: list[int] = self._launcher.free_ports(masters)
+        try:
+            self.url: str = self._launcher.start(workdir, self.ports)
+        except BaseException:
+            self.stop()  # the masters that did start
+            raise
+
+    def restart_master(self, index: int) -> None:
+        """Restart master ``index`` (in port order) empty, as after a crash without
+        persistence; returns once the cluster is ok again."""
+        self._launcher.restart(self.workdir, self.ports[index])
+
+    def stop(self) -> None:
+        self._launcher.stop(self.workdir)
+
+
+def cluster_masters(url: str) -> list[redis.Redis]:
+    """A client of each master of the Redis Cluster at ``url``, in slot order."""
+    with redis.Redis.from_url(url) as seed:
+        slots = redis_command(seed, "CLUSTER", "SLOTS")
+    return [
+        redis.Redis(host=entry[2][0].decode() or "127.0.0.1", port=int(entry[2][1]))
+        for entry in slots
+    ]
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ import redis
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 from support import (
+    cluster_masters,
     describe,
     new_topic,
     restart_service,
@@ -49,7 +50,12 @@ def rewinds(reason: str) -> float:
     return value
 
 
-def test_trainer_rewinds_when_redis_loses_unflushed_rows(clean_redis: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("redis_fixture", ["clean_redis", "clean_redis_cluster"])
+def test_trainer_rewinds_when_redis_loses_unflushed_rows(
+    redis_fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Redis loses what it holds; on a Redis Cluster one master of three does."""
+    clean_redis = request.getfixturevalue(redis_fixture)
     source = SyntheticSource(SyntheticConfig(num_sparse=4, num_dense=2, universe=500), 3 * THIRD)
     events = [event.to_json() for event in source]
     config = TrainerConfig(
@@ -92,7 +98,13 @@ def test_trainer_rewinds_when_redis_loses_unflushed_rows(clean_redis: str, tmp_p
         time.sleep(0.01)
     # The second third is trained but not flushed (flush_every_s is an hour): Redis
     # losing it must not let the final flush record the position after it.
-    redis.Redis.from_url(clean_redis).flushdb()
+    if redis_fixture == "clean_redis":
+        redis.Redis.from_url(clean_redis).flushdb()
+    else:
+        masters = cluster_masters(clean_redis)
+        masters[1].flushall()
+        for master in masters:
+            master.close()
     feed(log, 2 * THIRD, 3 * THIRD)
     thread.join(120)
 
@@ -230,9 +242,13 @@ def test_trainer_reconnects_after_a_kafka_broker_restart(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis_cluster"])
 def test_trainer_survives_a_redis_restart_mid_stream(
-    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+    kafka_bootstrap: str, cluster: bool, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """The local Redis restarts without persistence; on a Redis Cluster, one master of
+    three does (the trainer sees it unreachable, then the marker on it gone)."""
+    redis_url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
     batch, events = 256, KAFKA_SOURCE.total or 0
     topic = new_topic(kafka_bootstrap, "redis-restart", partitions=1)
     produce(kafka_bootstrap, topic, [event.to_json() for event in KAFKA_SOURCE])
@@ -255,7 +271,10 @@ def test_trainer_survives_a_redis_restart_mid_stream(
         time.sleep(0.01)
     assert runtime.report is None, "the restart must land mid-stream"
     assert runtime.alive(), f"the trainer died before the restart\n{describe(runtime)}"
-    restart_service("redis")  # no persistence: every hot row and blob is gone
+    if cluster:
+        request.getfixturevalue("redis_cluster").restart_master(1)
+    else:
+        restart_service("redis")  # no persistence: every hot row and blob is gone
     report = wait_for_report(runtime, 300)
     assert sum(rewinds(r) for r in ("StoreUnavailable", "HotTierLost")) > before
 

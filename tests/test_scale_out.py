@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from support import new_topic
@@ -142,9 +141,13 @@ def wait_until_committed(bootstrap: str, topic: str, group: str, timeout_s: floa
     assert committed == end, f"committed {committed}, end {end}"
 
 
+@pytest.mark.parametrize("redis_fixture", ["redis_url", "redis_cluster_url"])
 def test_two_trainers_rebalance_without_losing_or_repeating_events(
-    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+    kafka_bootstrap: str, redis_fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """Over one Redis server, and over a Redis Cluster (the rows and the dense-sync
+    blobs spread over its masters)."""
+    redis_url = request.getfixturevalue(redis_fixture)
     topic = new_topic(kafka_bootstrap, "scale", partitions=PARTITIONS)
     run = uuid.uuid4().hex[:6]
     config_a = write_config(tmp_path / "a", kafka_bootstrap, redis_url, topic, run)
@@ -187,15 +190,13 @@ def test_two_trainers_rebalance_without_losing_or_repeating_events(
     assert len(repeated) == 0, f"{len(repeated)} events applied {set(counts[repeated])} times"
 
     # Dense weights agree: the members' last copies are (nearly) the same average.
-    client = redis.Redis.from_url(redis_url)
-    prefix = f"so-{run}:blob:trainer/streamrec/dense-sync"
-    members = json.loads(client.get(f"{prefix}/members") or b"{}")
+    prefix = "trainer/streamrec/dense-sync"
+    members = json.loads(hot.get_blob(f"{prefix}/members") or b"{}")
     states = []
     for member in members:
-        raw = client.get(f"{prefix}/{member}")
-        if isinstance(raw, bytes):
+        raw = hot.get_blob(f"{prefix}/{member}")
+        if raw is not None:
             states.append(torch.load(io.BytesIO(raw), weights_only=True))
-    client.close()
     hot.close()
     assert len(states) >= 2
     first, last = states[0], states[-1]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from support import redis_command
+from support import cluster_masters, redis_command
 
 from storage.base import (
     Keys,
@@ -458,13 +458,6 @@ def test_redis_read_ahead_on_a_dropped_connection_reads_the_rest_afresh(
     assert tier.get_rows("c", keys, codec)[1].all()
 
 
-def _masters(url: str) -> list[redis.Redis]:
-    """A client of each master of the cluster at ``url``, in slot order."""
-    with redis.Redis.from_url(url) as seed:
-        slots = redis_command(seed, "CLUSTER", "SLOTS")
-    return [redis.Redis(host="127.0.0.1", port=int(node[2][1])) for node in slots]
-
-
 @pytest.mark.integration
 def test_redis_cluster_spreads_rows_over_every_master(clean_redis_cluster: str) -> None:
     tier = RedisTier(clean_redis_cluster, buckets=64)
@@ -476,7 +469,7 @@ def test_redis_cluster_spreads_rows_over_every_master(clean_redis_cluster: str) 
         rows = codec.new_rows(keys, 1)
         tier.put_rows("t", keys, rows)
         tier.sync()
-        masters = _masters(clean_redis_cluster)
+        masters = cluster_masters(clean_redis_cluster)
         # Every master holds some of the 64 bucket hashes (and nothing unroutable).
         held = [m.dbsize() for m in masters]
         assert all(n >= 10 for n in held), held
@@ -495,7 +488,7 @@ def test_redis_cluster_read_on_a_dropped_connection_is_read_again(
     clean_redis_cluster: str,
 ) -> None:
     tier = RedisTier(clean_redis_cluster, buckets=64)
-    masters = _masters(clean_redis_cluster)
+    masters = cluster_masters(clean_redis_cluster)
     try:
         keys = np.arange(1, 1001, dtype=np.uint64)
         values = [b"v%d" % k for k in keys.tolist()]
@@ -531,7 +524,7 @@ def test_redis_cluster_reads_on_after_a_slot_moves(clean_redis_cluster: str) -> 
     on a MOVED reply); a write sent to the old master raises ``StoreError`` at the next
     call as ``StoreUnavailable``, and the write after it goes to the new one."""
     tier = RedisTier(clean_redis_cluster, buckets=64)
-    masters = _masters(clean_redis_cluster)
+    masters = cluster_masters(clean_redis_cluster)
     try:
         keys = np.arange(0, 640, dtype=np.uint64)  # 10 keys in each of the 64 buckets
         values = [b"v%d" % k for k in keys.tolist()]

@@ -62,67 +62,96 @@ def start(workdir: Path, ports: Sequence[int] = DEFAULT_PORTS, timeout: float = 
     join them into one cluster; the first master's URL."""
     stop(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
     for port in ports:
         node_dir = workdir / str(port)
         node_dir.mkdir(exist_ok=True)
         for old in node_dir.iterdir():  # a fresh cluster: no nodes.conf of an old one
             old.unlink()
-        with (node_dir / "redis.log").open("ab") as log:
-            proc = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
-                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                 "--save", "", "--appendonly", "no", "--daemonize", "no", *SETTINGS],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        (node_dir / "redis.pid").write_text(str(proc.pid))
-    clients = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in ports]
-    deadline = time.monotonic() + timeout
-    for port, client in zip(ports, clients, strict=True):
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    log_tail = (workdir / str(port) / "redis.log").read_text()[-2000:]
-                    raise RuntimeError(
-                        f"redis-server on port {port} did not start: {log_tail}"
-                    ) from None
-                time.sleep(0.05)
+        _spawn(node_dir, port)
+    clients = [_connect(workdir, port, deadline) for port in ports]
     per = SLOTS // len(ports)
     for i, client in enumerate(clients):
         last = SLOTS - 1 if i == len(ports) - 1 else (i + 1) * per - 1
         command(client, "CLUSTER", "ADDSLOTSRANGE", i * per, last)
     for port in ports[1:]:
         command(clients[0], "CLUSTER", "MEET", "127.0.0.1", port)
-    while not all(b"cluster_state:ok" in command(c, "CLUSTER", "INFO") for c in clients):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Redis Cluster on ports {list(ports)} not ok after {timeout}s")
-        time.sleep(0.1)
-    for client in clients:
-        client.close()
+    _wait_ok(clients, deadline)
     return f"redis://127.0.0.1:{ports[0]}/0"
+
+
+def restart(workdir: Path, port: int, timeout: float = 30.0) -> None:
+    """Stop the master on ``port`` and start it again, empty (no persistence): it
+    rejoins with its slots (its ``nodes.conf`` is kept), as a crashed master would."""
+    node_dir = workdir / str(port)
+    _stop_node(node_dir / "redis.pid")
+    _spawn(node_dir, port)
+    deadline = time.monotonic() + timeout
+    ports = sorted(int(d.name) for d in workdir.iterdir() if (d / "redis.pid").exists())
+    _wait_ok([_connect(workdir, p, deadline) for p in ports], deadline)
+
+
+def _spawn(node_dir: Path, port: int) -> None:
+    with (node_dir / "redis.log").open("ab") as log:
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--save", "", "--appendonly", "no", "--daemonize", "no", *SETTINGS],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    (node_dir / "redis.pid").write_text(str(proc.pid))
+
+
+def _connect(workdir: Path, port: int, deadline: float) -> redis.Redis:
+    """A client of the master on ``port`` once it answers PING."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    while True:
+        try:
+            client.ping()
+            return client
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                log_tail = (workdir / str(port) / "redis.log").read_text()[-2000:]
+                raise RuntimeError(
+                    f"redis-server on port {port} did not start: {log_tail}"
+                ) from None
+            time.sleep(0.05)
+
+
+def _wait_ok(clients: Sequence[redis.Redis], deadline: float) -> None:
+    """Until every master reports ``cluster_state:ok``; closes the clients."""
+    try:
+        while not all(b"cluster_state:ok" in command(c, "CLUSTER", "INFO") for c in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis Cluster not ok in time")
+            time.sleep(0.1)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def stop(workdir: Path) -> None:
     """Stop the masters started in ``workdir`` (none running: nothing to do)."""
-    if not workdir.is_dir():
-        return
-    for pid_file in workdir.glob("*/redis.pid"):
-        pid = int(pid_file.read_text())
-        try:
-            Path(f"/proc/{pid}/cmdline").read_bytes().index(b"redis-server")
-        except (OSError, ValueError):  # gone, or the PID is someone else's now
-            pid_file.unlink()
-            continue
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if not _alive(pid):
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(pid, signal.SIGKILL)
+    if workdir.is_dir():
+        for pid_file in workdir.glob("*/redis.pid"):
+            _stop_node(pid_file)
+
+
+def _stop_node(pid_file: Path) -> None:
+    pid = int(pid_file.read_text())
+    try:
+        Path(f"/proc/{pid}/cmdline").read_bytes().index(b"redis-server")
+    except (OSError, ValueError):  # gone, or the PID is someone else's now
         pid_file.unlink()
+        return
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not _alive(pid):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    pid_file.unlink()
 
 
 def _alive(pid: int) -> bool:
