@@ -66,6 +66,14 @@ DEMOTIONS = Counter(
     "back whole, optimizer state and metadata included).",
     ["table"],
 )
+REDIS_MASTERS = Gauge(
+    "streamrec_store_redis_masters",
+    "Redis masters the hot tier's rows are spread over (1: a single server; set at open).",
+)
+REDIS_SLOT_MAP_REFRESHES = Counter(
+    "streamrec_store_redis_slot_map_refreshes",
+    "Redis Cluster slot maps read again because a reply said a slot had moved (resharding).",
+)
 ROWS = Gauge("streamrec_store_rows", "Rows per tier and table.", ["tier", "table"])
 BYTES = Gauge(
     "streamrec_store_bytes",

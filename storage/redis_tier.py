@@ -104,6 +104,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from storage import metrics
 from storage.base import Keys, Mask, Rows, RowTier, StoreError, StoreUnavailable, present_mask
 
 if TYPE_CHECKING:
@@ -668,6 +669,8 @@ class RedisTier(RowTier):
         (info,) = self._roundtrip_on(self._seed, self._packed([(b"INFO", b"cluster")]))
         if isinstance(info, bytes) and b"cluster_enabled:1" in info:
             self._refresh_slots()
+        else:
+            metrics.REDIS_MASTERS.set(1)
 
     def _refresh_slots(self) -> None:
         """Read the slot map (``CLUSTER SLOTS``) from the first master that answers."""
@@ -702,6 +705,9 @@ class RedisTier(RowTier):
                 f"Redis Cluster at {self.address}: {int((slots < 0).sum())} of {_SLOTS} hash "
                 "slots have no master (cluster_state not ok?)"
             )
+        if self._slots is not None:
+            metrics.REDIS_SLOT_MAP_REFRESHES.inc()
+        metrics.REDIS_MASTERS.set(len(np.unique(slots)))
         self._slots = slots
         self._bucket_nodes = {}
         self._master_tags = None

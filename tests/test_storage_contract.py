@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from support import cluster_masters, redis_command
 
 from storage.base import (
@@ -464,6 +465,7 @@ def test_redis_cluster_spreads_rows_over_every_master(clean_redis_cluster: str) 
     other = RedisTier(clean_redis_cluster, buckets=64)
     try:
         assert tier.cluster and len(tier._nodes) == 3
+        assert REGISTRY.get_sample_value("streamrec_store_redis_masters") == 3
         keys = np.arange(1, 3001, dtype=np.uint64) * np.uint64(104729)
         codec = RowCodec(TableConfig(name="r", dim=4))
         rows = codec.new_rows(keys, 1)
@@ -540,7 +542,12 @@ def test_redis_cluster_reads_on_after_a_slot_moves(clean_redis_cluster: str) -> 
         source = next(m for m in masters if held(m))
         target = _migrate_slot(masters, slot, source)
         assert held(target) and not held(source)
+        refreshes = REGISTRY.get_sample_value("streamrec_store_redis_slot_map_refreshes_total")
         assert tier.get_many("t", keys) == values  # MOVED, map refreshed, read again
+        assert (
+            REGISTRY.get_sample_value("streamrec_store_redis_slot_map_refreshes_total")
+            == (refreshes or 0) + 1
+        )
         # A second store with the old map: its write to the old master fails clearly.
         stale = RedisTier(clean_redis_cluster, buckets=64)
         try:
