@@ -1,6 +1,6 @@
 """Serving benchmark: predict latency at a fixed rate and throughput at saturation.
 
-    python bench/serve.py [--quick] [--redis-url URL] [--workers N]
+    python bench/serve.py [--quick] [--redis-url URL | --cluster-masters N] [--workers N]
 
 Prints progress to stderr and one JSON object as the last line of stdout.
 
@@ -22,7 +22,8 @@ Prints progress to stderr and one JSON object as the last line of stdout.
    ``gc_full_passes_over_50ms``: the real server's full garbage collections over its
    whole run (``streamrec_service_gc_pause_seconds``), and those that took over 50 ms.
 
-Without ``--redis-url`` it starts a private ``redis-server`` (see ``bench/store.py``).
+Without ``--redis-url`` it starts a private ``redis-server`` (see ``bench/store.py``), or
+with ``--cluster-masters N`` a private Redis Cluster of N masters on this machine.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from common import private_redis, stop
+from common import private_redis, private_redis_cluster, stop
 
 from service.schemas import PredictRequest, PredictResponse
 
@@ -345,6 +346,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller run (CI smoke)")
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
+    parser.add_argument(
+        "--cluster-masters",
+        type=int,
+        default=0,
+        help="a private Redis Cluster of N masters instead of one redis-server",
+    )
     parser.add_argument("--rate", type=float, default=300.0, help="fixed-rate phase, req/s")
     parser.add_argument("--connections", type=int, default=8, help="saturation: in flight")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn processes of both servers")
@@ -367,7 +374,12 @@ def main() -> None:
     duration = 1.5 if args.quick else 20.0
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        url = args.redis_url or stack.enter_context(private_redis(log))
+        if args.redis_url:
+            url = args.redis_url
+        elif args.cluster_masters:
+            url = stack.enter_context(private_redis_cluster(log, args.cluster_masters))
+        else:
+            url = stack.enter_context(private_redis(log))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-serve-")))
         settings_path = tmp / "streamrec.toml"
         settings_path.write_text(
@@ -449,6 +461,7 @@ batch_size = 1024
         "load_average": os.getloadavg()[0],
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "private_redis": args.redis_url is None,
+        "redis_cluster_masters": args.cluster_masters or None,
         "wall_s": round(time.perf_counter() - started, 1),
     }
     result["targets"] = {

@@ -76,7 +76,9 @@ keys (layout, row counter, blob) go to the master of their own slot. Every maste
 the listpack settings above. Slots that move while the store is open (resharding): a
 read redirected with ``MOVED`` refreshes the map and is sent again once; a redirected
 write (or an ``ASK``, a slot half migrated) raises ``StoreUnavailable``, so a trainer
-rewinds to its recorded position. ``put_marker`` leaves a copy on every master (a hash
+rewinds to its recorded position. A master that stops answering makes the store read
+the map again from the others (``_lost``): after a failover the next call reaches the
+promoted replica. ``put_marker`` leaves a copy on every master (a hash
 tag of one of its slots each), so a master that lost its data is noticed. ``commit``
 cannot be one transaction across masters: rows go first, then the blobs.
 
@@ -86,6 +88,7 @@ Any connection failure raises ``StoreUnavailable`` naming the server's address.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -109,6 +112,8 @@ from storage.base import Keys, Mask, Rows, RowTier, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
     from storage.rows import RowCodec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPECTED_ROWS = 1 << 22
 """Rows per table assumed without a hint: 65536 buckets at 64 rows per bucket."""
@@ -585,6 +590,7 @@ class RedisTier(RowTier):
         self._slots: npt.NDArray[np.int32] | None = None
         self._bucket_nodes: dict[BucketLayout, npt.NDArray[np.int32]] = {}
         self._master_tags: dict[int, bytes] | None = None  # a hash tag on each master
+        self._refreshing = False  # in ``_lost``: no second refresh from within the first
         try:
             self._execute([(b"PING",)])  # fail fast, naming the address
             self._discover()
@@ -675,17 +681,21 @@ class RedisTier(RowTier):
     def _refresh_slots(self) -> None:
         """Read the slot map (``CLUSTER SLOTS``) from the first master that answers."""
         errors = []
-        for node in list(self._nodes):
-            try:
-                (reply,) = self._roundtrip_on(node, self._packed([(b"CLUSTER", b"SLOTS")]))
-            except StoreUnavailable as e:
-                errors.append(str(e))
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                raise StoreError(f"Redis at {node.address}: CLUSTER SLOTS: {reply}")
-            break
-        else:
-            raise StoreUnavailable("; ".join(errors))
+        self._refreshing = True
+        try:
+            for node in list(self._nodes):
+                try:
+                    (reply,) = self._roundtrip_on(node, self._packed([(b"CLUSTER", b"SLOTS")]))
+                except StoreUnavailable as e:
+                    errors.append(str(e))
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    raise StoreError(f"Redis at {node.address}: CLUSTER SLOTS: {reply}")
+                break
+            else:
+                raise StoreUnavailable("; ".join(errors))
+        finally:
+            self._refreshing = False
         by_address = {n.address: i for i, n in enumerate(self._nodes)}
         slots = np.full(_SLOTS, -1, dtype=np.int32)
         seed = self._seed.pool.connection_kwargs
@@ -767,9 +777,25 @@ class RedisTier(RowTier):
                 # A pooled connection may have gone stale (server restart, idle timeout).
                 return node.roundtrip_once(chunks)
         except _UNREACHABLE as e:
+            self._lost(node)
             raise StoreUnavailable(f"Redis at {node.address} is unreachable: {e}") from e
+        except StoreUnavailable:  # no connection to be had
+            self._lost(node)
+            raise
         except (RedisError, hiredis.HiredisError) as e:
             raise StoreError(f"Redis at {node.address}: {e}") from e
+
+    def _lost(self, node: _Node) -> None:
+        """A master stopped answering: on a cluster, read the slot map again from the
+        others (best effort), so once a replica has taken its slots over (failover),
+        the next call goes there."""
+        if self._slots is None or self._refreshing:  # not from within a refresh
+            return
+        try:
+            self._refresh_slots()
+            log.warning("Redis Cluster master %s unreachable; slot map read again", node.address)
+        except StoreError as e:
+            log.warning("Redis Cluster master %s unreachable, and no slot map: %s", node.address, e)
 
     def _roundtrip(self, chunks: Sequence[_Chunk], *, retry: bool = True) -> list[Any]:
         """``_roundtrip_on`` the seed server, writes in flight acknowledged first (so
@@ -858,7 +884,12 @@ class RedisTier(RowTier):
         with self._unacked_lock:
             unacked = node.unacked
             if unacked is None:
-                node.unacked = unacked = _Unacked(node, node.checkout())
+                try:
+                    conn = node.checkout()
+                except StoreUnavailable:
+                    self._lost(node)
+                    raise
+                node.unacked = unacked = _Unacked(node, conn)
             try:
                 for data, _ in chunks:
                     if not unacked.broken:
@@ -928,7 +959,11 @@ class RedisTier(RowTier):
             finally:
                 node.checkin(conn)
         except _UNREACHABLE as e:
+            self._lost(node)
             raise StoreUnavailable(f"Redis at {node.address} is unreachable: {e}") from e
+        except StoreUnavailable:  # no connection for the resend
+            self._lost(node)
+            raise
         except (RedisError, hiredis.HiredisError) as e:
             raise StoreError(f"Redis at {node.address}: {e}") from e
         return replies
@@ -1171,18 +1206,15 @@ class RedisTier(RowTier):
         return batch
 
     def get_tables(self, keys: Mapping[str, Keys]) -> dict[str, list[bytes | None]]:
-        """``get_many`` of several tables in one pipeline on one connection: an ``HGET``
-        per key (a serving read touches ~1 key per bucket, so grouping keys by bucket
-        would save Redis nothing), built for all tables at once."""
-        if self._slots is not None:  # HMGETs, one pipeline per master
-            fetched = self._fetch_many(list(keys.items()))
-            out_of: dict[str, list[bytes | None]] = {}
-            for (table, table_keys), (flat, positions) in zip(keys.items(), fetched, strict=True):
-                ordered: list[bytes | None] = [None] * len(table_keys)
-                for value, at in zip(flat, positions.tolist(), strict=True):
-                    ordered[at] = value
-                out_of[table] = ordered
-            return out_of
+        """``get_many`` of several tables in one pipeline on one connection (on a
+        cluster: one per master, all at once): an ``HGET`` per key (a serving read
+        touches ~1 key per bucket, so grouping keys by bucket would save Redis nothing),
+        built for all tables at once."""
+        return self._get_tables(keys, redirected=False)
+
+    def _get_tables(
+        self, keys: Mapping[str, Keys], *, redirected: bool
+    ) -> dict[str, list[bytes | None]]:
         # Nothing asked, or nobody ever wrote the table: all None (in the order asked).
         out: dict[str, list[bytes | None]] = {t: [None] * len(k) for t, k in keys.items()}
         shapes: dict[tuple[int, int, int], list[tuple[str, BucketLayout, Keys]]] = {}
@@ -1192,26 +1224,61 @@ class RedisTier(RowTier):
                 continue
             shape = (len(layout.name_head), layout.hex_digits, layout.field_bytes)
             shapes.setdefault(shape, []).append((table, layout, table_keys))
-        chunks: list[_Chunk] = []
-        for group in shapes.values():
-            cmds = _build_hgets([g[1] for g in group], [g[2] for g in group])
-            view = cmds.data.cast("B")
-            step = self.chunk * cmds.shape[1]
-            chunks += [
-                (view[a : a + step], min(self.chunk, len(cmds) - a // cmds.shape[1]))
-                for a in range(0, cmds.size, step)
-            ]
-        replies = self._roundtrip(chunks)
+        matrices = [
+            _build_hgets([g[1] for g in group], [g[2] for g in group]) for group in shapes.values()
+        ]
+        if self._slots is None:
+            replies = self._roundtrip([c for cmds in matrices for c in self._rows_chunks(cmds)])
+        else:
+            replies = self._hgets_by_master(list(shapes.values()), matrices)
+            if not redirected and self._moved(replies):
+                self._refresh_slots()
+                return self._get_tables(keys, redirected=True)
         at = 0
         for group in shapes.values():
             for table, _, table_keys in group:
                 values = replies[at : at + len(table_keys)]
                 at += len(table_keys)
-                for v in values:
-                    if isinstance(v, hiredis.ReplyError):
-                        raise StoreError(f"Redis at {self.address}: {v}")
+                self._raise_errors(values)
                 out[table] = values
         return out
+
+    def _rows_chunks(self, cmds: _U8) -> list[_Chunk]:
+        """A byte matrix of one command per row, cut into sends of ``chunk`` commands."""
+        view = cmds.data.cast("B")
+        step = self.chunk * cmds.shape[1]
+        return [
+            (view[a : a + step], min(self.chunk, len(cmds) - a // cmds.shape[1]))
+            for a in range(0, cmds.size, step)
+        ]
+
+    def _hgets_by_master(
+        self, groups: list[list[tuple[str, BucketLayout, Keys]]], matrices: list[_U8]
+    ) -> list[Any]:
+        """The replies of ``_build_hgets`` matrices (one per group of tables), each
+        command sent to the master of its bucket; in the matrices' order."""
+        chunks: dict[int, list[_Chunk]] = {}
+        rows: dict[int, list[npt.NDArray[np.intp]]] = {}
+        offset = 0
+        for group, cmds in zip(groups, matrices, strict=True):
+            nodes = np.concatenate(
+                [
+                    self._nodes_of_buckets(
+                        layout, np.asarray(k, dtype=np.uint64) % np.uint64(layout.buckets)
+                    )
+                    for _, layout, k in group
+                ]
+            )
+            for node in np.unique(nodes).tolist():
+                mine = np.flatnonzero(nodes == node)
+                chunks.setdefault(node, []).extend(self._rows_chunks(cmds[mine]))
+                rows.setdefault(node, []).append(mine + offset)
+            offset += len(cmds)
+        replies: list[Any] = [None] * offset
+        for node, node_replies in self._roundtrip_nodes(chunks).items():
+            for at, reply in zip(np.concatenate(rows[node]).tolist(), node_replies, strict=True):
+                replies[at] = reply
+        return replies
 
     def _put_chunks(self, layout: BucketLayout, keys: Keys, values: list[bytes]) -> list[_Chunk]:
         """The HSETs of a batch, packed."""

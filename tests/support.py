@@ -48,6 +48,19 @@ class LocalRedisCluster:
         persistence; returns once the cluster is ok again."""
         self._launcher.restart(self.workdir, self.ports[index])
 
+    def add_replica(self, index: int) -> int:
+        """A replica of master ``index``, synced; its port."""
+        port: int = self._launcher.free_ports(1, first=max(self.ports) + 7)[0]
+        self._launcher.add_replica(self.workdir, self.ports[index], port)
+        return port
+
+    def fail_over(self, index: int, replica_port: int) -> None:
+        """Master ``index`` dies for good and the replica on ``replica_port`` takes its
+        slots over."""
+        self._launcher.kill(self.workdir, self.ports[index])
+        self._launcher.take_over(self.workdir, replica_port)
+        self.ports[index] = replica_port
+
     def stop(self) -> None:
         self._launcher.stop(self.workdir)
 

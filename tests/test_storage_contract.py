@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from support import cluster_masters, redis_command
+from support import LocalRedisCluster, cluster_masters, redis_command
 
 from storage.base import (
     Keys,
@@ -502,6 +502,31 @@ def test_redis_cluster_read_on_a_dropped_connection_is_read_again(
         for m in masters:
             m.close()
         tier.close()
+
+
+@pytest.mark.integration
+def test_redis_cluster_follows_a_failover(services: None, tmp_path: Path) -> None:
+    """A master dies and its replica takes its slots over: the call that finds the
+    master gone raises ``StoreUnavailable`` (a trainer rewinds) and reads the slot map
+    again, and the next one reaches the promoted replica, rows intact."""
+    cluster = LocalRedisCluster(tmp_path / "cluster")  # its own: this one loses a master
+    tier = RedisTier(cluster.url, buckets=64)
+    try:
+        keys = np.arange(1, 2001, dtype=np.uint64)
+        values = [b"v%d" % k for k in keys.tolist()]
+        tier.put_many("t", keys, values)
+        tier.sync()
+        replica = cluster.add_replica(2)
+        cluster.fail_over(2, replica)
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            tier.get_many("t", keys)
+        assert tier.get_many("t", keys) == values
+        tier.put_many("t", keys[:10], [b"new"] * 10)
+        assert tier.get_many("t", keys[:11]) == [b"new"] * 10 + [values[10]]
+        assert any(n.address.endswith(f":{replica}/0") for n in tier._nodes)
+    finally:
+        tier.close()
+        cluster.stop()
 
 
 def _migrate_slot(masters: list[redis.Redis], slot: int, source: redis.Redis) -> redis.Redis:

@@ -91,6 +91,55 @@ def restart(workdir: Path, port: int, timeout: float = 30.0) -> None:
     _wait_ok([_connect(workdir, p, deadline) for p in ports], deadline)
 
 
+def add_replica(workdir: Path, master_port: int, port: int, timeout: float = 30.0) -> None:
+    """Start a replica of the master on ``master_port`` on ``port``; returns once it
+    has the master's data (``master_link_status:up``)."""
+    node_dir = workdir / str(port)
+    node_dir.mkdir(parents=True, exist_ok=True)
+    _spawn(node_dir, port)
+    deadline = time.monotonic() + timeout
+    replica = _connect(workdir, port, deadline)
+    master = _connect(workdir, master_port, deadline)
+    try:
+        master_id = command(master, "CLUSTER", "MYID").decode()
+        command(replica, "CLUSTER", "MEET", "127.0.0.1", master_port)
+        while master_id.encode() not in command(replica, "CLUSTER", "NODES"):
+            _until(deadline, "the replica never met its master")
+        command(replica, "CLUSTER", "REPLICATE", master_id)
+        while replica.info("replication").get("master_link_status") != "up":
+            _until(deadline, "the replica never synced")
+    finally:
+        replica.close()
+        master.close()
+
+
+def kill(workdir: Path, port: int) -> None:
+    """Stop the node on ``port`` for good (as a crashed host)."""
+    _stop_node(workdir / str(port) / "redis.pid")
+
+
+def take_over(workdir: Path, replica_port: int, timeout: float = 30.0) -> None:
+    """Promote the replica on ``replica_port`` in place of its (dead) master
+    (``CLUSTER FAILOVER TAKEOVER``); returns once it serves the slots and every
+    running node reports ``cluster_state:ok``."""
+    deadline = time.monotonic() + timeout
+    replica = _connect(workdir, replica_port, deadline)
+    try:
+        command(replica, "CLUSTER", "FAILOVER", "TAKEOVER")
+        while replica.info("replication").get("role") != "master":
+            _until(deadline, "the replica never took over")
+    finally:
+        replica.close()
+    ports = sorted(int(d.name) for d in workdir.iterdir() if (d / "redis.pid").exists())
+    _wait_ok([_connect(workdir, p, deadline) for p in ports], deadline)
+
+
+def _until(deadline: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise RuntimeError(what)
+    time.sleep(0.05)
+
+
 def _spawn(node_dir: Path, port: int) -> None:
     with (node_dir / "redis.log").open("ab") as log:
         proc = subprocess.Popen(
