@@ -591,6 +591,7 @@ class RedisTier(RowTier):
         self._bucket_nodes: dict[BucketLayout, npt.NDArray[np.int32]] = {}
         self._master_tags: dict[int, bytes] | None = None  # a hash tag on each master
         self._refreshing = False  # in ``_lost``: no second refresh from within the first
+        self._refresh_lock = threading.Lock()
         try:
             self._execute([(b"PING",)])  # fail fast, naming the address
             self._discover()
@@ -680,6 +681,10 @@ class RedisTier(RowTier):
 
     def _refresh_slots(self) -> None:
         """Read the slot map (``CLUSTER SLOTS``) from the first master that answers."""
+        with self._refresh_lock:
+            self._read_slot_map()
+
+    def _read_slot_map(self) -> None:
         errors = []
         self._refreshing = True
         try:
@@ -728,15 +733,14 @@ class RedisTier(RowTier):
     def _nodes_of_buckets(self, layout: BucketLayout, buckets: npt.NDArray[np.uint64]) -> _I32:
         """The master (index in ``_nodes``) of each bucket, from a per-table map of every
         bucket's slot (one vectorised CRC16 pass over the bucket names' hash tags)."""
-        assert self._slots is not None
+        slots = self._slots
+        assert slots is not None
+        if layout.buckets > _MAX_MAPPED_BUCKETS:  # too many to map them all: these only
+            return slots[_bucket_slots(layout, buckets)]
         table = self._bucket_nodes.get(layout)
         if table is None:
             every = np.arange(layout.buckets, dtype=np.uint64)
-            table = self._slots[_bucket_slots(layout, every)]
-            if layout.buckets <= _MAX_MAPPED_BUCKETS:
-                self._bucket_nodes[layout] = table
-            else:  # too many buckets to map them all: these only
-                return self._slots[_bucket_slots(layout, buckets)]
+            table = self._bucket_nodes[layout] = slots[_bucket_slots(layout, every)]
         return table[buckets]
 
     def _split(
