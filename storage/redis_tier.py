@@ -1238,13 +1238,12 @@ class RedisTier(RowTier):
             if not redirected and self._moved(replies):
                 self._refresh_slots()
                 return self._get_tables(keys, redirected=True)
+        self._raise_errors(replies)
         at = 0
         for group in shapes.values():
             for table, _, table_keys in group:
-                values = replies[at : at + len(table_keys)]
+                out[table] = replies[at : at + len(table_keys)]
                 at += len(table_keys)
-                self._raise_errors(values)
-                out[table] = values
         return out
 
     def _rows_chunks(self, cmds: _U8) -> list[_Chunk]:

@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from hashlib import blake2b
 from typing import Any, cast
 
@@ -179,6 +179,19 @@ class RocksDBTier(RowTier):
         row_keys: list[bytes] = buf.view(f"V{width}").ravel().tolist()  # bytes, one per key
         return row_keys
 
+    def _tables_row_keys(self, asked: Sequence[tuple[str, Keys]]) -> list[bytes]:
+        """``_row_keys`` of several tables, laid end to end, built in one go (the
+        prefixes all have one width)."""
+        prefixes = np.array([np.void(self._prefix(t)) for t, _ in asked])
+        counts = [len(k) for _, k in asked]
+        n, width = sum(counts), prefixes.dtype.itemsize + 8
+        buf = np.empty((n, width), dtype=np.uint8)
+        buf[:, : width - 8] = prefixes.view(np.uint8).reshape(len(asked), -1).repeat(counts, axis=0)
+        keys = np.concatenate([k for _, k in asked]).astype(">u8")
+        buf[:, width - 8 :] = keys.view(np.uint8).reshape(n, 8)
+        row_keys: list[bytes] = buf.view(f"V{width}").ravel().tolist()
+        return row_keys
+
     def _multi_get(self, keys: list[bytes]) -> list[bytes | None]:
         return cast(list[bytes | None], self._db.get(cast(list[Any], keys)))
 
@@ -271,7 +284,7 @@ class RocksDBTier(RowTier):
         if not asked:
             return {t: [] for t in keys}
         self._maybe_catch_up()
-        values = self._multi_get([k for t, tk in asked for k in self._row_keys(t, tk)])
+        values = self._multi_get(self._tables_row_keys(asked))
         out: dict[str, list[bytes | None]] = {t: [] for t in keys}
         at = 0
         for table, table_keys in asked:

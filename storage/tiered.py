@@ -118,7 +118,7 @@ from storage.keyfilter import KeyFilter
 from storage.keyindex import (
     KeyIndex,
     Positions,
-    distinct,
+    distinct_segments,
     is_sorted_distinct,
     isin_sorted,
     unique_inverse,
@@ -937,12 +937,25 @@ class TieredStore(EmbeddingStore):
             return self._lookup_created(keys, start)
         if not self.read_only:
             return super().lookup_tables(keys)
-        wanted: dict[str, tuple[Keys, npt.NDArray[np.intp] | None]] = {}
         layouts: dict[np.dtype[np.void], list[str]] = {}
-        for table, table_keys in keys.items():
+        for table in keys:
             codec = self._codec(table)  # unknown table: KeyError before any read
-            wanted[table] = distinct(np.asarray(table_keys, dtype=np.uint64).reshape(-1))
             layouts.setdefault(codec.dtype, []).append(table)
+        # Every table's distinct keys in one compiled pass (per-table calls cost more
+        # than a serving read's few dozen keys a table).
+        parts = [np.asarray(k, dtype=np.uint64).reshape(-1) for k in keys.values()]
+        bounds = np.zeros(len(parts) + 1, dtype=np.intp)
+        np.cumsum([len(k) for k in parts], out=bounds[1:])
+        flat, starts, inverse = distinct_segments(
+            np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64), bounds
+        )
+        wanted: dict[str, tuple[Keys, npt.NDArray[np.intp] | None]] = {
+            table: (
+                flat[starts[i] : starts[i + 1]],
+                None if inverse is None else inverse[bounds[i] : bounds[i + 1]] - starts[i],
+            )
+            for i, table in enumerate(keys)
+        }
         hot = self.hot.get_tables({t: u for t, (u, _) in wanted.items()})
         out: dict[str, LookupResult] = {}
         for tables in layouts.values():

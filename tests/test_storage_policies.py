@@ -28,6 +28,7 @@ from storage.keyfilter import KeyFilter
 from storage.keyindex import (
     KeyIndex,
     distinct_rows,
+    distinct_segments,
     occurs_in,
     sorted_distinct,
     unique_inverse,
@@ -258,6 +259,31 @@ def test_distinct_rows_dedupes_each_row_apart(seed: int) -> None:
             assert len(set(mine.tolist())) == len(mine)  # distinct within the row
             assert set(mine.tolist()) == set(keys[r].tolist())
             assert np.array_equal(flat[inverse[:, r]], keys[r])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_distinct_segments_dedupes_each_segment_apart(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for high in (2, 40, 2**63):
+        lengths = rng.integers(0, 300, int(rng.integers(1, 30)))
+        bounds = np.concatenate(([0], np.cumsum(lengths))).astype(np.intp)
+        keys = rng.integers(0, high, int(bounds[-1]), dtype=np.int64).astype(np.uint64)
+        if len(lengths) > 1:  # the same keys in two segments stay apart
+            n = min(lengths[0], lengths[-1])
+            keys[bounds[-2] : bounds[-2] + n] = keys[:n]
+        flat, starts, inverse = distinct_segments(keys, bounds)
+        assert starts[0] == 0 and starts[-1] == len(flat)
+        full = np.arange(len(keys)) if inverse is None else inverse
+        assert np.array_equal(flat[full], keys)
+        for s in range(len(lengths)):
+            mine = flat[starts[s] : starts[s + 1]].tolist()
+            segment = keys[bounds[s] : bounds[s + 1]].tolist()
+            assert mine == list(dict.fromkeys(segment))  # distinct, in order of first sight
+            assert ((full[bounds[s] : bounds[s + 1]] >= starts[s]).all()
+                    and (full[bounds[s] : bounds[s + 1]] < starts[s + 1]).all())  # fmt: skip
+    distinct_keys = np.arange(10, dtype=np.uint64)[::-1].copy()
+    flat, starts, inverse = distinct_segments(distinct_keys, np.array([0, 4, 10]))
+    assert inverse is None and flat is not None and list(starts) == [0, 4, 10]
 
 
 @pytest.mark.parametrize("seed", range(5))
