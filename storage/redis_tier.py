@@ -74,9 +74,10 @@ gets the commands of its buckets: reads as one pipeline per master, all masters 
 to before any is read (``_roundtrip_nodes``), writes in flight per master. The other
 keys (layout, row counter, blob) go to the master of their own slot. Every master needs
 the listpack settings above. Slots that move while the store is open (resharding): a
-read redirected with ``MOVED`` refreshes the map and is sent again once; a redirected
-write (or an ``ASK``, a slot half migrated) raises ``StoreUnavailable``, so a trainer
-rewinds to its recorded position. A master that stops answering makes the store read
+read redirected with ``MOVED`` refreshes the map and is sent again once, one redirected
+with ``ASK`` (a slot half migrated, the key moved already) goes to the new master after
+``ASKING`` (``_follow_asks``); a redirected row write raises ``StoreUnavailable``, so a
+trainer rewinds to its recorded position. A master that stops answering makes the store read
 the map again from the others (``_lost``): after a failover the next call reaches the
 promoted replica. ``put_marker`` leaves a copy on every master (a hash
 tag of one of its slots each), so a master that lost its data is noticed. ``commit``
@@ -364,6 +365,22 @@ class BucketLayout:
         q = raw.view("<u8").reshape(-1).astype(np.uint64)
         keys: Keys = q * np.uint64(self.buckets) + np.uint64(bucket)
         return keys
+
+
+_ASKING = _pack([(b"ASKING",)])
+
+
+def _command_rows(parts: Sequence[_U8]) -> Callable[[int], bytes]:
+    """The RESP bytes of command ``i`` of byte matrices of one command a row, laid end
+    to end (what a pipeline sent)."""
+    ends = np.cumsum([len(part) for part in parts])
+
+    def command(i: int) -> bytes:
+        p = int(np.searchsorted(ends, i, side="right"))
+        row: bytes = parts[p][i - (int(ends[p - 1]) if p else 0)].tobytes()
+        return row
+
+    return command
 
 
 def _bucket_slots(layout: BucketLayout, buckets: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
@@ -701,20 +718,9 @@ class RedisTier(RowTier):
                 raise StoreUnavailable("; ".join(errors))
         finally:
             self._refreshing = False
-        by_address = {n.address: i for i, n in enumerate(self._nodes)}
         slots = np.full(_SLOTS, -1, dtype=np.int32)
-        seed = self._seed.pool.connection_kwargs
         for first, last, master, *_ in reply:
-            # An empty host: the one this client reached the cluster at.
-            kwargs = {**seed, "host": master[0].decode() or seed["host"], "port": int(master[1])}
-            address = _address(kwargs)
-            if address not in by_address:
-                pool = redis.ConnectionPool(
-                    connection_class=self._seed.pool.connection_class, **kwargs
-                )
-                by_address[address] = len(self._nodes)
-                self._nodes.append(_Node(pool))
-            slots[int(first) : int(last) + 1] = by_address[address]
+            slots[int(first) : int(last) + 1] = self._node_at(master[0].decode(), int(master[1]))
         if (slots < 0).any():
             raise StoreUnavailable(
                 f"Redis Cluster at {self.address}: {int((slots < 0).sum())} of {_SLOTS} hash "
@@ -726,6 +732,38 @@ class RedisTier(RowTier):
         self._slots = slots
         self._bucket_nodes = {}
         self._master_tags = None
+
+    def _node_at(self, host: str, port: int) -> int:
+        """The index in ``_nodes`` of the server at ``host:port`` (added if new; an
+        empty host: the one this client reached the cluster at)."""
+        seed = self._seed.pool.connection_kwargs
+        kwargs = {**seed, "host": host or seed["host"], "port": port}
+        address = _address(kwargs)
+        for i, node in enumerate(self._nodes):
+            if node.address == address:
+                return i
+        pool = redis.ConnectionPool(connection_class=self._seed.pool.connection_class, **kwargs)
+        self._nodes.append(_Node(pool))
+        return len(self._nodes) - 1
+
+    def _follow_asks(self, replies: list[Any], command: Callable[[int], bytes]) -> None:
+        """Replace each ``ASK`` reply (its slot is being migrated and the key has moved)
+        by the reply of its command (``command(i)``: the RESP bytes of reply ``i``'s)
+        sent again, after ``ASKING``, to the master the slot is moving to; in place."""
+        asked: dict[int, list[int]] = {}
+        for i, reply in enumerate(replies):
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("ASK "):
+                host, _, port = str(reply).split()[2].rpartition(":")
+                asked.setdefault(self._node_at(host, int(port)), []).append(i)
+        if not asked:
+            return
+        chunks = {
+            node: [(b"".join(_ASKING + command(i) for i in at), 2 * len(at))]
+            for node, at in asked.items()
+        }
+        for node, answers in self._roundtrip_nodes(chunks).items():
+            for i, reply in zip(asked[node], answers[1::2], strict=True):
+                replies[i] = reply
 
     def _node_of(self, key: bytes) -> int:
         return 0 if self._slots is None else int(self._slots[key_slot(key)])
@@ -756,9 +794,9 @@ class RedisTier(RowTier):
         return [(int(n), np.flatnonzero(nodes == n)) for n in present]
 
     def _moved(self, replies: Sequence[Any]) -> str | None:
-        """The first MOVED/ASK redirection among ``replies`` (resharding), if any."""
+        """The first ``MOVED`` redirection among ``replies`` (resharding), if any."""
         for reply in replies:
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(("MOVED ", "ASK ")):
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED "):
                 return str(reply)
         return None
 
@@ -997,6 +1035,7 @@ class RedisTier(RowTier):
             ((node, mine),) = routed.items()
             self.sync()
             replies = self._roundtrip_on(self._nodes[node], self._packed(mine), retry=retry)
+            self._follow_asks(replies, lambda i: _pack([mine[i]]))
         else:
             by_node = self._roundtrip_nodes({n: self._packed(c) for n, c in routed.items()})
             # Back in the order asked: each server's replies follow its commands' order.
@@ -1006,6 +1045,7 @@ class RedisTier(RowTier):
                 node = self._node_of(command[1]) if len(command) > 1 else 0
                 replies.append(by_node[node][taken[node]])
                 taken[node] += 1
+        self._follow_asks(replies, lambda i: _pack([commands[i]]))
         if not redirected and self._moved(replies):
             self._refresh_slots()
             again = [i for i, r in enumerate(replies) if self._moved([r])]
@@ -1081,6 +1121,9 @@ class RedisTier(RowTier):
                 for node, parts in sent.items()
             }
         )
+        for node, parts in sent.items():
+            rows = [part for _, batch, _ in parts for part in batch.parts]
+            self._follow_asks(replies[node], _command_rows(rows))
         if retry and self._moved([r for rs in replies.values() for r in rs]):
             self._refresh_slots()
             return self._fetch_many(requests, retry=False)
@@ -1261,6 +1304,7 @@ class RedisTier(RowTier):
         """The replies of ``_build_hgets`` matrices (one per group of tables), each
         command sent to the master of its bucket; in the matrices' order."""
         chunks: dict[int, list[_Chunk]] = {}
+        sent: dict[int, list[_U8]] = {}  # each master's commands, a row each
         rows: dict[int, list[npt.NDArray[np.intp]]] = {}
         offset = 0
         for group, cmds in zip(groups, matrices, strict=True):
@@ -1274,11 +1318,15 @@ class RedisTier(RowTier):
             )
             for node in np.unique(nodes).tolist():
                 mine = np.flatnonzero(nodes == node)
-                chunks.setdefault(node, []).extend(self._rows_chunks(cmds[mine]))
+                sent.setdefault(node, []).append(cmds[mine])
+                chunks.setdefault(node, []).extend(self._rows_chunks(sent[node][-1]))
                 rows.setdefault(node, []).append(mine + offset)
             offset += len(cmds)
         replies: list[Any] = [None] * offset
-        for node, node_replies in self._roundtrip_nodes(chunks).items():
+        by_node = self._roundtrip_nodes(chunks)
+        for node, node_replies in by_node.items():
+            self._follow_asks(node_replies, _command_rows(sent[node]))
+        for node, node_replies in by_node.items():
             for at, reply in zip(np.concatenate(rows[node]).tolist(), node_replies, strict=True):
                 replies[at] = reply
         return replies

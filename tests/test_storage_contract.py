@@ -529,9 +529,12 @@ def test_redis_cluster_follows_a_failover(services: None, tmp_path: Path) -> Non
         cluster.stop()
 
 
-def _migrate_slot(masters: list[redis.Redis], slot: int, source: redis.Redis) -> redis.Redis:
+def _migrate_slot(
+    masters: list[redis.Redis], slot: int, source: redis.Redis, *, finish: bool = True
+) -> redis.Redis:
     """Move ``slot`` and its keys from ``source`` to another master (what
-    ``redis-cli --cluster reshard`` does); the new owner."""
+    ``redis-cli --cluster reshard`` does); the new owner. ``finish=False`` stops with
+    the keys moved but the slot still the source's (mid-migration: ``ASK``)."""
     target = next(m for m in masters if m is not source)
     target_id = redis_command(target, "CLUSTER", "MYID")
     source_id = redis_command(source, "CLUSTER", "MYID")
@@ -540,9 +543,41 @@ def _migrate_slot(masters: list[redis.Redis], slot: int, source: redis.Redis) ->
     port = target.connection_pool.connection_kwargs["port"]
     while keys := redis_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
         redis_command(source, "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
-    for m in masters:
-        redis_command(m, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    if finish:
+        for m in masters:
+            redis_command(m, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
     return target
+
+
+@pytest.mark.integration
+def test_redis_cluster_reads_a_slot_in_mid_migration(services: None, tmp_path: Path) -> None:
+    """Keys already moved out of a slot still being migrated: the old master answers
+    ``ASK``, and reads (HMGET, HGET, GET) follow it to the new one."""
+    cluster = LocalRedisCluster(tmp_path / "cluster")  # its own: left mid-migration
+    tier = RedisTier(cluster.url, buckets=64)
+    masters = cluster_masters(cluster.url)
+    try:
+        keys = np.arange(0, 640, dtype=np.uint64)
+        values = [b"v%d" % k for k in keys.tolist()]
+        tier.put_many("t", keys, values)
+        tier.put_blob("pos", b"5")
+        tier.sync()
+        layout = tier.layout("t")
+        assert layout is not None
+        for name in (layout.bucket_name(5), b"sr:blob:pos"):
+            slot = int(redis_command(masters[0], "CLUSTER", "KEYSLOT", name))
+            source = next(
+                m for m in masters if redis_command(m, "CLUSTER", "COUNTKEYSINSLOT", slot)
+            )
+            _migrate_slot(masters, slot, source, finish=False)
+        assert tier.get_many("t", keys) == values
+        assert tier.get_tables({"t": keys[::-1]})["t"] == values[::-1]
+        assert tier.get_blob("pos") == b"5"
+    finally:
+        for m in masters:
+            m.close()
+        tier.close()
+        cluster.stop()
 
 
 @pytest.mark.integration
