@@ -972,13 +972,14 @@ class RedisTier(RowTier):
 
     def _route(self, commands: Sequence[_Command]) -> dict[int, list[_Command]]:
         """``commands`` by the master of their key (the first argument)."""
-        if self._slots is None:
-            return {0: list(commands)}
         by_node: dict[int, list[_Command]] = {}
-        for command in commands:
-            node = self._node_of(command[1]) if len(command) > 1 else 0
+        for node, command in zip(self._nodes_of_commands(commands), commands, strict=True):
             by_node.setdefault(node, []).append(command)
         return by_node
+
+    def _nodes_of_commands(self, commands: Sequence[_Command]) -> list[int]:
+        """The master of each command's key (the first argument; none: the seed)."""
+        return [self._node_of(c[1]) if len(c) > 1 else 0 for c in commands]
 
     def _acknowledge(self, unacked: _Unacked) -> list[Any]:
         """The replies of ``unacked``'s writes, resent once if the connection broke."""
@@ -1030,19 +1031,19 @@ class RedisTier(RowTier):
         """``_execute`` on a cluster, each command to the master of its key; those
         redirected (``MOVED``: sent where a slot used to be, so not run) are sent again
         once, after the slot map is refreshed."""
-        routed = self._route(commands)
-        if len(routed) == 1:  # the usual: one key, or keys of one server
-            ((node, mine),) = routed.items()
+        nodes = self._nodes_of_commands(commands)
+        if len(set(nodes)) == 1:  # the usual: one key, or keys of one server
             self.sync()
-            replies = self._roundtrip_on(self._nodes[node], self._packed(mine), retry=retry)
-            self._follow_asks(replies, lambda i: _pack([mine[i]]))
+            replies = self._roundtrip_on(self._nodes[nodes[0]], self._packed(commands), retry=retry)
         else:
+            routed: dict[int, list[_Command]] = {}
+            for node, command in zip(nodes, commands, strict=True):
+                routed.setdefault(node, []).append(command)
             by_node = self._roundtrip_nodes({n: self._packed(c) for n, c in routed.items()})
             # Back in the order asked: each server's replies follow its commands' order.
             taken = dict.fromkeys(by_node, 0)
             replies = []
-            for command in commands:
-                node = self._node_of(command[1]) if len(command) > 1 else 0
+            for node in nodes:
                 replies.append(by_node[node][taken[node]])
                 taken[node] += 1
         self._follow_asks(replies, lambda i: _pack([commands[i]]))

@@ -170,25 +170,21 @@ class RocksDBTier(RowTier):
         return prefix
 
     def _row_keys(self, table: str, keys: Keys) -> list[bytes]:
-        n = len(keys)
-        prefix = self._prefix(table)
-        width = len(prefix) + 8
-        buf = np.empty((n, width), dtype=np.uint8)
-        buf[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
-        buf[:, len(prefix) :] = keys.astype(">u8").view(np.uint8).reshape(n, 8)
-        row_keys: list[bytes] = buf.view(f"V{width}").ravel().tolist()  # bytes, one per key
-        return row_keys
+        return self._tables_row_keys([(table, keys)])
 
     def _tables_row_keys(self, asked: Sequence[tuple[str, Keys]]) -> list[bytes]:
-        """``_row_keys`` of several tables, laid end to end, built in one go (the
-        prefixes all have one width)."""
-        prefixes = np.array([np.void(self._prefix(t)) for t, _ in asked])
-        counts = [len(k) for _, k in asked]
-        n, width = sum(counts), prefixes.dtype.itemsize + 8
+        """The RocksDB keys (table prefix + big-endian key) of several tables' keys, laid
+        end to end, built in one go (the prefixes all have one width)."""
+        n = sum(len(k) for _, k in asked)
+        width = len(self._prefix(asked[0][0])) + 8
         buf = np.empty((n, width), dtype=np.uint8)
-        buf[:, : width - 8] = prefixes.view(np.uint8).reshape(len(asked), -1).repeat(counts, axis=0)
-        keys = np.concatenate([k for _, k in asked]).astype(">u8")
-        buf[:, width - 8 :] = keys.view(np.uint8).reshape(n, 8)
+        at = 0
+        for table, keys in asked:
+            buf[at : at + len(keys), : width - 8] = np.frombuffer(self._prefix(table), np.uint8)
+            buf[at : at + len(keys), width - 8 :] = (
+                keys.astype(">u8").view(np.uint8).reshape(len(keys), 8)
+            )
+            at += len(keys)
         row_keys: list[bytes] = buf.view(f"V{width}").ravel().tolist()
         return row_keys
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import LocalRedisCluster, redis_command
+from support import LocalRedisCluster, cluster_masters
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "deploy" / "local" / "services.sh"
@@ -73,14 +73,9 @@ def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
 @pytest.fixture()
 def clean_redis_cluster(redis_cluster_url: str) -> Iterator[str]:
     """The cluster's URL, every master empty at the start of the test."""
-    import redis
-
-    seed = redis.Redis.from_url(redis_cluster_url)
-    for node in redis_command(seed, "CLUSTER", "SLOTS"):
-        host, port = node[2][0].decode() or "127.0.0.1", int(node[2][1])
-        with redis.Redis(host=host, port=port) as master:
+    for master in cluster_masters(redis_cluster_url):
+        with master:
             master.flushall()
-    seed.close()
     yield redis_cluster_url
 
 
