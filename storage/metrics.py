@@ -74,6 +74,15 @@ REDIS_SLOT_MAP_REFRESHES = Counter(
     "streamrec_store_redis_slot_map_refreshes",
     "Redis Cluster slot maps read again because a reply said a slot had moved (resharding).",
 )
+REDIS_REDIRECTS = Counter(
+    "streamrec_store_redis_redirects",
+    "Commands a Redis Cluster master redirected and that were sent again where the slot "
+    "lives now: MOVED (the slot has moved) or ASK (the slot is being migrated).",
+    ["kind", "op"],
+)
+for _kind in ("moved", "ask"):  # every series exists from the start, at 0
+    for _op in ("read", "write"):
+        REDIS_REDIRECTS.labels(_kind, _op)
 ROWS = Gauge("streamrec_store_rows", "Rows per tier and table.", ["tier", "table"])
 BYTES = Gauge(
     "streamrec_store_bytes",

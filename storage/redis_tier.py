@@ -74,10 +74,12 @@ gets the commands of its buckets: reads as one pipeline per master, all masters 
 to before any is read (``_roundtrip_nodes``), writes in flight per master. The other
 keys (layout, row counter, blob) go to the master of their own slot. Every master needs
 the listpack settings above. Slots that move while the store is open (resharding): a
-read redirected with ``MOVED`` refreshes the map and is sent again once, one redirected
+read redirected with ``MOVED`` refreshes the map and is sent again (5 times at most), one redirected
 with ``ASK`` (a slot half migrated, the key moved already) goes to the new master after
-``ASKING`` (``_follow_asks``); a redirected row write raises ``StoreUnavailable``, so a
-trainer rewinds to its recorded position. A master that stops answering makes the store read
+``ASKING`` (``_follow_asks``). A write in flight that comes back redirected is sent again
+the same way when its replies are read (``_resend_redirected``, up to 5 times, then
+``StoreUnavailable``); writes routed by a newer slot map wait until those of the older
+one are settled, so a row's writes stay in order. A master that stops answering makes the store read
 the map again from the others (``_lost``): after a failover the next call reaches the
 promoted replica. ``put_marker`` leaves a copy on every master (a hash
 tag of one of its slots each), so a master that lost its data is noticed. ``commit``
@@ -133,6 +135,7 @@ _U64_MAX = (1 << 64) - 1
 # covered, e.g. while a master restarts; a server loading its data): unavailable, not
 # broken, so a trainer waits and rewinds, serving answers 503.
 _TRANSIENT_ERRORS = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")
+_MAX_REDIRECTIONS = 5  # times a redirected command is sent again before it raises
 _MAX_MAPPED_BUCKETS = 1 << 20  # tables with more buckets map their buckets' slots per batch
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _RECV_BYTES = 1 << 18
@@ -153,6 +156,7 @@ class _Unacked:
     replies: int = 0
     nbytes: int = 0
     broken: bool = False  # a send failed: the rest are not sent, all resent in ``sync``
+    slot_map: int = 0  # the ``RedisTier._slot_map_epoch`` the writes were routed by
 
 
 # hiredis' stub types pack_command's argument as a 1-tuple; it takes any arity.
@@ -170,6 +174,24 @@ def _address(kw: Mapping[str, Any]) -> str:
     if "path" in kw:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _unpack(chunks: Sequence[_Chunk]) -> list[_Command]:
+    """The commands in the RESP bytes of ``chunks`` (a request is an array of bulk
+    strings, which hiredis parses like a reply)."""
+    reader = hiredis.Reader(notEnoughData=_MORE)
+    for data, _ in chunks:
+        reader.feed(bytes(data))
+    return [tuple(c) for c in iter(reader.gets, _MORE)]
+
+
+def _redirection(reply: Any) -> str | None:
+    """``"MOVED"`` or ``"ASK"`` if ``reply`` sends its command to another master."""
+    if isinstance(reply, hiredis.ReplyError):
+        kind = str(reply).partition(" ")[0]
+        if kind in ("MOVED", "ASK"):
+            return kind
+    return None
 
 
 def _crc16_table() -> list[int]:
@@ -607,7 +629,9 @@ class RedisTier(RowTier):
         self._slots: npt.NDArray[np.int32] | None = None
         self._bucket_nodes: dict[BucketLayout, npt.NDArray[np.int32]] = {}
         self._master_tags: dict[int, bytes] | None = None  # a hash tag on each master
+        self._markers: dict[str, list[bytes]] = {}  # the copies of each marker put here
         self._refreshing = False  # in ``_lost``: no second refresh from within the first
+        self._slot_map_epoch = 0  # slot maps read so far (see ``_settle_earlier_routes``)
         self._refresh_lock = threading.Lock()
         try:
             self._execute([(b"PING",)])  # fail fast, naming the address
@@ -697,8 +721,10 @@ class RedisTier(RowTier):
             metrics.REDIS_MASTERS.set(1)
 
     def _refresh_slots(self) -> None:
-        """Read the slot map (``CLUSTER SLOTS``) from the first master that answers."""
-        with self._refresh_lock:
+        """Read the slot map (``CLUSTER SLOTS``) from the first master that answers.
+        Under the writes' lock (taken first, always in this order), so no row write is
+        routed while the map changes."""
+        with self._unacked_lock, self._refresh_lock:
             self._read_slot_map()
 
     def _read_slot_map(self) -> None:
@@ -730,6 +756,7 @@ class RedisTier(RowTier):
             metrics.REDIS_SLOT_MAP_REFRESHES.inc()
         metrics.REDIS_MASTERS.set(len(np.unique(slots)))
         self._slots = slots
+        self._slot_map_epoch += 1
         self._bucket_nodes = {}
         self._master_tags = None
 
@@ -746,17 +773,22 @@ class RedisTier(RowTier):
         self._nodes.append(_Node(pool))
         return len(self._nodes) - 1
 
+    def _redirected_to(self, reply: Any) -> int:
+        """The master a ``MOVED``/``ASK`` reply names (index in ``_nodes``)."""
+        host, _, port = str(reply).split()[2].rpartition(":")
+        return self._node_at(host, int(port))
+
     def _follow_asks(self, replies: list[Any], command: Callable[[int], bytes]) -> None:
         """Replace each ``ASK`` reply (its slot is being migrated and the key has moved)
         by the reply of its command (``command(i)``: the RESP bytes of reply ``i``'s)
         sent again, after ``ASKING``, to the master the slot is moving to; in place."""
         asked: dict[int, list[int]] = {}
         for i, reply in enumerate(replies):
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("ASK "):
-                host, _, port = str(reply).split()[2].rpartition(":")
-                asked.setdefault(self._node_at(host, int(port)), []).append(i)
+            if _redirection(reply) == "ASK":
+                asked.setdefault(self._redirected_to(reply), []).append(i)
         if not asked:
             return
+        metrics.REDIS_REDIRECTS.labels("ask", "read").inc(sum(map(len, asked.values())))
         chunks = {
             node: [(b"".join(_ASKING + command(i) for i in at), 2 * len(at))]
             for node, at in asked.items()
@@ -793,12 +825,13 @@ class RedisTier(RowTier):
             return [(int(present[0]), None)]
         return [(int(n), np.flatnonzero(nodes == n)) for n in present]
 
-    def _moved(self, replies: Sequence[Any]) -> str | None:
-        """The first ``MOVED`` redirection among ``replies`` (resharding), if any."""
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED "):
-                return str(reply)
-        return None
+    def _moved(self, replies: Sequence[Any]) -> int:
+        """How many of ``replies`` are ``MOVED`` redirections (resharding), counted as
+        reads to be sent again."""
+        moved = sum(_redirection(reply) == "MOVED" for reply in replies)
+        if moved:
+            metrics.REDIS_REDIRECTS.labels("moved", "read").inc(moved)
+        return moved
 
     # -- wire ---------------------------------------------------------------------------
 
@@ -931,7 +964,7 @@ class RedisTier(RowTier):
                 except StoreUnavailable:
                     self._lost(node)
                     raise
-                node.unacked = unacked = _Unacked(node, conn)
+                node.unacked = unacked = _Unacked(node, conn, slot_map=self._slot_map_epoch)
             try:
                 for data, _ in chunks:
                     if not unacked.broken:
@@ -957,6 +990,8 @@ class RedisTier(RowTier):
                     for unacked in pending:
                         unacked.node.unacked = None
                         replies = self._acknowledge(unacked)
+                        if self._slots is not None:
+                            self._resend_redirected(unacked, replies)
                         at = 0
                         for count, handler in unacked.handlers:
                             follow_ups += handler(replies[at : at + count])
@@ -964,6 +999,62 @@ class RedisTier(RowTier):
                 finally:  # the counters of the writes checked before a failed one too
                     if follow_ups:
                         self._send_commands(follow_ups, self._checked)
+
+    def _resend_redirected(self, unacked: _Unacked, replies: list[Any]) -> None:
+        """Resharding: send the writes of ``unacked`` that their master redirected again
+        where their slot lives now (``MOVED``: after reading the slot map again; ``ASK``:
+        to the master importing the slot, after ``ASKING``), a few times at most, and put
+        the new replies in ``replies``. A redirected write was not applied, and a row's
+        writes all went to one master in order, so sending them again in order to one
+        master a round keeps them in order; ``_settle_earlier_routes`` keeps writes
+        routed by the new map from going out while these are in flight."""
+        again = [i for i, reply in enumerate(replies) if _redirection(reply)]
+        if not again:
+            return
+        commands = _unpack(unacked.chunks)
+        for _ in range(_MAX_REDIRECTIONS):
+            kinds = [_redirection(replies[i]) for i in again]
+            if "MOVED" in kinds:
+                self._refresh_slots()
+            by_node: dict[int, list[tuple[int, bool]]] = {}
+            target: dict[bytes, int] = {}  # of each key this round
+            for i, kind in zip(again, kinds, strict=True):
+                asking = kind == "ASK"
+                node = self._redirected_to(replies[i]) if asking else self._node_of(commands[i][1])
+                if target.setdefault(commands[i][1], node) != node:
+                    # Its writes after this one wait for the next round (one master
+                    # a round per key, so none overtakes another).
+                    target[commands[i][1]] = -1
+                if target[commands[i][1]] != node:
+                    continue
+                by_node.setdefault(node, []).append((i, asking))
+                metrics.REDIS_REDIRECTS.labels(str(kind).lower(), "write").inc()
+            for node, resent in by_node.items():
+                data = b"".join(
+                    (_ASKING if asking else b"") + _hiredis_pack(commands[i])
+                    for i, asking in resent
+                )
+                count = len(resent) + sum(asking for _, asking in resent)
+                answers = iter(self._roundtrip_on(self._nodes[node], [(data, count)]))
+                for i, asking in resent:
+                    if asking:
+                        next(answers)  # ASKING's OK
+                    replies[i] = next(answers)
+            again = [i for i in again if _redirection(replies[i])]
+            if not again:
+                return
+        # Still redirected: left to the handlers, which raise ``StoreUnavailable``.
+
+    def _settle_earlier_routes(self) -> None:
+        """Wait for the writes in flight that were routed by an earlier slot map before
+        routing any by this one: a write redirected by a master that lost the slot is
+        sent again from ``sync``, and must not overtake a later write of the same row
+        sent to the new master meanwhile."""
+        if any(
+            n.unacked is not None and n.unacked.slot_map != self._slot_map_epoch
+            for n in self._nodes
+        ):
+            self.sync()
 
     def _send_commands(self, commands: Sequence[_Command], handler: _ReplyHandler) -> None:
         """``_send_writes`` of ``commands``, each to the server of its key."""
@@ -1021,16 +1112,16 @@ class RedisTier(RowTier):
         if self._slots is None:
             replies = self._roundtrip(self._packed(commands), retry=retry)
         else:
-            replies = self._execute_routed(commands, retry=retry, redirected=False)
+            replies = self._execute_routed(commands, retry=retry, redirections=0)
         self._raise_errors(replies)
         return replies
 
     def _execute_routed(
-        self, commands: Sequence[_Command], *, retry: bool, redirected: bool
+        self, commands: Sequence[_Command], *, retry: bool, redirections: int
     ) -> list[Any]:
         """``_execute`` on a cluster, each command to the master of its key; those
         redirected (``MOVED``: sent where a slot used to be, so not run) are sent again
-        once, after the slot map is refreshed."""
+        after the slot map is refreshed (``_MAX_REDIRECTIONS`` times at most)."""
         nodes = self._nodes_of_commands(commands)
         if len(set(nodes)) == 1:  # the usual: one key, or keys of one server
             self.sync()
@@ -1047,11 +1138,11 @@ class RedisTier(RowTier):
                 replies.append(by_node[node][taken[node]])
                 taken[node] += 1
         self._follow_asks(replies, lambda i: _pack([commands[i]]))
-        if not redirected and self._moved(replies):
+        if redirections < _MAX_REDIRECTIONS and self._moved(replies):
             self._refresh_slots()
-            again = [i for i, r in enumerate(replies) if self._moved([r])]
+            again = [i for i, r in enumerate(replies) if _redirection(r) == "MOVED"]
             resent = self._execute_routed(
-                [commands[i] for i in again], retry=retry, redirected=True
+                [commands[i] for i in again], retry=retry, redirections=redirections + 1
             )
             for i, reply in zip(again, resent, strict=True):
                 replies[i] = reply
@@ -1103,10 +1194,11 @@ class RedisTier(RowTier):
         return self._values(self._roundtrip(self._chunks(batch))), batch.positions
 
     def _fetch_many(
-        self, requests: Sequence[tuple[str, Keys]], *, retry: bool = True
+        self, requests: Sequence[tuple[str, Keys]], *, redirections: int = 0
     ) -> list[tuple[list[bytes | None], npt.NDArray[np.intp]]]:
         """``_fetch`` of several tables on a cluster: each master's HMGETs of every
-        table in one pipeline. Read again once if slots moved meanwhile."""
+        table in one pipeline. Read again if slots moved meanwhile (``_MAX_REDIRECTIONS``
+        times at most)."""
         sent: dict[int, list[tuple[int, _Batch, npt.NDArray[np.intp] | None]]] = {}
         for r, (table, keys) in enumerate(requests):
             layout = self.layout(table) if len(keys) else None
@@ -1125,9 +1217,11 @@ class RedisTier(RowTier):
         for node, parts in sent.items():
             rows = [part for _, batch, _ in parts for part in batch.parts]
             self._follow_asks(replies[node], _command_rows(rows))
-        if retry and self._moved([r for rs in replies.values() for r in rs]):
+        if redirections < _MAX_REDIRECTIONS and self._moved(
+            [r for rs in replies.values() for r in rs]
+        ):
             self._refresh_slots()
-            return self._fetch_many(requests, retry=False)
+            return self._fetch_many(requests, redirections=redirections + 1)
         values: list[list[bytes | None]] = [[None] * len(k) for _, k in requests]
         positions = [np.arange(len(k)) for _, k in requests]
         got: dict[int, list[tuple[list[bytes | None], npt.NDArray[np.intp]]]] = {}
@@ -1258,10 +1352,10 @@ class RedisTier(RowTier):
         cluster: one per master, all at once): an ``HGET`` per key (a serving read
         touches ~1 key per bucket, so grouping keys by bucket would save Redis nothing),
         built for all tables at once."""
-        return self._get_tables(keys, redirected=False)
+        return self._get_tables(keys, redirections=0)
 
     def _get_tables(
-        self, keys: Mapping[str, Keys], *, redirected: bool
+        self, keys: Mapping[str, Keys], *, redirections: int
     ) -> dict[str, list[bytes | None]]:
         # Nothing asked, or nobody ever wrote the table: all None (in the order asked).
         out: dict[str, list[bytes | None]] = {t: [None] * len(k) for t, k in keys.items()}
@@ -1279,9 +1373,9 @@ class RedisTier(RowTier):
             replies = self._roundtrip([c for cmds in matrices for c in self._rows_chunks(cmds)])
         else:
             replies = self._hgets_by_master(list(shapes.values()), matrices)
-            if not redirected and self._moved(replies):
+            if redirections < _MAX_REDIRECTIONS and self._moved(replies):
                 self._refresh_slots()
-                return self._get_tables(keys, redirected=True)
+                return self._get_tables(keys, redirections=redirections + 1)
         self._raise_errors(replies)
         at = 0
         for group in shapes.values():
@@ -1412,11 +1506,13 @@ class RedisTier(RowTier):
             self._check_layout(layout, replies[1])
             return []
 
-        self._send_commands(self._assert_layout(layout), asserted)
-        for node, at in self._split(layout, keys):
-            self._send_writes(
-                hsets(at), self._counting(b"INCRBY", layout.table, node), self._nodes[node]
-            )
+        with self._unacked_lock:  # the slot map stays as it is while these are routed
+            self._settle_earlier_routes()
+            self._send_commands(self._assert_layout(layout), asserted)
+            for node, at in self._split(layout, keys):
+                self._send_writes(
+                    hsets(at), self._counting(b"INCRBY", layout.table, node), self._nodes[node]
+                )
 
     def _counter(self, command: bytes, table: str, delta: int) -> list[_Command]:
         return [(command, self._count_key(table), str(delta).encode())] if delta else []
@@ -1435,11 +1531,14 @@ class RedisTier(RowTier):
         if layout is None:
             return
         keys = np.asarray(keys, dtype=np.uint64)
-        for node, at in self._split(layout, keys):
-            batch = _build(b"HDEL", layout, keys if at is None else keys[at], None)
-            self._send_writes(
-                self._chunks(batch), self._counting(b"DECRBY", table, node), self._nodes[node]
-            )
+        with self._unacked_lock:  # the slot map stays as it is while these are routed
+            if self._slots is not None:
+                self._settle_earlier_routes()
+            for node, at in self._split(layout, keys):
+                batch = _build(b"HDEL", layout, keys if at is None else keys[at], None)
+                self._send_writes(
+                    self._chunks(batch), self._counting(b"DECRBY", table, node), self._nodes[node]
+                )
 
     def count(self, table: str) -> int:
         (reply,) = self._execute([(b"GET", self._count_key(table))])
@@ -1483,25 +1582,39 @@ class RedisTier(RowTier):
         if self._slots is None:
             self.put_blob(name, value)
             return
-        self._execute([(b"SET", key, value) for key in self._marker_keys(name)])
+        copies = self._marker_keys(name)
+        self._execute([(b"SET", key, value) for key in copies.values()])
+        self._markers[name] = list(copies.values())
 
     def has_marker(self, name: str, value: bytes) -> bool:
+        """On a cluster: every copy this client left is still there, wherever its slot
+        has moved since (a reshard carries keys along); a master that holds none of
+        them now (slots moved to it, or a new one) gets a copy of its own, so it is
+        watched from now on."""
         if self._slots is None:
             return self.get_blob(name) == value
-        replies = self._execute([(b"GET", key) for key in self._marker_keys(name)])
-        return all(reply == value for reply in replies)
+        fresh = self._marker_keys(name)
+        copies = self._markers.get(name) or list(fresh.values())  # another client's
+        replies = self._execute([(b"GET", key) for key in copies])
+        if not all(reply == value for reply in replies):
+            return False
+        held = set(self._nodes_of_commands([(b"GET", key) for key in copies]))
+        missing = [key for master, key in fresh.items() if master not in held]
+        if missing:
+            self._execute([(b"SET", key, value) for key in missing])
+            self._markers[name] = copies + missing
+        return True
 
     def delete_marker(self, name: str) -> None:
         if self._slots is None:
             self.delete_blob(name)
             return
-        self._execute([(b"DEL", key) for key in self._marker_keys(name)])
+        copies = {*self._markers.pop(name, []), *self._marker_keys(name).values()}
+        self._execute([(b"DEL", key) for key in sorted(copies)])
 
-    def _marker_keys(self, name: str) -> list[bytes]:
-        """A key of the marker ``name`` on each master that serves slots, each under a
-        hash tag of a slot of that master (slots moved since the marker was left: its
-        copies are looked for where they are not, and it reads as lost; a false alarm
-        only costs a rebuild of the hot tier from the cold one)."""
+    def _marker_keys(self, name: str) -> dict[int, bytes]:
+        """A key of the marker ``name`` for each master that serves slots (by index in
+        ``_nodes``), each under a hash tag of a slot of that master."""
         assert self._slots is not None
         tags = self._master_tags
         if tags is None:
@@ -1513,10 +1626,10 @@ class RedisTier(RowTier):
                 if masters <= tags.keys():
                     break
             self._master_tags = tags
-        return [
-            b"{%s}:%s:marker:%s" % (tag, self.prefix.encode(), name.encode())
-            for tag in tags.values()
-        ]
+        return {
+            master: b"{%s}:%s:marker:%s" % (tag, self.prefix.encode(), name.encode())
+            for master, tag in tags.items()
+        }
 
     def commit(
         self,

@@ -66,13 +66,37 @@ class LocalRedisCluster:
 
 
 def cluster_masters(url: str) -> list[redis.Redis]:
-    """A client of each master of the Redis Cluster at ``url``, in slot order."""
+    """A client of each master of the Redis Cluster at ``url``, in the order of their
+    first slots (once each, however many slot ranges a reshard left it)."""
     with redis.Redis.from_url(url) as seed:
         slots = redis_command(seed, "CLUSTER", "SLOTS")
-    return [
-        redis.Redis(host=entry[2][0].decode() or "127.0.0.1", port=int(entry[2][1]))
-        for entry in slots
-    ]
+    addresses = {(entry[2][0].decode() or "127.0.0.1", int(entry[2][1])): None for entry in slots}
+    return [redis.Redis(host=host, port=port) for host, port in addresses]
+
+
+def migrate_slot(
+    masters: list[redis.Redis],
+    slot: int,
+    source: redis.Redis,
+    target: redis.Redis | None = None,
+    *,
+    finish: bool = True,
+) -> redis.Redis:
+    """Move ``slot`` and its keys from ``source`` to ``target`` (default: another
+    master), as ``redis-cli --cluster reshard`` does; the new owner. ``finish=False``
+    stops with the keys moved but the slot still the source's (mid-migration: ``ASK``)."""
+    target = target or next(m for m in masters if m is not source)
+    target_id = redis_command(target, "CLUSTER", "MYID")
+    source_id = redis_command(source, "CLUSTER", "MYID")
+    redis_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    redis_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    port = target.connection_pool.connection_kwargs["port"]
+    while keys := redis_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+        redis_command(source, "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+    if finish:  # the new owner first, then the old one (Redis' own order), then the rest
+        for m in sorted(masters, key=lambda m: (m is not target, m is not source)):
+            redis_command(m, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    return target
 
 
 def free_port() -> int:

@@ -17,10 +17,14 @@ import pytest
 import redis
 import torch
 from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import REGISTRY
 from support import (
+    LocalRedisCluster,
     cluster_masters,
     describe,
+    migrate_slot,
     new_topic,
+    redis_command,
     restart_service,
     store_rows,
     train_in_process,
@@ -30,7 +34,7 @@ from support import (
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.tiered import TieredStore
-from streaming.log import InMemoryLog
+from streaming.log import InMemoryConsumer, InMemoryLog
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import Settings, load_settings
 from streamrec.runtime import TrainerRuntime
@@ -119,6 +123,119 @@ def test_trainer_rewinds_when_redis_loses_unflushed_rows(
     assert np.isclose(trainer.evaluator.report().auc, reference.evaluator.report().auc)
     reference_store.close()
     store.close()
+
+
+def all_rewinds() -> float:
+    return sum(
+        sample.value
+        for metric in metrics.REWINDS.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def write_redirects() -> float:
+    return sum(
+        REGISTRY.get_sample_value(
+            "streamrec_store_redis_redirects_total", {"kind": kind, "op": "write"}
+        )
+        or 0.0
+        for kind in ("moved", "ask")
+    )
+
+
+def reshard(
+    masters: list[redis.Redis], pattern: bytes, stop: threading.Event, moved: list[int]
+) -> None:
+    """Move the slots of the keys matching ``pattern`` round the masters, one slot after
+    another, until ``stop`` is set."""
+    slots = sorted(
+        {
+            int(redis_command(m, "CLUSTER", "KEYSLOT", key))
+            for m in masters
+            for key in m.scan_iter(match=pattern)
+        }
+    )
+    ports = [m.connection_pool.connection_kwargs["port"] for m in masters]
+    while not stop.is_set():
+        slot = slots[len(moved) % len(slots)]
+        ranges = redis_command(masters[0], "CLUSTER", "SLOTS")
+        port = next(int(r[2][1]) for r in ranges if int(r[0]) <= slot <= int(r[1]))
+        owner = ports.index(port)
+        migrate_slot(masters, slot, masters[owner], masters[(owner + 1) % len(masters)])
+        moved.append(slot)
+        time.sleep(0.002)
+
+
+def test_trainer_trains_on_while_slots_move(services: None, tmp_path: Path) -> None:
+    """Resharding under a running trainer: the slots of its rows, row counters and loss
+    markers move round the masters of a Redis Cluster while it trains and flushes
+    (its reads and writes meet ASK and MOVED replies). It never rewinds, and its
+    result is bit-exact with an uninterrupted run's."""
+    cluster = LocalRedisCluster(tmp_path / "cluster")  # its own: slots move all over
+    masters = cluster_masters(cluster.url)
+    source = SyntheticSource(SyntheticConfig(num_sparse=4, num_dense=2, universe=500), 3 * THIRD)
+    events = [event.to_json() for event in source]
+    config = TrainerConfig(
+        batch_size=BATCH, max_batch_wait_s=60, flush_every_s=0.1, publish_every_s=3600
+    )
+
+    def consumer() -> InMemoryConsumer:
+        log = InMemoryLog()  # one each: a log drops what its consumer committed
+        for value in events:
+            log.append(TOPIC, value)
+        return log.consumer(TOPIC)
+
+    def open_store(name: str) -> TieredStore:
+        return TieredStore(
+            table_configs(source.spec, Settings()),
+            RedisTier(cluster.url, prefix=name, buckets=64),
+            RocksDBTier(tmp_path / name),
+            clock=lambda: 1000.0,
+        )
+
+    stores: list[TieredStore] = []
+    try:
+        stores += [open_store("ref"), open_store("hit")]
+        reference, trainer = (
+            StreamingTrainer(source.spec, store, consumer(), config) for store in stores
+        )
+        reference.run(threading.Event(), max_events=3 * THIRD)
+        trainer.run(threading.Event(), max_events=THIRD)  # its keys exist: slots to move
+        rewinds_before, redirects_before = all_rewinds(), write_redirects()
+        stop, moved = threading.Event(), list[int]()
+        errors: list[BaseException] = []
+
+        def move() -> None:
+            try:
+                reshard(masters, b"*hit:*", stop, moved)
+            except BaseException as e:
+                errors.append(e)
+
+        mover = threading.Thread(target=move)
+        mover.start()
+        try:
+            report = trainer.run(threading.Event(), max_events=2 * THIRD)
+        finally:
+            stop.set()
+            mover.join(60)
+        assert not errors, errors
+        assert report.events == 3 * THIRD
+        assert len(moved) >= 10, moved
+        assert write_redirects() > redirects_before  # the reshard did meet its writes
+        assert all_rewinds() == rewinds_before
+        assert stores[1].position() == stores[0].position() == {f"{TOPIC}:0": 3 * THIRD}
+        for name, tensor in reference.model.state_dict().items():
+            assert torch.equal(tensor, trainer.model.state_dict()[name]), name
+        expected = store_rows(stores[0], metadata=True)
+        assert all(len(rows) > 100 for rows in expected.values())
+        assert store_rows(stores[1], metadata=True) == expected
+    finally:
+        for store in stores:
+            store.close()
+        for master in masters:
+            master.close()
+        cluster.stop()
 
 
 KAFKA_SOURCE = SyntheticSource(

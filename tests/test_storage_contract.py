@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from support import LocalRedisCluster, cluster_masters, redis_command
+from support import LocalRedisCluster, cluster_masters, migrate_slot, redis_command
 
 from storage.base import (
     Keys,
@@ -529,24 +529,9 @@ def test_redis_cluster_follows_a_failover(services: None, tmp_path: Path) -> Non
         cluster.stop()
 
 
-def _migrate_slot(
-    masters: list[redis.Redis], slot: int, source: redis.Redis, *, finish: bool = True
-) -> redis.Redis:
-    """Move ``slot`` and its keys from ``source`` to another master (what
-    ``redis-cli --cluster reshard`` does); the new owner. ``finish=False`` stops with
-    the keys moved but the slot still the source's (mid-migration: ``ASK``)."""
-    target = next(m for m in masters if m is not source)
-    target_id = redis_command(target, "CLUSTER", "MYID")
-    source_id = redis_command(source, "CLUSTER", "MYID")
-    redis_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    redis_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    port = target.connection_pool.connection_kwargs["port"]
-    while keys := redis_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
-        redis_command(source, "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
-    if finish:
-        for m in masters:
-            redis_command(m, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
-    return target
+def _redirects(kind: str, op: str) -> float:
+    labels = {"kind": kind, "op": op}
+    return REGISTRY.get_sample_value("streamrec_store_redis_redirects_total", labels) or 0.0
 
 
 @pytest.mark.integration
@@ -569,10 +554,19 @@ def test_redis_cluster_reads_a_slot_in_mid_migration(services: None, tmp_path: P
             source = next(
                 m for m in masters if redis_command(m, "CLUSTER", "COUNTKEYSINSLOT", slot)
             )
-            _migrate_slot(masters, slot, source, finish=False)
+            migrate_slot(masters, slot, source, finish=False)
         assert tier.get_many("t", keys) == values
         assert tier.get_tables({"t": keys[::-1]})["t"] == values[::-1]
         assert tier.get_blob("pos") == b"5"
+        # Writes to the moved bucket: ASK, sent again to the importing master.
+        asked = _redirects("ask", "write")
+        tier.put_many("t", u64(5, 69), [b"new", b"new69"])
+        tier.delete_many("t", u64(133))
+        tier.put_many("t", u64(5), [b"newer"])
+        tier.sync()
+        assert _redirects("ask", "write") == asked + 4
+        assert tier.get_many("t", u64(5, 69, 133, 197)) == [b"newer", b"new69", None, b"v197"]
+        assert tier.count("t") == 639
     finally:
         for m in masters:
             m.close()
@@ -583,8 +577,8 @@ def test_redis_cluster_reads_a_slot_in_mid_migration(services: None, tmp_path: P
 @pytest.mark.integration
 def test_redis_cluster_reads_on_after_a_slot_moves(clean_redis_cluster: str) -> None:
     """Resharding under an open store: reads follow the slot (the map is refreshed
-    on a MOVED reply); a write sent to the old master raises ``StoreError`` at the next
-    call as ``StoreUnavailable``, and the write after it goes to the new one."""
+    on a MOVED reply); a write sent to the old master is sent again to the new one
+    when its reply is read, in order with the writes after it."""
     tier = RedisTier(clean_redis_cluster, buckets=64)
     masters = cluster_masters(clean_redis_cluster)
     try:
@@ -600,7 +594,7 @@ def test_redis_cluster_reads_on_after_a_slot_moves(clean_redis_cluster: str) -> 
             return int(redis_command(m, "CLUSTER", "COUNTKEYSINSLOT", slot))
 
         source = next(m for m in masters if held(m))
-        target = _migrate_slot(masters, slot, source)
+        target = migrate_slot(masters, slot, source)
         assert held(target) and not held(source)
         refreshes = REGISTRY.get_sample_value("streamrec_store_redis_slot_map_refreshes_total")
         assert tier.get_many("t", keys) == values  # MOVED, map refreshed, read again
@@ -612,12 +606,17 @@ def test_redis_cluster_reads_on_after_a_slot_moves(clean_redis_cluster: str) -> 
         stale = RedisTier(clean_redis_cluster, buckets=64)
         try:
             assert stale.get_many("t", u64(4)) == [b"v4"]
-            _migrate_slot(masters, slot, target)
+            migrate_slot(masters, slot, target)
+            moved = _redirects("moved", "write")
             stale.put_many("t", u64(5), [b"new"])
-            with pytest.raises(StoreUnavailable, match="MOVED"):
-                stale.sync()  # unavailable: a trainer rewinds, serving answers 503
-            stale.put_many("t", u64(5), [b"newer"])
-            assert stale.get_many("t", u64(5, 69)) == [b"newer", b"v69"]
+            stale.put_many("t", u64(1000005), [b"added"])  # a new field: counted
+            stale.delete_many("t", u64(133))
+            stale.sync()  # MOVED: map read again, the three writes sent again
+            assert _redirects("moved", "write") == moved + 3
+            stale.put_many("t", u64(5), [b"newer"])  # routed by the new map
+            assert stale.get_many("t", u64(5, 69, 133, 1000005)) == [
+                b"newer", b"v69", None, b"added"
+            ]  # fmt: skip
             # Keys of their own (row counter, blobs) follow their slot too.
             stale.put_blob("pos", b"7")
             for name in (b"sr:rows:t", b"sr:blob:pos"):
@@ -626,8 +625,9 @@ def test_redis_cluster_reads_on_after_a_slot_moves(clean_redis_cluster: str) -> 
                     m for m in masters
                     if redis_command(m, "CLUSTER", "COUNTKEYSINSLOT", key_slot)
                 )  # fmt: skip
-                _migrate_slot(masters, key_slot, owner)
+                migrate_slot(masters, key_slot, owner)
             assert (stale.count("t"), stale.get_blob("pos")) == (640, b"7")
+            assert stale.recount("t") == 640
         finally:
             stale.close()
     finally:
