@@ -990,7 +990,8 @@ class RedisTier(RowTier):
                     for unacked in pending:
                         unacked.node.unacked = None
                         replies = self._acknowledge(unacked)
-                        if self._slots is not None:
+                        # (``in map(type, ...)``: a C-speed scan of ~50k replies a step.)
+                        if self._slots is not None and hiredis.ReplyError in map(type, replies):
                             self._resend_redirected(unacked, replies)
                         at = 0
                         for count, handler in unacked.handlers:

@@ -54,6 +54,17 @@ class LocalRedisCluster:
         self._launcher.add_replica(self.workdir, self.ports[index], port)
         return port
 
+    def add_master(self) -> int:
+        """One more master, empty, on a free port (its port)."""
+        port: int = self._launcher.free_ports(1, first=max(self.ports) + 7)[0]
+        self._launcher.add_master(self.workdir, port)
+        self.ports.append(port)
+        return port
+
+    def rebalance(self) -> None:
+        """``redis-cli --cluster rebalance --cluster-use-empty-masters``."""
+        self._launcher.rebalance(self.workdir)
+
     def fail_over(self, index: int, replica_port: int) -> None:
         """Master ``index`` dies for good and the replica on ``replica_port`` takes its
         slots over."""

@@ -34,7 +34,7 @@ from support import (
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.tiered import TieredStore
-from streaming.log import InMemoryConsumer, InMemoryLog
+from streaming.log import InMemoryLog
 from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 from streamrec.config import Settings, load_settings
 from streamrec.runtime import TrainerRuntime
@@ -144,7 +144,7 @@ def write_redirects() -> float:
     )
 
 
-def reshard(
+def move_slots(
     masters: list[redis.Redis], pattern: bytes, stop: threading.Event, moved: list[int]
 ) -> None:
     """Move the slots of the keys matching ``pattern`` round the masters, one slot after
@@ -167,24 +167,21 @@ def reshard(
         time.sleep(0.002)
 
 
-def test_trainer_trains_on_while_slots_move(services: None, tmp_path: Path) -> None:
-    """Resharding under a running trainer: the slots of its rows, row counters and loss
-    markers move round the masters of a Redis Cluster while it trains and flushes
-    (its reads and writes meet ASK and MOVED replies). It never rewinds, and its
-    result is bit-exact with an uninterrupted run's."""
+@pytest.mark.parametrize("reshard", ["slot_by_slot", "scale_out"])
+def test_trainer_trains_on_through_a_reshard(reshard: str, services: None, tmp_path: Path) -> None:
+    """Resharding a Redis Cluster under a running trainer: slot by slot, the slots of
+    its rows, row counters and loss markers move round the masters; or a fourth master
+    joins and ``redis-cli --cluster rebalance`` moves a quarter of all slots to it. Its
+    reads and writes meet ASK and MOVED replies while it trains and flushes; it never
+    rewinds, and its result is bit-exact with an uninterrupted run's."""
     cluster = LocalRedisCluster(tmp_path / "cluster")  # its own: slots move all over
     masters = cluster_masters(cluster.url)
-    source = SyntheticSource(SyntheticConfig(num_sparse=4, num_dense=2, universe=500), 3 * THIRD)
+    total, first = 48 * BATCH, 8 * BATCH
+    source = SyntheticSource(SyntheticConfig(num_sparse=4, num_dense=2, universe=500), total)
     events = [event.to_json() for event in source]
     config = TrainerConfig(
         batch_size=BATCH, max_batch_wait_s=60, flush_every_s=0.1, publish_every_s=3600
     )
-
-    def consumer() -> InMemoryConsumer:
-        log = InMemoryLog()  # one each: a log drops what its consumer committed
-        for value in events:
-            log.append(TOPIC, value)
-        return log.consumer(TOPIC)
 
     def open_store(name: str) -> TieredStore:
         return TieredStore(
@@ -194,37 +191,61 @@ def test_trainer_trains_on_while_slots_move(services: None, tmp_path: Path) -> N
             clock=lambda: 1000.0,
         )
 
+    logs = [InMemoryLog(), InMemoryLog()]  # one each: a log drops what was committed
+    for value in events:
+        logs[0].append(TOPIC, value)
+    for value in events[:first]:
+        logs[1].append(TOPIC, value)
     stores: list[TieredStore] = []
     try:
         stores += [open_store("ref"), open_store("hit")]
         reference, trainer = (
-            StreamingTrainer(source.spec, store, consumer(), config) for store in stores
+            StreamingTrainer(source.spec, store, log.consumer(TOPIC), config)
+            for store, log in zip(stores, logs, strict=True)
         )
-        reference.run(threading.Event(), max_events=3 * THIRD)
-        trainer.run(threading.Event(), max_events=THIRD)  # its keys exist: slots to move
+        reference.run(threading.Event(), max_events=total)
+        trainer.run(threading.Event(), max_events=first)  # its keys exist: slots to move
         rewinds_before, redirects_before = all_rewinds(), write_redirects()
         stop, moved = threading.Event(), list[int]()
         errors: list[BaseException] = []
 
         def move() -> None:
             try:
-                reshard(masters, b"*hit:*", stop, moved)
+                if reshard == "scale_out":
+                    cluster.add_master()
+                    cluster.rebalance()
+                else:
+                    move_slots(masters, b"*hit:*", stop, moved)
             except BaseException as e:
                 errors.append(e)
 
-        mover = threading.Thread(target=move)
+        def feed() -> None:  # paced while the reshard lasts, so training overlaps it
+            for start in range(first, total, BATCH):
+                for value in events[start : start + BATCH]:
+                    logs[1].append(TOPIC, value)
+                if mover.is_alive():
+                    time.sleep(0.1)
+
+        mover, feeder = threading.Thread(target=move), threading.Thread(target=feed)
         mover.start()
+        feeder.start()
         try:
-            report = trainer.run(threading.Event(), max_events=2 * THIRD)
+            report = trainer.run(threading.Event(), max_events=total - first)
         finally:
             stop.set()
-            mover.join(60)
+            mover.join(120)
+            feeder.join(60)
         assert not errors, errors
-        assert report.events == 3 * THIRD
-        assert len(moved) >= 10, moved
-        assert write_redirects() > redirects_before  # the reshard did meet its writes
+        assert report.events == total
         assert all_rewinds() == rewinds_before
-        assert stores[1].position() == stores[0].position() == {f"{TOPIC}:0": 3 * THIRD}
+        assert write_redirects() > redirects_before  # the reshard did meet its writes
+        if reshard == "scale_out":
+            added = cluster_masters(cluster.url)
+            assert len(added) == 4
+            assert all(any(m.scan_iter(match=b"hit:*")) for m in added)  # rows on each
+            for master in added:
+                master.close()
+        assert stores[1].position() == stores[0].position() == {f"{TOPIC}:0": total}
         for name, tensor in reference.model.state_dict().items():
             assert torch.equal(tensor, trainer.model.state_dict()[name]), name
         expected = store_rows(stores[0], metadata=True)

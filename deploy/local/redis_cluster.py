@@ -4,12 +4,17 @@ For trying streamrec's Redis hot tier on a cluster, and for the tests that do (a
 session fixture in ``tests/conftest.py``). Usage::
 
     python deploy/local/redis_cluster.py start [--dir DIR] [--ports 17000 17001 17002]
+    python deploy/local/redis_cluster.py add-master [--dir DIR] [--port 17003]
+    python deploy/local/redis_cluster.py rebalance [--dir DIR]
     python deploy/local/redis_cluster.py stop [--dir DIR]
 
 ``start`` prints the URL of the first master (``redis://127.0.0.1:17000/0``): point
 ``store.redis_url`` at it; the store finds the other masters itself. The 16384 hash
 slots are split evenly over the masters (``CLUSTER ADDSLOTSRANGE``), the masters meet,
-and ``start`` returns once every one reports ``cluster_state:ok``. No persistence: a
+and ``start`` returns once every one reports ``cluster_state:ok``. ``add-master``
+joins one more, empty master (on a free port unless ``--port`` names one) and
+``rebalance`` moves slots to it (``redis-cli --cluster rebalance``): a scale-out that
+running trainers and services follow without a restart. No persistence: a
 stopped cluster is gone. Needs ``redis-server`` 7.0+ on PATH (Debian's
 ``redis-server``, as ``deploy/local/services.sh`` installs) and the ``redis`` package.
 """
@@ -87,8 +92,7 @@ def restart(workdir: Path, port: int, timeout: float = 30.0) -> None:
     _stop_node(node_dir / "redis.pid")
     _spawn(node_dir, port)
     deadline = time.monotonic() + timeout
-    ports = sorted(int(d.name) for d in workdir.iterdir() if (d / "redis.pid").exists())
-    _wait_ok([_connect(workdir, p, deadline) for p in ports], deadline)
+    _wait_ok([_connect(workdir, p, deadline) for p in _running(workdir)], deadline)
 
 
 def add_replica(workdir: Path, master_port: int, port: int, timeout: float = 30.0) -> None:
@@ -113,6 +117,45 @@ def add_replica(workdir: Path, master_port: int, port: int, timeout: float = 30.
         master.close()
 
 
+def add_master(workdir: Path, port: int, timeout: float = 30.0) -> None:
+    """Start an empty master on ``port`` and join it to the cluster; returns once every
+    running node knows it. It serves no slots until ``rebalance`` moves some to it."""
+    node_dir = workdir / str(port)
+    node_dir.mkdir(parents=True, exist_ok=True)
+    for old in node_dir.iterdir():
+        old.unlink()
+    ports = _running(workdir)
+    _spawn(node_dir, port)
+    deadline = time.monotonic() + timeout
+    new = _connect(workdir, port, deadline)
+    clients = [_connect(workdir, p, deadline) for p in ports]
+    try:
+        new_id = command(new, "CLUSTER", "MYID")
+        command(new, "CLUSTER", "MEET", "127.0.0.1", ports[0])
+        while not all(new_id in command(c, "CLUSTER", "NODES") for c in clients):
+            _until(deadline, f"the cluster never met the master on {port}")
+        _wait_ok([new, *clients], deadline)
+    finally:
+        for client in (new, *clients):
+            client.close()
+
+
+def rebalance(workdir: Path) -> None:
+    """Spread the hash slots evenly over every master, empty ones included, moving their
+    keys while clients go on using them (``redis-cli --cluster rebalance
+    --cluster-use-empty-masters``: slot by slot, ``MIGRATE`` in batches)."""
+    address = f"127.0.0.1:{_running(workdir)[0]}"
+    args = ["--cluster", "rebalance", address, "--cluster-use-empty-masters"]
+    done = subprocess.run(["redis-cli", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0 or "[ERR]" in done.stdout:
+        raise RuntimeError(f"redis-cli {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+
+
+def _running(workdir: Path) -> list[int]:
+    """The ports of the nodes started in ``workdir`` that have not been stopped."""
+    return sorted(int(d.name) for d in workdir.iterdir() if (d / "redis.pid").exists())
+
+
 def kill(workdir: Path, port: int) -> None:
     """Stop the node on ``port`` for good (as a crashed host)."""
     _stop_node(workdir / str(port) / "redis.pid")
@@ -130,8 +173,7 @@ def take_over(workdir: Path, replica_port: int, timeout: float = 30.0) -> None:
             _until(deadline, "the replica never took over")
     finally:
         replica.close()
-    ports = sorted(int(d.name) for d in workdir.iterdir() if (d / "redis.pid").exists())
-    _wait_ok([_connect(workdir, p, deadline) for p in ports], deadline)
+    _wait_ok([_connect(workdir, p, deadline) for p in _running(workdir)], deadline)
 
 
 def _until(deadline: float, what: str) -> None:
@@ -214,15 +256,22 @@ def _alive(pid: int) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["start", "stop"])
+    parser.add_argument("command", choices=["start", "stop", "add-master", "rebalance"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--ports", type=int, nargs="+", default=list(DEFAULT_PORTS))
+    parser.add_argument("--port", type=int, help="add-master: its port (default: a free one)")
     parser.add_argument(
         "--free-ports", type=int, metavar="N", help="N masters on free ports instead of --ports"
     )
     args = parser.parse_args(argv)
     if args.command == "start":
         print(start(args.dir, free_ports(args.free_ports) if args.free_ports else args.ports))
+    elif args.command == "add-master":
+        port = args.port or free_ports(1, first=max(_running(args.dir)) + 1)[0]
+        add_master(args.dir, port)
+        print(f"redis://127.0.0.1:{port}/0")
+    elif args.command == "rebalance":
+        rebalance(args.dir)
     else:
         stop(args.dir)
     return 0
