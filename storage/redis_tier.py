@@ -106,8 +106,8 @@ import hiredis
 import numpy as np
 import numpy.typing as npt
 import redis
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage import metrics
@@ -257,6 +257,13 @@ class _Node:
                 conn = self.pool.get_connection()
             if conn._sock is None:
                 conn.connect()
+        except AuthenticationError as e:  # a ConnectionError, but no retry will help
+            if conn is not None:
+                self.checkin(conn)
+            raise StoreError(
+                f"Redis at {self.address} refused this client's credentials: {e} (user "
+                "and password come from the URL: redis://USER:PASSWORD@HOST:PORT/DB)"
+            ) from e
         except _UNREACHABLE as e:
             if conn is not None:
                 self.checkin(conn)

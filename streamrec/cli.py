@@ -380,11 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     # While a broker is down it warns ten times a second that no node is available.
     logging.getLogger("kafka.cluster").setLevel(logging.ERROR)
+    from storage.base import StoreError
+    from streaming.log import LogUnavailable
+
     try:
         code: int = args.func(args)
     except (ConfigError, ValidationError) as exc:
         log.error("invalid configuration: %s", exc)
         return 2
+    except (StoreError, LogUnavailable) as exc:  # at start: a service it needs is not there
+        log.error("%s: %s", type(exc).__name__, exc)
+        return 1
     return code
 
 

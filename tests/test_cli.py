@@ -37,6 +37,27 @@ def test_settings_layering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert build_parser().parse_args(["run"]).command == "run"
 
 
+def test_unreachable_redis_at_start_is_one_clear_line(tmp_path: Path) -> None:
+    """A store that cannot be opened ends the command with exit code 1 and one error
+    line naming the address (no traceback)."""
+    result = subprocess.run(
+        [*CLI, "train", "--data-dir", str(tmp_path), "--max-events", "10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "STREAMREC_METRICS_PORT": "0",
+            "STREAMREC_STORE__HOT": "redis",
+            "STREAMREC_STORE__REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        },
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "StoreUnavailable" in errors[0] and "unreachable" in errors[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
 def test_embedded_run_trains_serves_and_stops_cleanly(tmp_path: Path, stop: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from support import LocalRedisCluster, cluster_masters, migrate_slot, redis_command
+from support import LocalRedisCluster, cluster_masters, free_port, migrate_slot, redis_command
 
 from storage.base import (
     Keys,
@@ -356,6 +357,46 @@ def test_commit_blob_never_ahead_of_rows(tier: RowTier) -> None:
 def test_redis_unreachable_names_address() -> None:
     with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1\b"):
         RedisTier("redis://127.0.0.1:1/0", connect_timeout=2)
+
+
+@pytest.mark.integration
+def test_redis_credentials_are_used_and_a_refusal_is_a_clear_error(
+    services: None, tmp_path: Path
+) -> None:
+    """A password-protected ``redis-server``: the password in the URL is used (on every
+    connection of the pool); a wrong or missing one is a ``StoreError`` (no retry
+    helps) naming the address, never the password."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "s3cret"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                tier = RedisTier(f"redis://:s3cret@127.0.0.1:{port}/0", buckets=16)
+                break
+            except StoreUnavailable:  # not listening yet
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        try:
+            keys = np.arange(1, 101, dtype=np.uint64)
+            tier.put_many("t", keys, [b"v"] * 100)
+            assert tier.get_many("t", keys[:2]) == [b"v", b"v"] and tier.count("t") == 100
+        finally:
+            tier.close()
+        for url in (f"redis://:wrong@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"):
+            with pytest.raises(StoreError, match=f"127.0.0.1:{port}.*credentials") as caught:
+                RedisTier(url)
+            assert not isinstance(caught.value, StoreUnavailable)
+            assert "wrong" not in str(caught.value)
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 @pytest.mark.integration
