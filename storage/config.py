@@ -26,6 +26,12 @@ class StoreConfig(BaseModel):
     )
     redis_url: str = "redis://127.0.0.1:16379/0"
     redis_prefix: str = Field("sr", description="Key prefix, so several stores share one Redis.")
+    redis_replica_reads: bool = Field(
+        False,
+        description="Serving only (read-only stores: `streamrec serve`): on a Redis Cluster, "
+        "read rows from replicas of their masters (READONLY), off the masters the trainer "
+        "writes; adds the replication lag to what serving reads. Writers read masters.",
+    )
     expected_rows_per_table: int | None = Field(
         None,
         ge=1,

@@ -32,7 +32,13 @@ def open_store(
         expected = cfg.expected_rows_per_table
         if expected is None and cfg.eviction is not None and cfg.eviction.max_rows:
             expected = max(cfg.eviction.max_rows // len(tables), 1)
-        hot = RedisTier(cfg.redis_url, prefix=cfg.redis_prefix, expected_rows=expected)
+        hot = RedisTier(
+            cfg.redis_url,
+            prefix=cfg.redis_prefix,
+            expected_rows=expected,
+            # A writer must read its own writes: masters only.
+            replica_reads=cfg.redis_replica_reads and read_only,
+        )
     else:
         hot = MemoryTier()
     cold = RocksDBTier(cfg.rocksdb_path, read_only=read_only, secondary_path=secondary_path)

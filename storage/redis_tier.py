@@ -85,6 +85,12 @@ promoted replica. ``put_marker`` leaves a copy on every master (a hash
 tag of one of its slots each), so a master that lost its data is noticed. ``commit``
 cannot be one transaction across masters: rows go first, then the blobs.
 
+``replica_reads`` (for read-only clients: a writer must read its own writes) reads rows
+(HMGET, HGET) from a replica of each slot's master instead (``READONLY`` on its
+connections; one replica per master and process, chosen by pid), with the replication
+lag; a replica that fails is avoided for ``_AVOID_REPLICA_S`` and the read is sent to
+the masters at once. Metadata (layout, counters, blobs) is always read from masters.
+
 Any connection failure raises ``StoreUnavailable`` naming the server's address.
 """
 
@@ -95,6 +101,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -135,6 +142,9 @@ _U64_MAX = (1 << 64) - 1
 # covered, e.g. while a master restarts; a server loading its data): unavailable, not
 # broken, so a trainer waits and rewinds, serving answers 503.
 _TRANSIENT_ERRORS = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")
+_AVOID_REPLICA_S = 30.0  # a replica that failed a read is left alone this long
+# A replica reader reads the slot map again this often (replicas added or back).
+_REPLICA_MAP_EVERY_S = 30.0
 _MAX_REDIRECTIONS = 5  # times a redirected command is sent again before it raises
 _MAX_MAPPED_BUCKETS = 1 << 20  # tables with more buckets map their buckets' slots per batch
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
@@ -194,6 +204,15 @@ def _redirection(reply: Any) -> str | None:
     return None
 
 
+def _read_only_on_connect(conn: Any) -> None:
+    """A replica connection's handshake: redis-py's, then ``READONLY`` (a cluster
+    replica answers reads of its master's slots only after it)."""
+    conn.on_connect()
+    conn.send_command("READONLY")
+    if (reply := conn.read_response()) not in (b"OK", "OK"):
+        raise RedisConnectionError(f"READONLY failed: {reply!r}")
+
+
 def _crc16_table() -> list[int]:
     """CRC16-CCITT (XMODEM, polynomial 0x1021): what Redis Cluster hashes keys with."""
     table = []
@@ -236,9 +255,11 @@ class _Node:
     """One Redis server: its connection pool, the idle connections of this process, and
     the writes in flight to it (see ``RedisTier._send_writes``)."""
 
-    def __init__(self, pool: redis.ConnectionPool) -> None:
+    def __init__(self, pool: redis.ConnectionPool, *, replica: bool = False) -> None:
         self.pool = pool
-        self.address = _address(pool.connection_kwargs)
+        self.replica = replica  # a replica read from (its connections sent READONLY)
+        self.address = _address(pool.connection_kwargs) + (" (replica)" if replica else "")
+        self.failed_at = -math.inf  # a replica that failed: its master is read for a while
         self.unacked: _Unacked | None = None
         self._idle: list[Any] = []
         self._idle_pid = os.getpid()
@@ -601,6 +622,7 @@ class RedisTier(RowTier):
         chunk: int = 1000,
         socket_timeout: float = 10.0,
         connect_timeout: float = 5.0,
+        replica_reads: bool = False,
     ) -> None:
         if buckets is not None and not 1 <= buckets <= 1 << 32:
             raise ValueError(f"buckets must be in [1, 2**32], got {buckets}")
@@ -618,6 +640,7 @@ class RedisTier(RowTier):
         self.rows_per_bucket = rows_per_bucket
         self.expected_rows = expected_rows
         self.chunk = chunk
+        self.replica_reads = replica_reads
         self._client = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,
@@ -634,7 +657,11 @@ class RedisTier(RowTier):
         # ``_slots`` is None on a single server (see ``_discover``).
         self._nodes: list[_Node] = [self._seed]
         self._slots: npt.NDArray[np.int32] | None = None
-        self._bucket_nodes: dict[BucketLayout, npt.NDArray[np.int32]] = {}
+        # With ``replica_reads``: the node rows are read from for each slot (a replica
+        # of its master, or the master where it has none).
+        self._read_slots: npt.NDArray[np.int32] | None = None
+        self._slot_map_read_at = 0.0
+        self._bucket_nodes: dict[tuple[BucketLayout, bool], npt.NDArray[np.int32]] = {}
         self._master_tags: dict[int, bytes] | None = None  # a hash tag on each master
         self._markers: dict[str, list[bytes]] = {}  # the copies of each marker put here
         self._refreshing = False  # in ``_lost``: no second refresh from within the first
@@ -752,8 +779,19 @@ class RedisTier(RowTier):
         finally:
             self._refreshing = False
         slots = np.full(_SLOTS, -1, dtype=np.int32)
-        for first, last, master, *_ in reply:
-            slots[int(first) : int(last) + 1] = self._node_at(master[0].decode(), int(master[1]))
+        read_slots = slots.copy() if self.replica_reads else None
+        now = time.monotonic()
+        for i, (first, last, master, *replicas) in enumerate(reply):
+            owner = self._node_at(master[0].decode(), int(master[1]))
+            slots[int(first) : int(last) + 1] = owner
+            if read_slots is not None:
+                readable = [self._node_at(r[0].decode(), int(r[1]), replica=True) for r in replicas]
+                readable = [
+                    r for r in readable if self._nodes[r].failed_at < now - _AVOID_REPLICA_S
+                ]
+                # Processes spread over a master's replicas, each sticking to one.
+                pick = readable[(os.getpid() + i) % len(readable)] if readable else owner
+                read_slots[int(first) : int(last) + 1] = pick
         if (slots < 0).any():
             raise StoreUnavailable(
                 f"Redis Cluster at {self.address}: {int((slots < 0).sum())} of {_SLOTS} hash "
@@ -763,21 +801,26 @@ class RedisTier(RowTier):
             metrics.REDIS_SLOT_MAP_REFRESHES.inc()
         metrics.REDIS_MASTERS.set(len(np.unique(slots)))
         self._slots = slots
+        self._read_slots = read_slots
+        self._slot_map_read_at = now
         self._slot_map_epoch += 1
         self._bucket_nodes = {}
         self._master_tags = None
 
-    def _node_at(self, host: str, port: int) -> int:
+    def _node_at(self, host: str, port: int, *, replica: bool = False) -> int:
         """The index in ``_nodes`` of the server at ``host:port`` (added if new; an
-        empty host: the one this client reached the cluster at)."""
+        empty host: the one this client reached the cluster at), as a master, or as a
+        replica to read from (its connections send ``READONLY`` first)."""
         seed = self._seed.pool.connection_kwargs
         kwargs = {**seed, "host": host or seed["host"], "port": port}
-        address = _address(kwargs)
+        address = _address(kwargs) + (" (replica)" if replica else "")
         for i, node in enumerate(self._nodes):
             if node.address == address:
                 return i
+        if replica:
+            kwargs["redis_connect_func"] = _read_only_on_connect
         pool = redis.ConnectionPool(connection_class=self._seed.pool.connection_class, **kwargs)
-        self._nodes.append(_Node(pool))
+        self._nodes.append(_Node(pool, replica=replica))
         return len(self._nodes) - 1
 
     def _redirected_to(self, reply: Any) -> int:
@@ -807,30 +850,47 @@ class RedisTier(RowTier):
     def _node_of(self, key: bytes) -> int:
         return 0 if self._slots is None else int(self._slots[key_slot(key)])
 
-    def _nodes_of_buckets(self, layout: BucketLayout, buckets: npt.NDArray[np.uint64]) -> _I32:
+    def _nodes_of_buckets(
+        self, layout: BucketLayout, buckets: npt.NDArray[np.uint64], *, read: bool = False
+    ) -> _I32:
         """The master (index in ``_nodes``) of each bucket, from a per-table map of every
-        bucket's slot (one vectorised CRC16 pass over the bucket names' hash tags)."""
-        slots = self._slots
+        bucket's slot (one vectorised CRC16 pass over the bucket names' hash tags);
+        ``read``: the node to read its rows from (a replica with ``replica_reads``)."""
+        slots = self._read_slots if read and self._read_slots is not None else self._slots
         assert slots is not None
         if layout.buckets > _MAX_MAPPED_BUCKETS:  # too many to map them all: these only
             return slots[_bucket_slots(layout, buckets)]
-        table = self._bucket_nodes.get(layout)
+        table = self._bucket_nodes.get((layout, read))
         if table is None:
             every = np.arange(layout.buckets, dtype=np.uint64)
-            table = self._bucket_nodes[layout] = slots[_bucket_slots(layout, every)]
+            table = self._bucket_nodes[layout, read] = slots[_bucket_slots(layout, every)]
         return table[buckets]
 
     def _split(
-        self, layout: BucketLayout, keys: Keys
+        self, layout: BucketLayout, keys: Keys, *, read: bool = False
     ) -> list[tuple[int, npt.NDArray[np.intp] | None]]:
-        """The masters ``keys`` live on, each with the positions of its keys (None: all)."""
+        """The masters ``keys`` live on (``read``: the nodes to read them from), each
+        with the positions of its keys (None: all)."""
         if self._slots is None:
             return [(0, None)]
-        nodes = self._nodes_of_buckets(layout, keys % np.uint64(layout.buckets))
+        nodes = self._nodes_of_buckets(layout, keys % np.uint64(layout.buckets), read=read)
         present = np.unique(nodes)
         if len(present) == 1:
             return [(int(present[0]), None)]
         return [(int(n), np.flatnonzero(nodes == n)) for n in present]
+
+    def _fresh_read_map(self) -> float:
+        """Before a read of rows: a replica reader's slot map read again once it is
+        ``_REPLICA_MAP_EVERY_S`` old. The time the read starts."""
+        now = time.monotonic()
+        if self._read_slots is not None and now - self._slot_map_read_at > _REPLICA_MAP_EVERY_S:
+            self._refresh_slots()
+        return now
+
+    def _replica_failed(self, since: float) -> bool:
+        """Whether a replica failed a read since ``since`` (its masters are read instead
+        now: the read can be sent again at once)."""
+        return any(node.replica and node.failed_at >= since for node in self._nodes)
 
     def _moved(self, replies: Sequence[Any]) -> int:
         """How many of ``replies`` are ``MOVED`` redirections (resharding), counted as
@@ -870,14 +930,17 @@ class RedisTier(RowTier):
     def _lost(self, node: _Node) -> None:
         """A master stopped answering: on a cluster, read the slot map again from the
         others (best effort), so once a replica has taken its slots over (failover),
-        the next call goes there."""
+        the next call goes there. A replica read from: its masters are read instead
+        for ``_AVOID_REPLICA_S``."""
+        if node.replica:
+            node.failed_at = time.monotonic()
         if self._slots is None or self._refreshing:  # not from within a refresh
             return
         try:
             self._refresh_slots()
-            log.warning("Redis Cluster master %s unreachable; slot map read again", node.address)
+            log.warning("Redis Cluster node %s unreachable; slot map read again", node.address)
         except StoreError as e:
-            log.warning("Redis Cluster master %s unreachable, and no slot map: %s", node.address, e)
+            log.warning("Redis Cluster node %s unreachable, and no slot map: %s", node.address, e)
 
     def _roundtrip(self, chunks: Sequence[_Chunk], *, retry: bool = True) -> list[Any]:
         """``_roundtrip_on`` the seed server, writes in flight acknowledged first (so
@@ -1207,21 +1270,27 @@ class RedisTier(RowTier):
         """``_fetch`` of several tables on a cluster: each master's HMGETs of every
         table in one pipeline. Read again if slots moved meanwhile (``_MAX_REDIRECTIONS``
         times at most)."""
+        started = self._fresh_read_map()
         sent: dict[int, list[tuple[int, _Batch, npt.NDArray[np.intp] | None]]] = {}
         for r, (table, keys) in enumerate(requests):
             layout = self.layout(table) if len(keys) else None
             if layout is None:
                 continue
             keys = np.asarray(keys, dtype=np.uint64)
-            for node, at in self._split(layout, keys):
+            for node, at in self._split(layout, keys, read=True):
                 batch = _build(b"HMGET", layout, keys if at is None else keys[at], None)
                 sent.setdefault(node, []).append((r, batch, at))
-        replies = self._roundtrip_nodes(
-            {
-                node: [c for _, b, _ in parts for c in self._chunks(b)]
-                for node, parts in sent.items()
-            }
-        )
+        try:
+            replies = self._roundtrip_nodes(
+                {
+                    node: [c for _, b, _ in parts for c in self._chunks(b)]
+                    for node, parts in sent.items()
+                }
+            )
+        except StoreUnavailable:
+            if redirections < _MAX_REDIRECTIONS and self._replica_failed(started):
+                return self._fetch_many(requests, redirections=redirections + 1)
+            raise
         for node, parts in sent.items():
             rows = [part for _, batch, _ in parts for part in batch.parts]
             self._follow_asks(replies[node], _command_rows(rows))
@@ -1365,6 +1434,7 @@ class RedisTier(RowTier):
     def _get_tables(
         self, keys: Mapping[str, Keys], *, redirections: int
     ) -> dict[str, list[bytes | None]]:
+        started = self._fresh_read_map()
         # Nothing asked, or nobody ever wrote the table: all None (in the order asked).
         out: dict[str, list[bytes | None]] = {t: [None] * len(k) for t, k in keys.items()}
         shapes: dict[tuple[int, int, int], list[tuple[str, BucketLayout, Keys]]] = {}
@@ -1380,7 +1450,12 @@ class RedisTier(RowTier):
         if self._slots is None:
             replies = self._roundtrip([c for cmds in matrices for c in self._rows_chunks(cmds)])
         else:
-            replies = self._hgets_by_master(list(shapes.values()), matrices)
+            try:
+                replies = self._hgets_by_master(list(shapes.values()), matrices)
+            except StoreUnavailable:
+                if redirections < _MAX_REDIRECTIONS and self._replica_failed(started):
+                    return self._get_tables(keys, redirections=redirections + 1)
+                raise
             if redirections < _MAX_REDIRECTIONS and self._moved(replies):
                 self._refresh_slots()
                 return self._get_tables(keys, redirections=redirections + 1)
@@ -1414,7 +1489,9 @@ class RedisTier(RowTier):
             nodes = np.concatenate(
                 [
                     self._nodes_of_buckets(
-                        layout, np.asarray(k, dtype=np.uint64) % np.uint64(layout.buckets)
+                        layout,
+                        np.asarray(k, dtype=np.uint64) % np.uint64(layout.buckets),
+                        read=True,
                     )
                     for _, layout, k in group
                 ]

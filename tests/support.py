@@ -65,6 +65,10 @@ class LocalRedisCluster:
         """``redis-cli --cluster rebalance --cluster-use-empty-masters``."""
         self._launcher.rebalance(self.workdir)
 
+    def kill(self, port: int) -> None:
+        """The node on ``port`` dies for good (the cluster is not told)."""
+        self._launcher.kill(self.workdir, port)
+
     def fail_over(self, index: int, replica_port: int) -> None:
         """Master ``index`` dies for good and the replica on ``replica_port`` takes its
         slots over."""

@@ -30,6 +30,8 @@ from storage.base import (
     StoreUnavailable,
     TableConfig,
 )
+from storage.config import StoreConfig
+from storage.factory import open_store
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
@@ -568,6 +570,77 @@ def test_redis_cluster_follows_a_failover(services: None, tmp_path: Path) -> Non
     finally:
         tier.close()
         cluster.stop()
+
+
+@pytest.mark.integration
+def test_redis_cluster_replica_reads(services: None, tmp_path: Path) -> None:
+    """``replica_reads`` (serving): rows are read from the masters' replicas (their
+    HMGET and HGET counts grow, the masters' do not); a replica that dies leaves its
+    master's rows to the master, in the same call."""
+    cluster = LocalRedisCluster(tmp_path / "cluster")  # its own: with replicas
+    replicas = [cluster.add_replica(i) for i in range(3)]
+    with redis.Redis.from_url(cluster.url) as seed:  # until it has heard of all of them
+        deadline = time.monotonic() + 10
+        while not all(len(r) > 3 for r in redis_command(seed, "CLUSTER", "SLOTS")):
+            assert time.monotonic() < deadline, "replicas never announced"
+            time.sleep(0.05)
+    writer = RedisTier(cluster.url, buckets=64)
+    reader = RedisTier(cluster.url, buckets=64, replica_reads=True)
+    nodes = {port: redis.Redis(port=port) for port in [*cluster.ports, *replicas]}
+    try:
+        keys = np.arange(1, 3001, dtype=np.uint64)
+        values = [b"v%d" % k for k in keys.tolist()]
+        writer.put_many("t", keys, values)
+        writer.sync()
+        for master, replica in zip(cluster.ports, replicas, strict=True):
+            offset = nodes[master].info("replication")["master_repl_offset"]
+            deadline = time.monotonic() + 10
+            while nodes[replica].info("replication")["slave_repl_offset"] < offset:
+                assert time.monotonic() < deadline, "replica never caught up"
+                time.sleep(0.02)
+
+        def reads() -> dict[int, int]:
+            stats = {port: node.info("commandstats") for port, node in nodes.items()}
+            return {
+                port: sum(s.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hmget", "hget"))
+                for port, s in stats.items()
+            }
+
+        before = reads()
+        assert reader.get_many("t", keys) == values
+        assert reader.get_tables({"t": keys[::-1]})["t"] == values[::-1]
+        after = reads()
+        assert all(after[port] >= before[port] + 2 for port in replicas), (before, after)
+        assert all(after[port] == before[port] for port in cluster.ports), (before, after)
+
+        del nodes[replicas[0]]
+        cluster.kill(replicas[0])
+        assert reader.get_many("t", keys) == values  # retried at once on its master
+        assert reader.get_tables({"t": keys})["t"] == values
+        assert reads()[cluster.ports[0]] > after[cluster.ports[0]]
+        assert writer.get_many("t", keys[:5]) == values[:5]  # a writer reads masters
+    finally:
+        for node in nodes.values():
+            node.close()
+        reader.close()
+        writer.close()
+        cluster.stop()
+
+
+@pytest.mark.integration
+def test_only_read_only_stores_read_replicas(redis_cluster_url: str, tmp_path: Path) -> None:
+    cfg = StoreConfig(
+        hot="redis", redis_url=redis_cluster_url, redis_replica_reads=True, data_dir=tmp_path
+    )
+    tables = [TableConfig(name="t", dim=4)]
+    writer = open_store(cfg, tables)
+    reader = open_store(cfg, tables, read_only=True)
+    try:
+        assert isinstance(writer.hot, RedisTier) and isinstance(reader.hot, RedisTier)
+        assert not writer.hot.replica_reads and reader.hot.replica_reads
+    finally:
+        reader.close()
+        writer.close()
 
 
 def _redirects(kind: str, op: str) -> float:
