@@ -856,7 +856,8 @@ class RedisTier(RowTier):
         """The master (index in ``_nodes``) of each bucket, from a per-table map of every
         bucket's slot (one vectorised CRC16 pass over the bucket names' hash tags);
         ``read``: the node to read its rows from (a replica with ``replica_reads``)."""
-        slots = self._read_slots if read and self._read_slots is not None else self._slots
+        read = read and self._read_slots is not None  # else the masters' map serves both
+        slots = self._read_slots if read else self._slots
         assert slots is not None
         if layout.buckets > _MAX_MAPPED_BUCKETS:  # too many to map them all: these only
             return slots[_bucket_slots(layout, buckets)]
@@ -895,6 +896,8 @@ class RedisTier(RowTier):
     def _moved(self, replies: Sequence[Any]) -> int:
         """How many of ``replies`` are ``MOVED`` redirections (resharding), counted as
         reads to be sent again."""
+        if hiredis.ReplyError not in map(type, replies):  # the usual: a C-speed scan
+            return 0
         moved = sum(_redirection(reply) == "MOVED" for reply in replies)
         if moved:
             metrics.REDIS_REDIRECTS.labels("moved", "read").inc(moved)
