@@ -179,11 +179,14 @@ def _pack(commands: Sequence[_Command]) -> bytes:
     return b"".join(map(_hiredis_pack, commands))
 
 
-def _address(kw: Mapping[str, Any]) -> str:
-    """The address of a connection pool's ``connection_kwargs``, for errors."""
+def _address(pool: redis.ConnectionPool, **changes: Any) -> str:
+    """The address a connection pool connects to (``changes``: another host or port),
+    for errors; no credentials."""
+    kw = {**pool.connection_kwargs, **changes}
     if "path" in kw:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
-    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
+    return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
 def _unpack(chunks: Sequence[_Chunk]) -> list[_Command]:
@@ -258,7 +261,7 @@ class _Node:
     def __init__(self, pool: redis.ConnectionPool, *, replica: bool = False) -> None:
         self.pool = pool
         self.replica = replica  # a replica read from (its connections sent READONLY)
-        self.address = _address(pool.connection_kwargs) + (" (replica)" if replica else "")
+        self.address = _address(pool) + (" (replica)" if replica else "")
         self.failed_at = -math.inf  # a replica that failed: its master is read for a while
         self.unacked: _Unacked | None = None
         self._idle: list[Any] = []
@@ -813,7 +816,7 @@ class RedisTier(RowTier):
         replica to read from (its connections send ``READONLY`` first)."""
         seed = self._seed.pool.connection_kwargs
         kwargs = {**seed, "host": host or seed["host"], "port": port}
-        address = _address(kwargs) + (" (replica)" if replica else "")
+        address = _address(self._seed.pool, **kwargs) + (" (replica)" if replica else "")
         for i, node in enumerate(self._nodes):
             if node.address == address:
                 return i

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -396,6 +397,65 @@ def test_redis_credentials_are_used_and_a_refusal_is_a_clear_error(
                 RedisTier(url)
             assert not isinstance(caught.value, StoreUnavailable)
             assert "wrong" not in str(caught.value)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.integration
+def test_redis_over_tls(services: None, tmp_path: Path) -> None:
+    """``rediss://``: rows go both ways over TLS (the store's own socket reads and writes
+    included), against a ``redis-server`` that speaks only TLS; a certificate the client
+    cannot verify is refused, naming the address."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not on PATH (it makes the test's certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+            *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+            *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"),
+            *("--save", "", "--appendonly", "no", "--dir", str(tmp_path)),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"rediss://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                tier = RedisTier(f"{url}?ssl_ca_certs={cert}", buckets=64)
+                break
+            except StoreUnavailable as e:  # not listening yet
+                assert server.poll() is None and time.monotonic() < deadline, e
+                time.sleep(0.05)
+        try:
+            keys = np.arange(1, 20001, dtype=np.uint64)
+            values = [b"v%d" % k for k in keys.tolist()]
+            tier.put_many("t", keys, values)
+            codec = RowCodec(TableConfig(name="r", dim=4))
+            rows = codec.new_rows(keys, 1)
+            tier.put_rows("r", keys, rows)
+            assert tier.get_many("t", keys) == values
+            assert tier.get_tables({"t": keys[::-1]})["t"] == values[::-1]
+            got, found = tier.get_rows("r", keys, codec)
+            assert found.all() and got.tobytes() == rows.tobytes()
+            assert tier.count("t") == 20000
+        finally:
+            tier.close()
+        with pytest.raises(StoreUnavailable, match=rf"rediss://127\.0\.0\.1:{port}.*verify"):
+            RedisTier(url)  # no CA given: the self-signed certificate is not trusted
     finally:
         server.terminate()
         server.wait(10)
