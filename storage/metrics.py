@@ -77,11 +77,12 @@ REDIS_SLOT_MAP_REFRESHES = Counter(
 REDIS_REDIRECTS = Counter(
     "streamrec_store_redis_redirects",
     "Commands a Redis Cluster master redirected and that were sent again where the slot "
-    "lives now: MOVED (the slot has moved) or ASK (the slot is being migrated).",
+    "lives now: MOVED (the slot has moved) or ASK (the slot is being migrated); op: rows "
+    "read, rows written, other (layout, counters, blobs, markers).",
     ["kind", "op"],
 )
 for _kind in ("moved", "ask"):  # every series exists from the start, at 0
-    for _op in ("read", "write"):
+    for _op in ("read", "write", "other"):
         REDIS_REDIRECTS.labels(_kind, _op)
 ROWS = Gauge("streamrec_store_rows", "Rows per tier and table.", ["tier", "table"])
 BYTES = Gauge(

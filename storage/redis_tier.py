@@ -74,16 +74,18 @@ gets the commands of its buckets: reads as one pipeline per master, all masters 
 to before any is read (``_roundtrip_nodes``), writes in flight per master. The other
 keys (layout, row counter, blob) go to the master of their own slot. Every master needs
 the listpack settings above. Slots that move while the store is open (resharding): a
-read redirected with ``MOVED`` refreshes the map and is sent again (5 times at most), one redirected
-with ``ASK`` (a slot half migrated, the key moved already) goes to the new master after
-``ASKING`` (``_follow_asks``). A write in flight that comes back redirected is sent again
-the same way when its replies are read (``_resend_redirected``, up to 5 times, then
-``StoreUnavailable``); writes routed by a newer slot map wait until those of the older
-one are settled, so a row's writes stay in order. A master that stops answering makes the store read
-the map again from the others (``_lost``): after a failover the next call reaches the
-promoted replica. ``put_marker`` leaves a copy on every master (a hash
-tag of one of its slots each), so a master that lost its data is noticed. ``commit``
-cannot be one transaction across masters: rows go first, then the blobs.
+command redirected with ``MOVED`` (the map is then read again) or ``ASK`` (a slot half
+migrated, the key moved already; sent after ``ASKING``) is sent again to the master the
+reply names, only it, 5 rounds at most (``_follow_redirections``). A write in flight
+that comes back redirected is sent again when its replies are read
+(``_resend_redirected``, then ``StoreUnavailable``); writes routed by a newer slot map
+wait until those of the older one are settled, so a row's writes stay in order. A
+master that stops answering makes the store read the map again from the others
+(``_lost``): after a failover the next call reaches the promoted replica.
+``put_marker`` leaves a copy on every master (a hash tag of one of its slots each), so
+a master that lost its data is noticed; ``has_marker`` looks for the copies where a
+reshard moved them. ``commit`` cannot be one transaction across masters: rows go
+first, then the blobs.
 
 ``replica_reads`` (for read-only clients: a writer must read its own writes) reads rows
 (HMGET, HGET) from a replica of each slot's master instead (``READONLY`` on its
@@ -831,24 +833,45 @@ class RedisTier(RowTier):
         host, _, port = str(reply).split()[2].rpartition(":")
         return self._node_at(host, int(port))
 
-    def _follow_asks(self, replies: list[Any], command: Callable[[int], bytes]) -> None:
-        """Replace each ``ASK`` reply (its slot is being migrated and the key has moved)
-        by the reply of its command (``command(i)``: the RESP bytes of reply ``i``'s)
-        sent again, after ``ASKING``, to the master the slot is moving to; in place."""
-        asked: dict[int, list[int]] = {}
-        for i, reply in enumerate(replies):
-            if _redirection(reply) == "ASK":
-                asked.setdefault(self._redirected_to(reply), []).append(i)
-        if not asked:
+    def _follow_redirections(
+        self, replies: list[Any], command: Callable[[int], bytes], op: str
+    ) -> None:
+        """Replace each reply that sends its command elsewhere (``MOVED``: its slot has
+        moved, and the slot map is read again; ``ASK``: its slot is being migrated and
+        the key has moved already) by the reply of that command (``command(i)``: the
+        RESP bytes of reply ``i``'s) sent again to the master the reply names, after
+        ``ASKING`` for ``ASK``; in place. Only those commands go again, so a read meets
+        another move rarely even while many slots move; ``_MAX_REDIRECTIONS`` rounds at
+        most (what is still redirected is left for the caller's error check)."""
+        if hiredis.ReplyError not in map(type, replies):  # the usual: a C-speed scan
             return
-        metrics.REDIS_REDIRECTS.labels("ask", "read").inc(sum(map(len, asked.values())))
-        chunks = {
-            node: [(b"".join(_ASKING + command(i) for i in at), 2 * len(at))]
-            for node, at in asked.items()
-        }
-        for node, answers in self._roundtrip_nodes(chunks).items():
-            for i, reply in zip(asked[node], answers[1::2], strict=True):
-                replies[i] = reply
+        again = [i for i, reply in enumerate(replies) if _redirection(reply)]
+        for _ in range(_MAX_REDIRECTIONS):
+            if not again:
+                return
+            kinds = [_redirection(replies[i]) for i in again]
+            if "MOVED" in kinds:
+                self._refresh_slots()
+            by_node: dict[int, list[tuple[int, bool]]] = {}
+            for i, kind in zip(again, kinds, strict=True):
+                by_node.setdefault(self._redirected_to(replies[i]), []).append((i, kind == "ASK"))
+                metrics.REDIS_REDIRECTS.labels(str(kind).lower(), op).inc()
+            chunks = {
+                node: [
+                    (
+                        b"".join((_ASKING if asking else b"") + command(i) for i, asking in sent),
+                        len(sent) + sum(asking for _, asking in sent),
+                    )
+                ]
+                for node, sent in by_node.items()
+            }
+            for node, answers in self._roundtrip_nodes(chunks).items():
+                got = iter(answers)
+                for i, asking in by_node[node]:
+                    if asking:
+                        next(got)  # ASKING's OK
+                    replies[i] = next(got)
+            again = [i for i in again if _redirection(replies[i])]
 
     def _node_of(self, key: bytes) -> int:
         return 0 if self._slots is None else int(self._slots[key_slot(key)])
@@ -895,16 +918,6 @@ class RedisTier(RowTier):
         """Whether a replica failed a read since ``since`` (its masters are read instead
         now: the read can be sent again at once)."""
         return any(node.replica and node.failed_at >= since for node in self._nodes)
-
-    def _moved(self, replies: Sequence[Any]) -> int:
-        """How many of ``replies`` are ``MOVED`` redirections (resharding), counted as
-        reads to be sent again."""
-        if hiredis.ReplyError not in map(type, replies):  # the usual: a C-speed scan
-            return 0
-        moved = sum(_redirection(reply) == "MOVED" for reply in replies)
-        if moved:
-            metrics.REDIS_REDIRECTS.labels("moved", "read").inc(moved)
-        return moved
 
     # -- wire ---------------------------------------------------------------------------
 
@@ -1189,16 +1202,13 @@ class RedisTier(RowTier):
         if self._slots is None:
             replies = self._roundtrip(self._packed(commands), retry=retry)
         else:
-            replies = self._execute_routed(commands, retry=retry, redirections=0)
+            replies = self._execute_routed(commands, retry=retry)
         self._raise_errors(replies)
         return replies
 
-    def _execute_routed(
-        self, commands: Sequence[_Command], *, retry: bool, redirections: int
-    ) -> list[Any]:
+    def _execute_routed(self, commands: Sequence[_Command], *, retry: bool) -> list[Any]:
         """``_execute`` on a cluster, each command to the master of its key; those
-        redirected (``MOVED``: sent where a slot used to be, so not run) are sent again
-        after the slot map is refreshed (``_MAX_REDIRECTIONS`` times at most)."""
+        redirected (resharding) are sent again where they belong now."""
         nodes = self._nodes_of_commands(commands)
         if len(set(nodes)) == 1:  # the usual: one key, or keys of one server
             self.sync()
@@ -1214,15 +1224,7 @@ class RedisTier(RowTier):
             for node in nodes:
                 replies.append(by_node[node][taken[node]])
                 taken[node] += 1
-        self._follow_asks(replies, lambda i: _pack([commands[i]]))
-        if redirections < _MAX_REDIRECTIONS and self._moved(replies):
-            self._refresh_slots()
-            again = [i for i, r in enumerate(replies) if _redirection(r) == "MOVED"]
-            resent = self._execute_routed(
-                [commands[i] for i in again], retry=retry, redirections=redirections + 1
-            )
-            for i, reply in zip(again, resent, strict=True):
-                replies[i] = reply
+        self._follow_redirections(replies, lambda i: _pack([commands[i]]), "other")
         return replies
 
     def _packed(self, commands: Sequence[_Command]) -> list[_Chunk]:
@@ -1271,11 +1273,11 @@ class RedisTier(RowTier):
         return self._values(self._roundtrip(self._chunks(batch))), batch.positions
 
     def _fetch_many(
-        self, requests: Sequence[tuple[str, Keys]], *, redirections: int = 0
+        self, requests: Sequence[tuple[str, Keys]], *, retries: int = 0
     ) -> list[tuple[list[bytes | None], npt.NDArray[np.intp]]]:
         """``_fetch`` of several tables on a cluster: each master's HMGETs of every
-        table in one pipeline. Read again if slots moved meanwhile (``_MAX_REDIRECTIONS``
-        times at most)."""
+        table in one pipeline; commands redirected by a reshard are sent again where they
+        belong now, and the whole read once more if a replica read from failed."""
         started = self._fresh_read_map()
         sent: dict[int, list[tuple[int, _Batch, npt.NDArray[np.intp] | None]]] = {}
         for r, (table, keys) in enumerate(requests):
@@ -1294,17 +1296,12 @@ class RedisTier(RowTier):
                 }
             )
         except StoreUnavailable:
-            if redirections < _MAX_REDIRECTIONS and self._replica_failed(started):
-                return self._fetch_many(requests, redirections=redirections + 1)
+            if retries < _MAX_REDIRECTIONS and self._replica_failed(started):
+                return self._fetch_many(requests, retries=retries + 1)
             raise
         for node, parts in sent.items():
             rows = [part for _, batch, _ in parts for part in batch.parts]
-            self._follow_asks(replies[node], _command_rows(rows))
-        if redirections < _MAX_REDIRECTIONS and self._moved(
-            [r for rs in replies.values() for r in rs]
-        ):
-            self._refresh_slots()
-            return self._fetch_many(requests, redirections=redirections + 1)
+            self._follow_redirections(replies[node], _command_rows(rows), "read")
         values: list[list[bytes | None]] = [[None] * len(k) for _, k in requests]
         positions = [np.arange(len(k)) for _, k in requests]
         got: dict[int, list[tuple[list[bytes | None], npt.NDArray[np.intp]]]] = {}
@@ -1435,10 +1432,10 @@ class RedisTier(RowTier):
         cluster: one per master, all at once): an ``HGET`` per key (a serving read
         touches ~1 key per bucket, so grouping keys by bucket would save Redis nothing),
         built for all tables at once."""
-        return self._get_tables(keys, redirections=0)
+        return self._get_tables(keys, retries=0)
 
     def _get_tables(
-        self, keys: Mapping[str, Keys], *, redirections: int
+        self, keys: Mapping[str, Keys], *, retries: int
     ) -> dict[str, list[bytes | None]]:
         started = self._fresh_read_map()
         # Nothing asked, or nobody ever wrote the table: all None (in the order asked).
@@ -1459,12 +1456,9 @@ class RedisTier(RowTier):
             try:
                 replies = self._hgets_by_master(list(shapes.values()), matrices)
             except StoreUnavailable:
-                if redirections < _MAX_REDIRECTIONS and self._replica_failed(started):
-                    return self._get_tables(keys, redirections=redirections + 1)
+                if retries < _MAX_REDIRECTIONS and self._replica_failed(started):
+                    return self._get_tables(keys, retries=retries + 1)
                 raise
-            if redirections < _MAX_REDIRECTIONS and self._moved(replies):
-                self._refresh_slots()
-                return self._get_tables(keys, redirections=redirections + 1)
         self._raise_errors(replies)
         at = 0
         for group in shapes.values():
@@ -1511,7 +1505,7 @@ class RedisTier(RowTier):
         replies: list[Any] = [None] * offset
         by_node = self._roundtrip_nodes(chunks)
         for node, node_replies in by_node.items():
-            self._follow_asks(node_replies, _command_rows(sent[node]))
+            self._follow_redirections(node_replies, _command_rows(sent[node]), "read")
         for node, node_replies in by_node.items():
             for at, reply in zip(np.concatenate(rows[node]).tolist(), node_replies, strict=True):
                 replies[at] = reply
