@@ -4,19 +4,23 @@ freshness bound; several uvicorn workers report one set of metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from support import free_port, new_topic, wait_ready
+from support import LocalRedisCluster, free_port, new_topic, redis_command, wait_ready
 
 from storage.keys import feature_keys
 from streaming.log import KafkaEventProducer
@@ -34,7 +38,9 @@ NEAR_CACHE_TTL_S = 1.0
 FRESHNESS_BOUND_S = MAX_BATCH_WAIT_S + NEAR_CACHE_TTL_S + 3.0
 
 
-def write_config(path: Path, kafka: str, redis_url: str, topic: str, data_dir: Path) -> None:
+def write_config(
+    path: Path, kafka: str, redis_url: str, topic: str, data_dir: Path, replica_reads: bool = False
+) -> None:
     run_id = uuid.uuid4().hex[:8]
     path.write_text(
         f"""
@@ -49,6 +55,7 @@ group_id = "serve-{run_id}"
 hot = "redis"
 redis_url = "{redis_url}"
 redis_prefix = "serve{run_id}"
+redis_replica_reads = {str(replica_reads).lower()}
 data_dir = "{data_dir}"
 [trainer]
 batch_size = 256
@@ -71,16 +78,54 @@ def served_row(client: TestClient, table: str, value: str) -> tuple[bool, np.nda
     return bool(result.found[0]), result.rows[0]
 
 
-@pytest.mark.parametrize("redis_fixture", ["redis_url", "clean_redis_cluster"])
+@contextmanager
+def cluster_with_replicas(workdir: Path) -> Iterator[tuple[str, list[int]]]:
+    """A Redis Cluster of its own with a replica per master: its URL, the replicas'
+    ports (once every master's replica is announced)."""
+    cluster = LocalRedisCluster(workdir)
+    try:
+        replicas = [cluster.add_replica(i) for i in range(len(cluster.ports))]
+        with redis.Redis.from_url(cluster.url) as seed:
+            deadline = time.monotonic() + 10
+            while not all(len(r) > 3 for r in redis_command(seed, "CLUSTER", "SLOTS")):
+                assert time.monotonic() < deadline, "replicas never announced"
+                time.sleep(0.05)
+        yield cluster.url, replicas
+    finally:
+        cluster.stop()
+
+
+def row_reads(port: int) -> int:
+    """HMGET and HGET calls the Redis server on ``port`` has answered."""
+    with redis.Redis(port=port) as server:
+        stats = server.info("commandstats")
+    return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hmget", "hget"))
+
+
+@pytest.mark.parametrize("redis_fixture", ["redis_url", "clean_redis_cluster", "replica_reads"])
 def test_posted_event_changes_the_served_embedding_within_the_bound(
     kafka_bootstrap: str, redis_fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Trainer, serving (its read process too) and the loop back through
-    ``/v1/events``, over one Redis server and over a Redis Cluster."""
-    redis_url = request.getfixturevalue(redis_fixture)
+    ``/v1/events``, over one Redis server, over a Redis Cluster, and over one with a
+    replica per master that serving reads rows from (``store.redis_replica_reads``)."""
+    with contextlib.ExitStack() as stack:
+        replicas: list[int] = []
+        if redis_fixture == "replica_reads":
+            redis_url, replicas = stack.enter_context(cluster_with_replicas(tmp_path / "rc"))
+        else:
+            redis_url = request.getfixturevalue(redis_fixture)
+        serve_and_post_an_event(kafka_bootstrap, redis_url, tmp_path, replicas)
+
+
+def serve_and_post_an_event(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path, replicas: list[int]
+) -> None:
     topic = new_topic(kafka_bootstrap, "serve", partitions=1)
     config = tmp_path / "streamrec.toml"
-    write_config(config, kafka_bootstrap, redis_url, topic, tmp_path / "data")
+    write_config(
+        config, kafka_bootstrap, redis_url, topic, tmp_path / "data", replica_reads=bool(replicas)
+    )
     settings = load_settings(config)
 
     producer = KafkaEventProducer(kafka_bootstrap)
@@ -147,6 +192,8 @@ def test_posted_event_changes_the_served_embedding_within_the_bound(
                     metrics
                 )
                 assert "streamrec_service_model_age_seconds" in metrics
+                # Serving's rows came from the replicas (the read process's reads).
+                assert all(row_reads(port) > 0 for port in replicas)
         finally:
             close()
     finally:
