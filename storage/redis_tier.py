@@ -76,9 +76,9 @@ keys (layout, row counter, blob) go to the master of their own slot. Every maste
 the listpack settings above. Slots that move while the store is open (resharding): a
 command redirected with ``MOVED`` (the map is then read again) or ``ASK`` (a slot half
 migrated, the key moved already; sent after ``ASKING``) is sent again to the master the
-reply names, only it, 5 rounds at most (``_follow_redirections``). A write in flight
-that comes back redirected is sent again when its replies are read
-(``_resend_redirected``, then ``StoreUnavailable``); writes routed by a newer slot map
+reply names, only it, 5 rounds at most (``_follow_redirections``), then
+``StoreUnavailable``. A write in flight that comes back redirected is sent again the
+same way when its replies are read (in ``sync``); writes routed by a newer slot map
 wait until those of the older one are settled, so a row's writes stay in order. A
 master that stops answering makes the store read the map again from the others
 (``_lost``): after a failover the next call reaches the promoted replica.
@@ -834,7 +834,12 @@ class RedisTier(RowTier):
         return self._node_at(host, int(port))
 
     def _follow_redirections(
-        self, replies: list[Any], command: Callable[[int], bytes], op: str
+        self,
+        replies: list[Any],
+        command: Callable[[int], bytes],
+        op: str,
+        *,
+        key: Callable[[int], bytes] | None = None,
     ) -> None:
         """Replace each reply that sends its command elsewhere (``MOVED``: its slot has
         moved, and the slot map is read again; ``ASK``: its slot is being migrated and
@@ -842,7 +847,13 @@ class RedisTier(RowTier):
         RESP bytes of reply ``i``'s) sent again to the master the reply names, after
         ``ASKING`` for ``ASK``; in place. Only those commands go again, so a read meets
         another move rarely even while many slots move; ``_MAX_REDIRECTIONS`` rounds at
-        most (what is still redirected is left for the caller's error check)."""
+        most (what is still redirected is left for the caller's error check).
+
+        ``key`` (writes in flight, from ``sync``: ``key(i)`` is command ``i``'s key): a
+        redirected write was not applied, and a row's writes all went to one master in
+        order, so a key's writes go to one master a round, in order, and none overtakes
+        another; the masters are sent to one after another (``_roundtrip_nodes`` would
+        sync from within ``sync``)."""
         if hiredis.ReplyError not in map(type, replies):  # the usual: a C-speed scan
             return
         again = [i for i, reply in enumerate(replies) if _redirection(reply)]
@@ -853,8 +864,15 @@ class RedisTier(RowTier):
             if "MOVED" in kinds:
                 self._refresh_slots()
             by_node: dict[int, list[tuple[int, bool]]] = {}
+            target: dict[bytes, int] = {}  # of each key this round (with ``key``)
             for i, kind in zip(again, kinds, strict=True):
-                by_node.setdefault(self._redirected_to(replies[i]), []).append((i, kind == "ASK"))
+                node = self._redirected_to(replies[i])
+                if key is not None:
+                    if target.setdefault(key(i), node) != node:
+                        target[key(i)] = -1  # its later writes wait for the next round
+                    if target[key(i)] != node:
+                        continue
+                by_node.setdefault(node, []).append((i, kind == "ASK"))
                 metrics.REDIS_REDIRECTS.labels(str(kind).lower(), op).inc()
             chunks = {
                 node: [
@@ -865,7 +883,11 @@ class RedisTier(RowTier):
                 ]
                 for node, sent in by_node.items()
             }
-            for node, answers in self._roundtrip_nodes(chunks).items():
+            if key is None:
+                answered = self._roundtrip_nodes(chunks)
+            else:
+                answered = {n: self._roundtrip_on(self._nodes[n], c) for n, c in chunks.items()}
+            for node, answers in answered.items():
                 got = iter(answers)
                 for i, asking in by_node[node]:
                     if asking:
@@ -1079,9 +1101,10 @@ class RedisTier(RowTier):
                     for unacked in pending:
                         unacked.node.unacked = None
                         replies = self._acknowledge(unacked)
-                        # (``in map(type, ...)``: a C-speed scan of ~50k replies a step.)
+                        # Resharding: writes sent where a slot used to be go again
+                        # (``in map(type, ...)``: a C-speed scan of ~50k replies a step).
                         if self._slots is not None and hiredis.ReplyError in map(type, replies):
-                            self._resend_redirected(unacked, replies)
+                            self._follow_write_redirections(unacked, replies)
                         at = 0
                         for count, handler in unacked.handlers:
                             follow_ups += handler(replies[at : at + count])
@@ -1090,50 +1113,13 @@ class RedisTier(RowTier):
                     if follow_ups:
                         self._send_commands(follow_ups, self._checked)
 
-    def _resend_redirected(self, unacked: _Unacked, replies: list[Any]) -> None:
-        """Resharding: send the writes of ``unacked`` that their master redirected again
-        where their slot lives now (``MOVED``: after reading the slot map again; ``ASK``:
-        to the master importing the slot, after ``ASKING``), a few times at most, and put
-        the new replies in ``replies``. A redirected write was not applied, and a row's
-        writes all went to one master in order, so sending them again in order to one
-        master a round keeps them in order; ``_settle_earlier_routes`` keeps writes
-        routed by the new map from going out while these are in flight."""
-        again = [i for i, reply in enumerate(replies) if _redirection(reply)]
-        if not again:
-            return
-        commands = _unpack(unacked.chunks)
-        for _ in range(_MAX_REDIRECTIONS):
-            kinds = [_redirection(replies[i]) for i in again]
-            if "MOVED" in kinds:
-                self._refresh_slots()
-            by_node: dict[int, list[tuple[int, bool]]] = {}
-            target: dict[bytes, int] = {}  # of each key this round
-            for i, kind in zip(again, kinds, strict=True):
-                asking = kind == "ASK"
-                node = self._redirected_to(replies[i]) if asking else self._node_of(commands[i][1])
-                if target.setdefault(commands[i][1], node) != node:
-                    # Its writes after this one wait for the next round (one master
-                    # a round per key, so none overtakes another).
-                    target[commands[i][1]] = -1
-                if target[commands[i][1]] != node:
-                    continue
-                by_node.setdefault(node, []).append((i, asking))
-                metrics.REDIS_REDIRECTS.labels(str(kind).lower(), "write").inc()
-            for node, resent in by_node.items():
-                data = b"".join(
-                    (_ASKING if asking else b"") + _hiredis_pack(commands[i])
-                    for i, asking in resent
-                )
-                count = len(resent) + sum(asking for _, asking in resent)
-                answers = iter(self._roundtrip_on(self._nodes[node], [(data, count)]))
-                for i, asking in resent:
-                    if asking:
-                        next(answers)  # ASKING's OK
-                    replies[i] = next(answers)
-            again = [i for i in again if _redirection(replies[i])]
-            if not again:
-                return
-        # Still redirected: left to the handlers, which raise ``StoreUnavailable``.
+    def _follow_write_redirections(self, unacked: _Unacked, replies: list[Any]) -> None:
+        """``_follow_redirections`` of writes in flight, their commands read back from
+        the RESP bytes sent."""
+        sent = _unpack(unacked.chunks)
+        self._follow_redirections(
+            replies, lambda i: _hiredis_pack(sent[i]), "write", key=lambda i: sent[i][1]
+        )
 
     def _settle_earlier_routes(self) -> None:
         """Wait for the writes in flight that were routed by an earlier slot map before
@@ -1683,7 +1669,7 @@ class RedisTier(RowTier):
         replies = self._execute([(b"GET", key) for key in copies])
         if not all(reply == value for reply in replies):
             return False
-        held = set(self._nodes_of_commands([(b"GET", key) for key in copies]))
+        held = {self._node_of(key) for key in copies}
         missing = [key for master, key in fresh.items() if master not in held]
         if missing:
             self._execute([(b"SET", key, value) for key in missing])

@@ -89,6 +89,18 @@ def cluster_masters(url: str) -> list[redis.Redis]:
     return [redis.Redis(host=host, port=port) for host, port in addresses]
 
 
+def redis_redirects(op: str, *kinds: str) -> float:
+    """``streamrec_store_redis_redirects_total`` of ``op`` summed over ``kinds``
+    (default: moved and ask) in this process."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        REGISTRY.get_sample_value("streamrec_store_redis_redirects_total", {"kind": kind, "op": op})
+        or 0.0
+        for kind in kinds or ("moved", "ask")
+    )
+
+
 def migrate_slot(
     masters: list[redis.Redis],
     slot: int,

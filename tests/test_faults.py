@@ -17,7 +17,6 @@ import pytest
 import redis
 import torch
 from kafka import KafkaConsumer, KafkaProducer
-from prometheus_client import REGISTRY
 from support import (
     LocalRedisCluster,
     cluster_masters,
@@ -25,6 +24,7 @@ from support import (
     migrate_slot,
     new_topic,
     redis_command,
+    redis_redirects,
     restart_service,
     store_rows,
     train_in_process,
@@ -49,6 +49,23 @@ BATCH = 128
 THIRD = 8 * BATCH
 
 
+SMALL = SyntheticConfig(num_sparse=4, num_dense=2, universe=500)
+
+
+def redis_rocksdb_store(
+    redis_url: str, path: Path, prefix: str, *, discard_hot_rows: bool = False
+) -> TieredStore:
+    """A store of ``SMALL``'s tables: Redis (64 buckets a table) over RocksDB at ``path``,
+    on a fixed clock (rows carry update times: runs compare bit for bit)."""
+    return TieredStore(
+        table_configs(SyntheticSource(SMALL).spec, Settings()),
+        RedisTier(redis_url, prefix=prefix, buckets=64),
+        RocksDBTier(path),
+        clock=lambda: 1000.0,
+        discard_hot_rows=discard_hot_rows,
+    )
+
+
 def rewinds(reason: str) -> float:
     value: float = metrics.REWINDS.labels(reason=reason)._value.get()
     return value
@@ -60,20 +77,14 @@ def test_trainer_rewinds_when_redis_loses_unflushed_rows(
 ) -> None:
     """Redis loses what it holds; on a Redis Cluster one master of three does."""
     clean_redis = request.getfixturevalue(redis_fixture)
-    source = SyntheticSource(SyntheticConfig(num_sparse=4, num_dense=2, universe=500), 3 * THIRD)
+    source = SyntheticSource(SMALL, 3 * THIRD)
     events = [event.to_json() for event in source]
     config = TrainerConfig(
         batch_size=BATCH, max_batch_wait_s=60, flush_every_s=3600, publish_every_s=3600
     )
 
     def open_store(name: str) -> TieredStore:
-        return TieredStore(
-            table_configs(source.spec, Settings()),
-            RedisTier(clean_redis, prefix=name, buckets=64),
-            RocksDBTier(tmp_path / name),
-            clock=lambda: 1000.0,  # rows carry update times: make them comparable
-            discard_hot_rows=True,
-        )
+        return redis_rocksdb_store(clean_redis, tmp_path / name, name, discard_hot_rows=True)
 
     def feed(log: InMemoryLog, start: int, stop: int) -> None:
         for value in events[start:stop]:
@@ -134,16 +145,6 @@ def all_rewinds() -> float:
     )
 
 
-def write_redirects() -> float:
-    return sum(
-        REGISTRY.get_sample_value(
-            "streamrec_store_redis_redirects_total", {"kind": kind, "op": "write"}
-        )
-        or 0.0
-        for kind in ("moved", "ask")
-    )
-
-
 def move_slots(
     masters: list[redis.Redis], pattern: bytes, stop: threading.Event, moved: list[int]
 ) -> None:
@@ -177,19 +178,14 @@ def test_trainer_trains_on_through_a_reshard(reshard: str, services: None, tmp_p
     cluster = LocalRedisCluster(tmp_path / "cluster")  # its own: slots move all over
     masters = cluster_masters(cluster.url)
     total, first = 48 * BATCH, 8 * BATCH
-    source = SyntheticSource(SyntheticConfig(num_sparse=4, num_dense=2, universe=500), total)
+    source = SyntheticSource(SMALL, total)
     events = [event.to_json() for event in source]
     config = TrainerConfig(
         batch_size=BATCH, max_batch_wait_s=60, flush_every_s=0.1, publish_every_s=3600
     )
 
     def open_store(name: str) -> TieredStore:
-        return TieredStore(
-            table_configs(source.spec, Settings()),
-            RedisTier(cluster.url, prefix=name, buckets=64),
-            RocksDBTier(tmp_path / name),
-            clock=lambda: 1000.0,
-        )
+        return redis_rocksdb_store(cluster.url, tmp_path / name, name)
 
     logs = [InMemoryLog(), InMemoryLog()]  # one each: a log drops what was committed
     for value in events:
@@ -207,7 +203,7 @@ def test_trainer_trains_on_through_a_reshard(reshard: str, services: None, tmp_p
         trainer.run(threading.Event(), max_events=first)  # its keys exist: slots to move
         if reshard == "scale_out":
             cluster.add_master()  # empty: nothing moves until the rebalance
-        rewinds_before, redirects_before = all_rewinds(), write_redirects()
+        rewinds_before, redirects_before = all_rewinds(), redis_redirects("write")
         stop, moved = threading.Event(), list[int]()
         errors: list[BaseException] = []
 
@@ -239,7 +235,7 @@ def test_trainer_trains_on_through_a_reshard(reshard: str, services: None, tmp_p
         assert not errors, errors
         assert report.events == total
         assert all_rewinds() == rewinds_before
-        assert write_redirects() > redirects_before  # the reshard did meet its writes
+        assert redis_redirects("write") > redirects_before  # the reshard did meet its writes
         if reshard == "scale_out":
             added = cluster_masters(cluster.url)
             assert len(added) == 4

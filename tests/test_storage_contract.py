@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from support import LocalRedisCluster, cluster_masters, free_port, migrate_slot, redis_command
+from support import (
+    LocalRedisCluster,
+    cluster_masters,
+    free_port,
+    migrate_slot,
+    redis_command,
+    redis_redirects,
+)
 
 from storage.base import (
     Keys,
@@ -362,6 +369,35 @@ def test_redis_unreachable_names_address() -> None:
         RedisTier("redis://127.0.0.1:1/0", connect_timeout=2)
 
 
+@contextlib.contextmanager
+def redis_server(workdir: Path, *listen: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``redis-server`` of the test's own, no persistence; ``listen``: its port, TLS
+    and password options."""
+    server = subprocess.Popen(
+        [
+            *("redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+            *("--dir", str(workdir), *listen),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        yield server
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def tier_once_up(url: str, server: subprocess.Popen[bytes]) -> RedisTier:
+    """A ``RedisTier`` on ``url`` as soon as ``server`` listens."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return RedisTier(url, buckets=64)
+        except StoreUnavailable as e:  # not listening yet
+            assert server.poll() is None and time.monotonic() < deadline, e
+            time.sleep(0.05)
+
+
 @pytest.mark.integration
 def test_redis_credentials_are_used_and_a_refusal_is_a_clear_error(
     services: None, tmp_path: Path
@@ -370,22 +406,8 @@ def test_redis_credentials_are_used_and_a_refusal_is_a_clear_error(
     connection of the pool); a wrong or missing one is a ``StoreError`` (no retry
     helps) naming the address, never the password."""
     port = free_port()
-    server = subprocess.Popen(
-        [
-            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
-            *("--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "s3cret"),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                tier = RedisTier(f"redis://:s3cret@127.0.0.1:{port}/0", buckets=16)
-                break
-            except StoreUnavailable:  # not listening yet
-                assert server.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
+    with redis_server(tmp_path, "--port", str(port), "--requirepass", "s3cret") as server:
+        tier = tier_once_up(f"redis://:s3cret@127.0.0.1:{port}/0", server)
         try:
             keys = np.arange(1, 101, dtype=np.uint64)
             tier.put_many("t", keys, [b"v"] * 100)
@@ -397,9 +419,6 @@ def test_redis_credentials_are_used_and_a_refusal_is_a_clear_error(
                 RedisTier(url)
             assert not isinstance(caught.value, StoreUnavailable)
             assert "wrong" not in str(caught.value)
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 @pytest.mark.integration
@@ -421,25 +440,14 @@ def test_redis_over_tls(services: None, tmp_path: Path) -> None:
         capture_output=True,
     )
     port = free_port()
-    server = subprocess.Popen(
-        [
-            *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
-            *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
-            *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"),
-            *("--save", "", "--appendonly", "no", "--dir", str(tmp_path)),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
     url = f"rediss://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                tier = RedisTier(f"{url}?ssl_ca_certs={cert}", buckets=64)
-                break
-            except StoreUnavailable as e:  # not listening yet
-                assert server.poll() is None and time.monotonic() < deadline, e
-                time.sleep(0.05)
+    with redis_server(
+        tmp_path,
+        *("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert)),
+        *("--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)),
+        *("--tls-auth-clients", "no"),
+    ) as server:
+        tier = tier_once_up(f"{url}?ssl_ca_certs={cert}", server)
         try:
             keys = np.arange(1, 20001, dtype=np.uint64)
             values = [b"v%d" % k for k in keys.tolist()]
@@ -456,9 +464,6 @@ def test_redis_over_tls(services: None, tmp_path: Path) -> None:
             tier.close()
         with pytest.raises(StoreUnavailable, match=rf"rediss://127\.0\.0\.1:{port}.*verify"):
             RedisTier(url)  # no CA given: the self-signed certificate is not trusted
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 @pytest.mark.integration
@@ -703,11 +708,6 @@ def test_only_read_only_stores_read_replicas(redis_cluster_url: str, tmp_path: P
         writer.close()
 
 
-def _redirects(kind: str, op: str) -> float:
-    labels = {"kind": kind, "op": op}
-    return REGISTRY.get_sample_value("streamrec_store_redis_redirects_total", labels) or 0.0
-
-
 @pytest.mark.integration
 def test_redis_cluster_reads_a_slot_in_mid_migration(services: None, tmp_path: Path) -> None:
     """Keys already moved out of a slot still being migrated: the old master answers
@@ -733,12 +733,12 @@ def test_redis_cluster_reads_a_slot_in_mid_migration(services: None, tmp_path: P
         assert tier.get_tables({"t": keys[::-1]})["t"] == values[::-1]
         assert tier.get_blob("pos") == b"5"
         # Writes to the moved bucket: ASK, sent again to the importing master.
-        asked = _redirects("ask", "write")
+        asked = redis_redirects("write", "ask")
         tier.put_many("t", u64(5, 69), [b"new", b"new69"])
         tier.delete_many("t", u64(133))
         tier.put_many("t", u64(5), [b"newer"])
         tier.sync()
-        assert _redirects("ask", "write") == asked + 4
+        assert redis_redirects("write", "ask") == asked + 4
         assert tier.get_many("t", u64(5, 69, 133, 197)) == [b"newer", b"new69", None, b"v197"]
         assert tier.count("t") == 639
     finally:
@@ -781,12 +781,12 @@ def test_redis_cluster_reads_on_after_a_slot_moves(clean_redis_cluster: str) -> 
         try:
             assert stale.get_many("t", u64(4)) == [b"v4"]
             migrate_slot(masters, slot, target)
-            moved = _redirects("moved", "write")
+            moved = redis_redirects("write", "moved")
             stale.put_many("t", u64(5), [b"new"])
             stale.put_many("t", u64(1000005), [b"added"])  # a new field: counted
             stale.delete_many("t", u64(133))
             stale.sync()  # MOVED: map read again, the three writes sent again
-            assert _redirects("moved", "write") == moved + 3
+            assert redis_redirects("write", "moved") == moved + 3
             stale.put_many("t", u64(5), [b"newer"])  # routed by the new map
             assert stale.get_many("t", u64(5, 69, 133, 1000005)) == [
                 b"newer", b"v69", None, b"added"
