@@ -23,7 +23,7 @@ lint: $(STAMP) ## ruff and mypy, as CI runs them
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/mypy deploy/local/redis_cluster.py  # apart: deploy/local/kafka would shadow the kafka package
+	$(BIN)/mypy deploy/local/redis_cluster.py deploy/local/redis_sentinel.py  # apart: deploy/local/kafka would shadow the kafka package
 
 fmt: $(STAMP) ## format and autofix
 	$(BIN)/ruff format .

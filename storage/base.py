@@ -262,6 +262,11 @@ class RowTier(ABC):
         write that failed raises here at the latest. For tiers that send writes without
         waiting for them (Redis); a no-op for the others."""
 
+    def wait_for_replicas(self) -> None:  # noqa: B027 - optional hook
+        """Wait until every write so far is on the replicas this tier is configured to
+        wait for, so that a failover cannot lose it; ``StoreUnavailable`` if too few
+        confirm in time. A no-op for tiers without replicas."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files (after ``sync``)."""
 

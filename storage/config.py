@@ -24,13 +24,31 @@ class StoreConfig(BaseModel):
     hot: Literal["memory", "redis"] = Field(
         "memory", description="memory: in-process (embedded); redis: shared by every process."
     )
-    redis_url: str = "redis://127.0.0.1:16379/0"
+    redis_url: str = Field(
+        "redis://127.0.0.1:16379/0",
+        description="redis://, rediss:// (TLS), unix://, or behind Redis Sentinel "
+        "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]; a Redis Cluster is found "
+        "from any of its masters.",
+    )
     redis_prefix: str = Field("sr", description="Key prefix, so several stores share one Redis.")
     redis_replica_reads: bool = Field(
         False,
         description="Serving only (read-only stores: `streamrec serve`): on a Redis Cluster, "
         "read rows from replicas of their masters (READONLY), off the masters the trainer "
         "writes; adds the replication lag to what serving reads. Writers read masters.",
+    )
+    redis_min_replicas: int = Field(
+        0,
+        ge=0,
+        description="Writers: before a flush records its position, wait until this many "
+        "replicas of each Redis master hold the hot tier's writes (WAIT), so a failover "
+        "cannot bring back older rows; 0: do not wait.",
+    )
+    redis_replica_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="How long a flush waits for store.redis_min_replicas; fewer in time: "
+        "the flush fails, nothing is recorded, the trainer rewinds.",
     )
     expected_rows_per_table: int | None = Field(
         None,

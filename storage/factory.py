@@ -38,6 +38,8 @@ def open_store(
             expected_rows=expected,
             # A writer must read its own writes: masters only.
             replica_reads=cfg.redis_replica_reads and read_only,
+            min_replicas=0 if read_only else cfg.redis_min_replicas,
+            replica_timeout_s=cfg.redis_replica_timeout_s,
         )
     else:
         hot = MemoryTier()

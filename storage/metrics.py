@@ -84,6 +84,17 @@ REDIS_REDIRECTS = Counter(
 for _kind in ("moved", "ask"):  # every series exists from the start, at 0
     for _op in ("read", "write", "other"):
         REDIS_REDIRECTS.labels(_kind, _op)
+REDIS_REPLICA_WAIT_SECONDS = Histogram(
+    "streamrec_store_redis_replica_wait_seconds",
+    "Time a flush waited for the Redis replicas to confirm its writes (WAIT; "
+    "store.redis_min_replicas > 0).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+REDIS_REPLICA_WAITS_SHORT = Counter(
+    "streamrec_store_redis_replica_waits_short",
+    "Flushes refused because fewer Redis replicas than store.redis_min_replicas confirmed "
+    "their writes in time (nothing was committed; the trainer rewinds).",
+)
 ROWS = Gauge("streamrec_store_rows", "Rows per tier and table.", ["tier", "table"])
 BYTES = Gauge(
     "streamrec_store_bytes",

@@ -93,6 +93,15 @@ connections; one replica per master and process, chosen by pid), with the replic
 lag; a replica that fails is avoided for ``_AVOID_REPLICA_S`` and the read is sent to
 the masters at once. Metadata (layout, counters, blobs) is always read from masters.
 
+Redis Sentinel: a ``redis+sentinel://`` URL (``_client_of``) gives a connection pool
+that asks the sentinels for the master on every new connection. A failed call closes
+the node's idle connections (``_lost``), so the next one reaches the promoted replica;
+a demoted master's ``READONLY`` reply counts as the master lost.
+
+``min_replicas``: ``wait_for_replicas`` (the tiered store calls it before a flush
+records its position) blocks until that many replicas of every master hold every write
+so far (``WAIT``), so a failover cannot bring back rows older than the recorded ones.
+
 Any connection failure raises ``StoreUnavailable`` naming the server's address.
 """
 
@@ -115,9 +124,11 @@ import hiredis
 import numpy as np
 import numpy.typing as npt
 import redis
+from redis.connection import parse_url
 from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from storage import metrics
 from storage.base import Keys, Mask, Rows, RowTier, StoreError, StoreUnavailable, present_mask
@@ -144,6 +155,8 @@ _U64_MAX = (1 << 64) - 1
 # covered, e.g. while a master restarts; a server loading its data): unavailable, not
 # broken, so a trainer waits and rewinds, serving answers 503.
 _TRANSIENT_ERRORS = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")
+_SENTINEL_SCHEMES = ("redis+sentinel://",)
+_SENTINEL_PORT = 26379
 _AVOID_REPLICA_S = 30.0  # a replica that failed a read is left alone this long
 # A replica reader reads the slot map again this often (replicas added or back).
 _REPLICA_MAP_EVERY_S = 30.0
@@ -185,10 +198,65 @@ def _address(pool: redis.ConnectionPool, **changes: Any) -> str:
     """The address a connection pool connects to (``changes``: another host or port),
     for errors; no credentials."""
     kw = {**pool.connection_kwargs, **changes}
+    if isinstance(pool, SentinelConnectionPool):
+        sentinels = ",".join(
+            "{host}:{port}".format(**s.connection_pool.connection_kwargs)
+            for s in pool.sentinel_manager.sentinels
+        )
+        where = f"redis+sentinel://{sentinels}/{pool.service_name}/{kw.get('db', 0)}"
+        master = pool.master_address
+        return f"{where} (master {master[0]}:{master[1]})" if master else where
     if "path" in kw:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
     scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
     return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _client_of(url: str, **options: Any) -> tuple[redis.Redis, Sentinel | None]:
+    """A redis-py client for ``url`` (and its ``Sentinel``, if it names one).
+
+    ``redis://``, ``rediss://`` and ``unix://`` URLs are read as redis-py reads them.
+    ``redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB][?QUERY]``
+    reaches the master of ``SERVICE`` as the Redis Sentinels at the ``HOST:PORT``s
+    (port 26379 by default) name it, asking them again on every new connection (so
+    after a failover new connections reach the promoted replica). ``USER``,
+    ``PASSWORD``, ``DB`` and the query's redis-py options are the Redis servers'; the
+    query's ``sentinel_password`` (and ``sentinel_username``) are the sentinels'.
+    """
+    if not url.lower().startswith(_SENTINEL_SCHEMES):
+        return redis.Redis.from_url(url, **options), None
+    rest = url.partition("://")[2]
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    service, _, db = path.partition("/")
+    if not hosts or not service:
+        raise ValueError(
+            f"a Sentinel URL needs sentinel addresses and a service name: "
+            f"redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB], got {url!r}"
+        )
+    sentinels = []
+    for address in hosts.split(","):
+        host, colon, port = address.rpartition(":")
+        if not colon or "]" in port:  # no port (or a bare IPv6 address)
+            host, port = address, str(_SENTINEL_PORT)
+        if not port.isdigit():
+            raise ValueError(f"bad sentinel address {address!r} in the Sentinel URL")
+        sentinels.append((host.strip("[]"), int(port)))
+    # Credentials, db and options as redis-py reads them from a plain URL.
+    at = f"{credentials}@" if credentials else ""
+    plain = f"redis://{at}localhost/{db or 0}" + (f"?{query}" if query else "")
+    kwargs: dict[str, Any] = parse_url(plain)  # type: ignore[no-untyped-call]
+    for name in ("host", "port", "connection_class"):
+        kwargs.pop(name, None)
+    sentinel_auth = {
+        name.removeprefix("sentinel_"): kwargs.pop(name)
+        for name in ("sentinel_username", "sentinel_password")
+        if name in kwargs
+    }
+    sockets = {k: v for k, v in options.items() if k.startswith("socket_")}
+    sentinel = Sentinel(sentinels, sentinel_kwargs={**sockets, **sentinel_auth})
+    return sentinel.master_for(service, **kwargs, **options), sentinel
 
 
 def _unpack(chunks: Sequence[_Chunk]) -> list[_Command]:
@@ -263,12 +331,30 @@ class _Node:
     def __init__(self, pool: redis.ConnectionPool, *, replica: bool = False) -> None:
         self.pool = pool
         self.replica = replica  # a replica read from (its connections sent READONLY)
-        self.address = _address(pool) + (" (replica)" if replica else "")
         self.failed_at = -math.inf  # a replica that failed: its master is read for a while
         self.unacked: _Unacked | None = None
         self._idle: list[Any] = []
         self._idle_pid = os.getpid()
         self._idle_lock = threading.Lock()
+        # Fixed, but behind Sentinel (the master changes).
+        self._address: str | None = None
+        if not isinstance(pool, SentinelConnectionPool):
+            self._address = _address(pool) + (" (replica)" if replica else "")
+
+    @property
+    def address(self) -> str:
+        """Where this node is, for errors (behind Sentinel: the master it names now)."""
+        if self._address is not None:
+            return self._address
+        return _address(self.pool) + (" (replica)" if self.replica else "")
+
+    def drop_idle(self) -> None:
+        """Close the idle connections: after a failure they may all lead to a server
+        that is gone or demoted; new ones go where the server is now (behind Sentinel,
+        each new connection asks the sentinels for the master)."""
+        with self._idle_lock:
+            for conn in self._idle:
+                conn.disconnect()
 
     def checkout(self) -> Any:
         """A connection of this process (typed Any: redis-py leaves its wire methods
@@ -628,6 +714,8 @@ class RedisTier(RowTier):
         socket_timeout: float = 10.0,
         connect_timeout: float = 5.0,
         replica_reads: bool = False,
+        min_replicas: int = 0,
+        replica_timeout_s: float = 1.0,
     ) -> None:
         if buckets is not None and not 1 <= buckets <= 1 << 32:
             raise ValueError(f"buckets must be in [1, 2**32], got {buckets}")
@@ -640,20 +728,26 @@ class RedisTier(RowTier):
             raise ValueError(f"expected_rows must be >= 0, got {expected_rows}")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if min_replicas < 0 or replica_timeout_s <= 0:
+            raise ValueError(
+                f"min_replicas must be >= 0 and replica_timeout_s > 0, got {min_replicas} "
+                f"and {replica_timeout_s}"
+            )
         self.prefix = prefix
         self.buckets = buckets
         self.rows_per_bucket = rows_per_bucket
         self.expected_rows = expected_rows
         self.chunk = chunk
         self.replica_reads = replica_reads
-        self._client = redis.Redis.from_url(
+        self.min_replicas = min_replicas
+        self.replica_timeout_s = replica_timeout_s
+        self._client, self._sentinel = _client_of(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
             decode_responses=False,  # rows are raw bytes
         )
         self._seed = _Node(self._client.connection_pool)
-        self.address = self._seed.address
         self._layouts: dict[str, BucketLayout] = {}
         self._layouts_lock = threading.Lock()
         # Writes go out without waiting for their replies (see ``_send_writes``).
@@ -676,7 +770,7 @@ class RedisTier(RowTier):
             self._execute([(b"PING",)])  # fail fast, naming the address
             self._discover()
         except BaseException:
-            self._client.close()
+            self._close_clients()
             raise
 
     # -- key layout ---------------------------------------------------------------------
@@ -745,6 +839,11 @@ class RedisTier(RowTier):
             )
 
     # -- cluster ------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The server (or on a cluster, the master) this store was opened at."""
+        return self._seed.address
 
     @property
     def cluster(self) -> bool:
@@ -972,9 +1071,11 @@ class RedisTier(RowTier):
         """A master stopped answering: on a cluster, read the slot map again from the
         others (best effort), so once a replica has taken its slots over (failover),
         the next call goes there. A replica read from: its masters are read instead
-        for ``_AVOID_REPLICA_S``."""
+        for ``_AVOID_REPLICA_S``. The node's idle connections are closed (they may lead
+        to a server gone or demoted)."""
         if node.replica:
             node.failed_at = time.monotonic()
+        node.drop_idle()
         if self._slots is None or self._refreshing:  # not from within a refresh
             return
         try:
@@ -1050,6 +1151,10 @@ class RedisTier(RowTier):
                         f"Redis Cluster at {address}: {reply} (hash slots moving while this "
                         "store is open; the slot map is refreshed, retry)"
                     )
+                if str(reply).startswith("READONLY"):
+                    # Demoted by a failover (Sentinel): new connections find the master.
+                    self._lost(node or self._seed)
+                    raise StoreUnavailable(f"Redis at {address} is a replica now: {reply}")
                 if str(reply).startswith(_TRANSIENT_ERRORS):
                     raise StoreUnavailable(f"Redis at {address}: {reply}")
                 raise StoreError(f"Redis at {address}: {reply}")
@@ -1685,6 +1790,11 @@ class RedisTier(RowTier):
 
     def _marker_keys(self, name: str) -> dict[int, bytes]:
         """A key of the marker ``name`` for each master that serves slots (by index in
+        ``_nodes``)."""
+        return self._master_keys(b"marker:" + name.encode())
+
+    def _master_keys(self, suffix: bytes) -> dict[int, bytes]:
+        """A key ending in ``suffix`` for each master that serves slots (by index in
         ``_nodes``), each under a hash tag of a slot of that master."""
         assert self._slots is not None
         tags = self._master_tags
@@ -1697,10 +1807,34 @@ class RedisTier(RowTier):
                 if masters <= tags.keys():
                     break
             self._master_tags = tags
-        return {
-            master: b"{%s}:%s:marker:%s" % (tag, self.prefix.encode(), name.encode())
-            for master, tag in tags.items()
-        }
+        prefix = self.prefix.encode()
+        return {master: b"{%s}:%s:%s" % (tag, prefix, suffix) for master, tag in tags.items()}
+
+    def wait_for_replicas(self) -> None:
+        """With ``min_replicas``: wait until every write so far is on that many replicas
+        of its master (``WAIT``, after a write of our own on each master: ``WAIT``
+        counts a connection's own writes, ours went out on others), so a failover to
+        a replica cannot lose them. Raises ``StoreUnavailable`` if fewer confirm within
+        ``replica_timeout_s``."""
+        if not self.min_replicas:
+            return
+        start = time.perf_counter()
+        suffix = b"replicated"
+        keys = {0: b"%s:%s" % (self.prefix.encode(), suffix)}
+        if self._slots is not None:
+            keys = self._master_keys(suffix)
+        wait = (b"WAIT", b"%d" % self.min_replicas, b"%d" % (self.replica_timeout_s * 1000))
+        chunks = {node: self._packed([(b"INCR", key), wait]) for node, key in keys.items()}
+        for node, replies in self._roundtrip_nodes(chunks).items():
+            self._raise_errors(replies, self._nodes[node])
+            if replies[1] < self.min_replicas:
+                metrics.REDIS_REPLICA_WAITS_SHORT.inc()
+                raise StoreUnavailable(
+                    f"Redis at {self._nodes[node].address}: {replies[1]} of the "
+                    f"{self.min_replicas} replicas asked for (store.redis_min_replicas) "
+                    f"confirmed the writes within {self.replica_timeout_s} s"
+                )
+        metrics.REDIS_REPLICA_WAIT_SECONDS.observe(time.perf_counter() - start)
 
     def commit(
         self,
@@ -1768,7 +1902,12 @@ class RedisTier(RowTier):
         finally:
             for node in self._nodes:
                 node.close()
-            self._client.close()
+            self._close_clients()
+
+    def _close_clients(self) -> None:
+        self._client.close()
+        if self._sentinel is not None:
+            self._sentinel.close()
 
     def scan(self, table: str, batch: int = 4096) -> Iterator[tuple[Keys, list[bytes]]]:
         """HSCAN over every bucket hash of ``table`` (its stored layout; none: no rows),

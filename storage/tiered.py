@@ -17,7 +17,10 @@ Reads and writes:
 * ``admit``: rows for the keys now, whatever the policy says (counted as ``forced``).
 * ``flush``: dirty rows (read back from hot) and spilled rows (below) go to the cold tier
   with the stream position in one ``commit`` (atomic in RocksDB); without a cold tier the
-  position is recorded in hot. Dirty rows stay dirty if the commit fails. If the hot
+  position is recorded in hot. First, a hot tier with replicas to wait for
+  (``wait_for_replicas``: Redis with ``min_replicas``) has them confirm its writes, so
+  a failover cannot bring back rows older than the commit. Dirty rows stay dirty if
+  the commit fails. If the hot
   tier lost its contents since the writer opened it or last called
   ``discard_unflushed`` (a marker blob is gone, or dirty rows are missing), ``flush``
   raises ``HotTierLost`` and commits nothing; ``discard_unflushed`` then drops every
@@ -1236,6 +1239,7 @@ class TieredStore(EmbeddingStore):
             if self.cold is None:
                 if blob is not None:
                     self.hot.put_blob(POSITION_BLOB, blob.encode())
+                    self.hot.wait_for_replicas()
             else:
                 self._flush_to_cold(blob, given)
             self.hot.sync()  # what was flushed is in Redis for every other client too
@@ -1306,6 +1310,9 @@ class TieredStore(EmbeddingStore):
             for table, (keys, _) in rows.items():
                 self._note_cold_writes(table, keys)
             absent = {t: np.concatenate(k) for t, k in self._created_keys.items() if t in rows}
+            # Hot's copies of these rows read as clean from now on: a failover must not
+            # bring back older ones.
+            self.hot.wait_for_replicas()
             self.cold.commit(rows, blobs, absent=absent)
         self._created_keys.clear()
         if self._index is not None:

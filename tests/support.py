@@ -30,11 +30,7 @@ class LocalRedisCluster:
     by ``deploy/local/redis_cluster.py`` (state in ``workdir``)."""
 
     def __init__(self, workdir: Path, masters: int = 3) -> None:
-        path = Path(__file__).resolve().parents[1] / "deploy" / "local" / "redis_cluster.py"
-        spec = importlib.util.spec_from_file_location("redis_cluster", path)
-        assert spec is not None and spec.loader is not None
-        self._launcher = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(self._launcher)
+        self._launcher = _launcher("redis_cluster")
         self.workdir = workdir
         self.ports: list[int] = self._launcher.free_ports(masters)
         try:
@@ -78,6 +74,53 @@ class LocalRedisCluster:
 
     def stop(self) -> None:
         self._launcher.stop(self.workdir)
+
+
+class LocalSentinel:
+    """A ``redis-server`` master with ``replicas`` and 3 Redis Sentinels watching them,
+    on free loopback ports, started by ``deploy/local/redis_sentinel.py`` (state in
+    ``workdir``); ``url`` is the ``redis+sentinel://`` URL of the master."""
+
+    def __init__(self, workdir: Path, replicas: int = 1) -> None:
+        self._launcher = _launcher("redis_sentinel")
+        self.workdir = workdir
+        try:
+            self.url: str = self._launcher.start(workdir, replicas)
+        except BaseException:
+            self.stop()
+            raise
+
+    def master(self) -> redis.Redis:
+        """A client of the master the sentinels name now."""
+        return redis.Redis(host="127.0.0.1", port=self._launcher.master_port(self.workdir))
+
+    def sentinel(self) -> redis.Redis:
+        """A client of the first sentinel."""
+        return redis.Redis(host="127.0.0.1", port=self._launcher.sentinel_ports(self.workdir)[0])
+
+    def replica_pids(self) -> list[int]:
+        """The process ids of the master's replicas."""
+        with self.master() as master:
+            ports = [r["port"] for k, r in master.info("replication").items() if k[:5] == "slave"]
+        return [int((self.workdir / str(port) / "redis.pid").read_text()) for port in ports]
+
+    def kill_master(self) -> int:
+        """``SIGKILL`` the master; returns the promoted replica's port once it serves."""
+        port: int = self._launcher.kill_master(self.workdir)
+        return port
+
+    def stop(self) -> None:
+        self._launcher.stop(self.workdir)
+
+
+def _launcher(name: str) -> Any:
+    """The script ``deploy/local/<name>.py`` as a module."""
+    path = Path(__file__).resolve().parents[1] / "deploy" / "local" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cluster_masters(url: str) -> list[redis.Redis]:

@@ -19,6 +19,7 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 from support import (
     LocalRedisCluster,
+    LocalSentinel,
     cluster_masters,
     describe,
     migrate_slot,
@@ -261,9 +262,11 @@ KAFKA_SOURCE = SyntheticSource(
 )
 
 
-def write_config(path: Path, kafka: str, redis_url: str, topic: str, batch: int) -> Path:
-    """Kafka ``topic`` into a Redis + RocksDB store; group and Redis prefix are named
-    after ``path`` so runs never share them."""
+def write_config(
+    path: Path, kafka: str, redis_url: str, topic: str, batch: int, store: str = ""
+) -> Path:
+    """Kafka ``topic`` into a Redis + RocksDB store (``store``: more of its settings);
+    group and Redis prefix are named after ``path`` so runs never share them."""
     name = f"{path.name}-{topic}"
     path.mkdir(parents=True)
     config = path / "streamrec.toml"
@@ -284,6 +287,7 @@ hot = "redis"
 redis_url = "{redis_url}"
 redis_prefix = "{name}"
 data_dir = "{path / "data"}"
+{store}
 [trainer]
 batch_size = {batch}
 max_batch_wait_s = 60
@@ -419,3 +423,48 @@ def test_trainer_survives_a_redis_restart_mid_stream(
         assert torch.equal(tensor, runtime.trainer.model.state_dict()[name]), name
     assert store_rows(runtime.store, metadata=False) == expected_rows
     assert runtime.stop() == 0
+
+
+def test_trainer_trains_on_through_a_sentinel_failover(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Redis under Sentinel (a master, 2 replicas, 3 sentinels), every flush waiting
+    for a replica to hold the rows it records (``store.redis_min_replicas = 1``): the
+    master is killed mid-stream and the sentinels promote a replica. The trainer
+    rewinds once the new master answers and trains on; its result is bit-exact with an
+    uninterrupted run's."""
+    group = LocalSentinel(tmp_path / "sentinel", replicas=2)
+    try:
+        batch, events = 256, KAFKA_SOURCE.total or 0
+        topic = new_topic(kafka_bootstrap, "failover", partitions=1)
+        produce(kafka_bootstrap, topic, [event.to_json() for event in KAFKA_SOURCE])
+        wait = "redis_min_replicas = 1"
+        config = write_config(tmp_path / "ref", kafka_bootstrap, group.url, topic, batch, wait)
+        reference = train_in_process(config, events)
+        expected_dense = {k: v.clone() for k, v in reference.trainer.model.state_dict().items()}
+        expected_rows = store_rows(reference.store, metadata=False)
+        assert reference.stop() == 0
+
+        config = write_config(tmp_path / "hit", kafka_bootstrap, group.url, topic, batch, wait)
+        before = rewinds("StoreUnavailable")
+        runtime = TrainerRuntime.start(load_settings(config), max_events=events)
+        deadline = time.monotonic() + 120
+        while (
+            runtime.alive()
+            and runtime.trainer.evaluator.events < events // 3
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
+        assert runtime.report is None, "the failover must land mid-stream"
+        group.kill_master()
+        report = wait_for_report(runtime, 300)
+        assert rewinds("StoreUnavailable") > before
+
+        assert report.events == events
+        assert runtime.store.position() == {f"{topic}:0": events}
+        for name, tensor in expected_dense.items():
+            assert torch.equal(tensor, runtime.trainer.model.state_dict()[name]), name
+        assert store_rows(runtime.store, metadata=False) == expected_rows
+        assert runtime.stop() == 0
+    finally:
+        group.stop()

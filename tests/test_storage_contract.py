@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -22,6 +24,7 @@ import redis
 from prometheus_client import REGISTRY
 from support import (
     LocalRedisCluster,
+    LocalSentinel,
     cluster_masters,
     free_port,
     migrate_slot,
@@ -641,7 +644,8 @@ def test_redis_cluster_follows_a_failover(services: None, tmp_path: Path) -> Non
 def test_redis_cluster_replica_reads(services: None, tmp_path: Path) -> None:
     """``replica_reads`` (serving): rows are read from the masters' replicas (their
     HMGET and HGET counts grow, the masters' do not); a replica that dies leaves its
-    master's rows to the master, in the same call."""
+    master's rows to the master, in the same call. A writer's ``min_replicas`` wait
+    asks every master, and fails naming the one whose replica died."""
     cluster = LocalRedisCluster(tmp_path / "cluster")  # its own: with replicas
     replicas = [cluster.add_replica(i) for i in range(3)]
     with redis.Redis.from_url(cluster.url) as seed:  # until it has heard of all of them
@@ -649,14 +653,14 @@ def test_redis_cluster_replica_reads(services: None, tmp_path: Path) -> None:
         while not all(len(r) > 3 for r in redis_command(seed, "CLUSTER", "SLOTS")):
             assert time.monotonic() < deadline, "replicas never announced"
             time.sleep(0.05)
-    writer = RedisTier(cluster.url, buckets=64)
+    writer = RedisTier(cluster.url, buckets=64, min_replicas=1, replica_timeout_s=0.3)
     reader = RedisTier(cluster.url, buckets=64, replica_reads=True)
     nodes = {port: redis.Redis(port=port) for port in [*cluster.ports, *replicas]}
     try:
         keys = np.arange(1, 3001, dtype=np.uint64)
         values = [b"v%d" % k for k in keys.tolist()]
         writer.put_many("t", keys, values)
-        writer.sync()
+        writer.wait_for_replicas()
         for master, replica in zip(cluster.ports, replicas, strict=True):
             offset = nodes[master].info("replication")["master_repl_offset"]
             deadline = time.monotonic() + 10
@@ -684,6 +688,8 @@ def test_redis_cluster_replica_reads(services: None, tmp_path: Path) -> None:
         assert reader.get_tables({"t": keys})["t"] == values
         assert reads()[cluster.ports[0]] > after[cluster.ports[0]]
         assert writer.get_many("t", keys[:5]) == values[:5]  # a writer reads masters
+        with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{cluster.ports[0]}/0: 0 of the 1"):
+            writer.wait_for_replicas()
     finally:
         for node in nodes.values():
             node.close()
@@ -703,9 +709,122 @@ def test_only_read_only_stores_read_replicas(redis_cluster_url: str, tmp_path: P
     try:
         assert isinstance(writer.hot, RedisTier) and isinstance(reader.hot, RedisTier)
         assert not writer.hot.replica_reads and reader.hot.replica_reads
+        assert writer.hot.min_replicas == reader.hot.min_replicas == 0
     finally:
         reader.close()
         writer.close()
+    cfg = cfg.model_copy(update={"redis_min_replicas": 1})
+    writer = open_store(cfg, tables)
+    reader = open_store(cfg, tables, read_only=True)
+    try:  # a reader writes nothing to wait for
+        assert isinstance(writer.hot, RedisTier) and isinstance(reader.hot, RedisTier)
+        assert (writer.hot.min_replicas, reader.hot.min_replicas) == (1, 0)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def replica_waits_short() -> float:
+    return REGISTRY.get_sample_value("streamrec_store_redis_replica_waits_short_total") or 0.0
+
+
+@pytest.mark.integration
+def test_redis_sentinel_reaches_the_master_through_failovers(
+    services: None, tmp_path: Path
+) -> None:
+    """``redis+sentinel://``: the store reaches the master the sentinels name. With
+    ``min_replicas`` a wait fails while the replicas are stopped (``StoreUnavailable``,
+    counted) and passes once they run. A planned switchover (``SENTINEL FAILOVER``:
+    the sentinels close the old master's client connections) is followed without an
+    error; a store still writing to the demoted master (here: a plain URL) gets
+    ``StoreUnavailable`` naming it a replica. The master killed, the promoted replica
+    serves the rows last waited for."""
+    group = LocalSentinel(tmp_path / "sentinel", replicas=2)
+    tier = RedisTier(group.url, buckets=64, min_replicas=1, replica_timeout_s=0.3)
+    keys = np.arange(1, 1001, dtype=np.uint64)
+    try:
+        with group.master() as master:
+            assert f"(master 127.0.0.1:{master.connection_pool.connection_kwargs['port']})" in (
+                tier.address
+            )
+        tier.put_many("t", keys, [b"a"] * 1000)
+        tier.wait_for_replicas()
+        assert tier.get_many("t", keys[:2]) == [b"a", b"a"] and tier.count("t") == 1000
+
+        store = TieredStore(
+            TABLES,
+            RedisTier(group.url, prefix="ts", buckets=64, min_replicas=1, replica_timeout_s=0.3),
+            RocksDBTier(tmp_path / "cold"),
+        )
+        grads = np.ones((10, TABLES[0].dim), dtype=np.float32)
+        store.update("user", keys[:10], grads)
+        store.flush({"p": 1})
+        pids, short = group.replica_pids(), replica_waits_short()
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            tier.put_many("t", keys, [b"b"] * 1000)
+            with pytest.raises(StoreUnavailable, match="0 of the 1 replicas"):
+                tier.wait_for_replicas()
+            # A flush records nothing its rows' replicas do not hold.
+            store.update("user", keys[:10], grads)
+            with pytest.raises(StoreUnavailable, match="0 of the 1 replicas"):
+                store.flush({"p": 2})
+            assert store.position() == {"p": 1}
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert replica_waits_short() == short + 2
+        tier.wait_for_replicas()
+        store.flush({"p": 2})
+        assert store.position() == {"p": 2}
+        store.close()
+
+        with group.master() as old, group.sentinel() as sentinel:
+            redis_command(sentinel, "SENTINEL", "FAILOVER", "streamrec")
+            deadline = time.monotonic() + 30
+            while old.info("replication")["role"] != "slave":
+                assert time.monotonic() < deadline, "no switchover"
+                time.sleep(0.05)
+            old_url = f"redis://127.0.0.1:{old.connection_pool.connection_kwargs['port']}/0"
+        tier.put_many("t", keys, [b"c"] * 1000)
+        deadline = time.monotonic() + 30
+        while True:  # until the sentinels have a replica following the new master
+            try:
+                tier.wait_for_replicas()
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "no replica follows the new master"
+        assert tier.get_many("t", keys[:2]) == [b"c", b"c"]
+        assert old_url.removesuffix("/0") not in tier.address
+        stale = RedisTier(old_url, buckets=64)
+        try:
+            with pytest.raises(StoreUnavailable, match=r"is a replica now.*READONLY"):
+                stale.put_many("u", keys[:1], [b"x"])
+                stale.sync()
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                stale.close()
+
+        promoted = group.kill_master()
+        assert tier.get_many("t", keys) == [b"c"] * 1000
+        assert f"(master 127.0.0.1:{promoted})" in tier.address
+    finally:
+        tier.close()
+        group.stop()
+
+
+def test_sentinel_urls_are_checked(services: None) -> None:
+    for url in ("redis+sentinel://127.0.0.1:26379", "redis+sentinel:///streamrec"):
+        with pytest.raises(ValueError, match="sentinel addresses and a service name"):
+            RedisTier(url)
+    with pytest.raises(ValueError, match="bad sentinel address"):
+        RedisTier("redis+sentinel://127.0.0.1:x/streamrec")
+    port = free_port()
+    url = f"redis+sentinel://127.0.0.1:{port}/streamrec"
+    with pytest.raises(StoreUnavailable, match=re.escape(url)):
+        RedisTier(url)
 
 
 @pytest.mark.integration

@@ -156,9 +156,10 @@ def _running(workdir: Path) -> list[int]:
     return sorted(int(d.name) for d in workdir.iterdir() if (d / "redis.pid").exists())
 
 
-def kill(workdir: Path, port: int) -> None:
-    """Stop the node on ``port`` for good (as a crashed host)."""
-    _stop_node(workdir / str(port) / "redis.pid")
+def kill(workdir: Path, port: int, *, hard: bool = False) -> None:
+    """Stop the node on ``port`` for good (as a crashed host; ``hard``: ``SIGKILL``,
+    no shutdown at all)."""
+    _stop_node(workdir / str(port) / "redis.pid", hard=hard)
 
 
 def take_over(workdir: Path, replica_port: int, timeout: float = 30.0) -> None:
@@ -228,14 +229,14 @@ def stop(workdir: Path) -> None:
             _stop_node(pid_file)
 
 
-def _stop_node(pid_file: Path) -> None:
+def _stop_node(pid_file: Path, *, hard: bool = False) -> None:
     pid = int(pid_file.read_text())
     try:
         Path(f"/proc/{pid}/cmdline").read_bytes().index(b"redis-server")
     except (OSError, ValueError):  # gone, or the PID is someone else's now
         pid_file.unlink()
         return
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGKILL if hard else signal.SIGTERM)
     for _ in range(100):
         if not _alive(pid):
             break
