@@ -31,8 +31,10 @@
   default embedding, the zero vector that unknown and unadmitted ids read as in
   training too, and the read carries on in the background: its rows land in the near
   cache for the next request, and a writable store (``streamrec run``) promotes the
-  cold rows it read into the hot tier as part of that same lookup. Queued reads are capped
-  (``max_pending``): beyond it misses answer the default at once.
+  cold rows it read into the hot tier as part of that same lookup (a read-only one,
+  ``streamrec serve``, asks the trainer to: ``TieredStore.promote_requested``).
+  Queued reads are capped (``max_pending``): beyond it misses answer the default at
+  once.
 
 A store that cannot be reached raises ``StoreUnavailable`` from ``lookup`` when the
 request is still waiting for it.

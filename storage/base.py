@@ -262,6 +262,17 @@ class RowTier(ABC):
         write that failed raises here at the latest. For tiers that send writes without
         waiting for them (Redis); a no-op for the others."""
 
+    def request_promotions(self, keys: Mapping[str, Keys]) -> None:  # noqa: B027
+        """A reader (another process) asks the writer to promote rows it found only in
+        the cold tier into this one (keys by table). For tiers shared between
+        processes (Redis); a no-op for the others."""
+
+    def take_promotion_requests(self, max_requests: int) -> dict[str, Keys]:
+        """The keys readers asked to promote (``request_promotions``; at most
+        ``max_requests`` of their requests, oldest first), by table, removed from the
+        tier."""
+        return {}
+
     def wait_for_replicas(self) -> None:  # noqa: B027 - optional hook
         """Wait until every write so far is on the replicas this tier is configured to
         wait for, so that a failover cannot lose it; ``StoreUnavailable`` if too few
@@ -327,6 +338,12 @@ class EmbeddingStore(ABC):
     def now(self) -> int:
         """The time, in epoch seconds, the store stamps on updated rows."""
         return int(time.time())
+
+    def promote_requested(self) -> int:
+        """A writer promotes into its hot tier the rows that read-only stores (serving
+        processes) found only in the cold tier and asked for; the number of rows
+        promoted. Stores without such requests return 0."""
+        return 0
 
     def prefetch(self, table: str, keys: Keys) -> None:  # noqa: B027 - optional hook
         """A hint that ``keys`` are about to be looked up: stores with slow tiers move

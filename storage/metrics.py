@@ -60,6 +60,13 @@ PROMOTIONS = Counter(
     "Rows copied from the cold tier into the hot tier by a lookup or update.",
     ["table"],
 )
+PROMOTION_REQUESTS = Counter(
+    "streamrec_store_promotion_requests",
+    "Rows a read-only store (serving) found only in the cold tier and asked the writer to "
+    "promote (side=sent), and such requests the writer took (side=taken; it promotes the "
+    "ones not in the hot tier yet).",
+    ["table", "side"],
+)
 DEMOTIONS = Counter(
     "streamrec_store_demotions",
     "Rows moved out of the hot tier into the cold tier for capacity (dirty ones written "

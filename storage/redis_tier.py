@@ -161,6 +161,7 @@ _AVOID_REPLICA_S = 30.0  # a replica that failed a read is left alone this long
 # A replica reader reads the slot map again this often (replicas added or back).
 _REPLICA_MAP_EVERY_S = 30.0
 _MAX_REDIRECTIONS = 5  # times a redirected command is sent again before it raises
+_MAX_PROMOTION_REQUESTS = 10_000  # readers' requests kept for the writer (newest)
 _MAX_MAPPED_BUCKETS = 1 << 20  # tables with more buckets map their buckets' slots per batch
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _RECV_BYTES = 1 << 18
@@ -1747,6 +1748,46 @@ class RedisTier(RowTier):
 
     def delete_blob(self, name: str) -> None:
         self._execute([(b"DEL", self._blob_key(name))])
+
+    def request_promotions(self, keys: Mapping[str, Keys]) -> None:
+        """One entry per call on the list ``{prefix}:promote`` (per table: its name, a
+        NUL, the key count as a little-endian uint32, the keys as little-endian
+        uint64s), sent without waiting (like row writes); the list keeps the newest
+        ``_MAX_PROMOTION_REQUESTS`` entries, so it stays bounded while no writer takes
+        them."""
+        entry = b"".join(
+            table.encode() + b"\0" + len(k).to_bytes(4, "little") + np.asarray(k, "<u8").tobytes()
+            for table, k in keys.items()
+            if len(k)
+        )
+        if entry:
+            key = self._promote_key()
+            trim = (b"LTRIM", key, b"-%d" % _MAX_PROMOTION_REQUESTS, b"-1")
+            self._send_commands([(b"RPUSH", key, entry), trim], self._logged)
+
+    def take_promotion_requests(self, max_requests: int) -> dict[str, Keys]:
+        (entries,) = self._execute([(b"LPOP", self._promote_key(), b"%d" % max_requests)])
+        parts: dict[str, list[Keys]] = {}
+        for entry in entries or ():
+            entry, at = bytes(entry), 0
+            while at < len(entry):
+                end = entry.index(b"\0", at)
+                count = int.from_bytes(entry[end + 1 : end + 5], "little")
+                keys = np.frombuffer(entry, "<u8", count, end + 5).astype(np.uint64)
+                parts.setdefault(entry[at:end].decode(), []).append(keys)
+                at = end + 5 + 8 * count
+        return {table: np.unique(np.concatenate(k)) for table, k in parts.items()}
+
+    def _promote_key(self) -> bytes:
+        return f"{self.prefix}:promote".encode()
+
+    def _logged(self, replies: list[Any]) -> list[_Command]:
+        """Checks replies to writes that must not fail their reader's next read (a
+        promotion request is a hint): an error is logged."""
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                log.warning("Redis at %s refused a promotion request: %s", self.address, reply)
+        return []
 
     def get_blob(self, name: str) -> bytes | None:
         (reply,) = self._execute([(b"GET", self._blob_key(name))])

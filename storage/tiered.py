@@ -2,10 +2,11 @@
 
 Reads and writes:
 
-* ``lookup``: hot, then cold for hot misses (found rows are promoted into hot unless the
-  store is read-only), then for keys still missing: with ``create=True`` (training) the
-  table's admission policy (``storage.admission``) sees them, with each key's
-  occurrences in the batch as its sightings; admitted keys get a new row (written to
+* ``lookup``: hot, then cold for hot misses (found rows are promoted into hot; a
+  read-only store asks the writer to instead, see ``promote_requested``), then for
+  keys still missing: with ``create=True`` (training) the table's admission policy
+  (``storage.admission``) sees them, with each key's occurrences in the batch as its
+  sightings; admitted keys get a new row (written to
   hot, dirty, ``found`` True), the others read as zeros with ``found`` False and nothing
   is written. With ``create=False`` (serving) missing keys read as zeros and nothing is
   admitted. Duplicate keys are fine: each distinct key is fetched once.
@@ -655,32 +656,40 @@ class TieredStore(EmbeddingStore):
         hot_misses = len(missing)
         if hot_misses and self.cold is not None:
             if self.read_only:
-                missing, _, _ = self._from_cold(codec, keys, rows, found, missing)
+                missing, _, from_cold = self._from_cold(codec, keys, rows, found, missing)
+                self._ask_promotion({codec.table: keys[from_cold]})
             else:
                 with self._lock:
-                    # Re-read hot under the lock: the writer may have stored the row since,
-                    # and promoting the older cold value would overwrite it.
-                    again, hit = self.hot.get_rows(codec.table, keys[missing], codec)
-                    rows[missing[hit]] = again[hit]
-                    found[missing[hit]] = True
-                    missing = missing[~hit]
-                    hot_misses = len(missing)
-                    missing, from_spill, from_cold = self._from_cold(
-                        codec, keys, rows, found, missing
-                    )
-                    fetched = np.concatenate([from_spill, from_cold])
-                    self._promote(codec, keys, rows, fetched, len(fetched))
-                    if self._index is not None:  # else there is no spill either
-                        have = np.flatnonzero(found)
-                        index = self._index[codec.table]
-                        pos = index.touch(keys[have], self._step)
-                        if len(from_spill):
-                            index.dirty[pos[np.isin(have, from_spill)]] = True
-                        self._maybe_evict()
+                    hot_misses, _ = self._load_missing(codec, keys, rows, found, missing)
+                    missing = np.flatnonzero(~found)
         elif self._index is not None and n:
             self._reads.append((codec.table, keys))  # recency from serving, applied later
         self._record(n, hot_misses, hot_misses - len(missing), len(missing))
         return rows, found
+
+    def _load_missing(
+        self, codec: RowCodec, keys: Keys, rows: Rows, found: Mask, missing: Positions
+    ) -> tuple[int, int]:
+        """Lock held, a writer's read: ``keys[missing]`` (hot misses) from hot again,
+        then spill and cold, promoted into hot; every row found counts as accessed.
+        Returns the hot misses left after the second look and the rows promoted."""
+        # Re-read hot under the lock: the writer may have stored the row since, and
+        # promoting the older cold value would overwrite it.
+        again, hit = self.hot.get_rows(codec.table, keys[missing], codec)
+        rows[missing[hit]] = again[hit]
+        found[missing[hit]] = True
+        missing = missing[~hit]
+        _, from_spill, from_cold = self._from_cold(codec, keys, rows, found, missing)
+        fetched = np.concatenate([from_spill, from_cold])
+        self._promote(codec, keys, rows, fetched, len(fetched))
+        if self._index is not None:  # else there is no spill either
+            have = np.flatnonzero(found)
+            index = self._index[codec.table]
+            pos = index.touch(keys[have], self._step)
+            if len(from_spill):
+                index.dirty[pos[np.isin(have, from_spill)]] = True
+            self._maybe_evict()
+        return len(missing), len(fetched)
 
     # -- capacity -----------------------------------------------------------------------
 
@@ -1001,7 +1010,14 @@ class TieredStore(EmbeddingStore):
                 {t: keys[missing[cuts[i] : cuts[i + 1]]] for i, t in enumerate(tables)}
             )
             values = list(chain.from_iterable(cold[t] for t in tables))
+            before = missing
             missing = _fill_rows(codecs, bounds, keys, rows, found, missing, values)
+            if len(missing) < hot_misses:
+                hit = before[found[before]]
+                cuts = np.searchsorted(hit, bounds)
+                self._ask_promotion(
+                    {t: keys[hit[cuts[i] : cuts[i + 1]]] for i, t in enumerate(tables)}
+                )
         self._record(len(keys), hot_misses, hot_misses - len(missing), len(missing))
         emb = np.ascontiguousarray(rows["emb"], dtype=np.float32)
         out: dict[str, LookupResult] = {}
@@ -1028,6 +1044,35 @@ class TieredStore(EmbeddingStore):
         out = self._load_tables(wanted)
         metrics.LOOKUP_TABLES_SECONDS.observe(time.perf_counter() - start)
         return out
+
+    def _ask_promotion(self, keys: Mapping[str, Keys]) -> None:
+        """A reader found these rows only in the cold tier: the writer is asked to
+        promote them (``promote_requested``), so the next reads find them hot."""
+        asked = {table: k for table, k in keys.items() if len(k)}
+        if asked:
+            self.hot.request_promotions(asked)
+            for table, k in asked.items():
+                metrics.PROMOTION_REQUESTS.labels(table=table, side="sent").inc(len(k))
+
+    def promote_requested(self, max_requests: int = 10_000) -> int:
+        """See ``EmbeddingStore.promote_requested``: takes up to ``max_requests`` of the
+        readers' requests off the hot tier and promotes the rows they name from spill
+        or cold, as a writer's own read would (under the lock, never over a row in hot;
+        the rows count as accessed now for eviction)."""
+        self._check_writable("promote_requested")
+        if self.cold is None:
+            return 0
+        promoted = 0
+        for table, keys in self.hot.take_promotion_requests(max_requests).items():
+            codec = self._codecs.get(table)
+            if codec is None:  # another model's table under the same prefix
+                continue
+            metrics.PROMOTION_REQUESTS.labels(table=table, side="taken").inc(len(keys))
+            rows, found, missing = self._from_hot(codec, keys)
+            if len(missing):
+                with self._lock:
+                    promoted += self._load_missing(codec, keys, rows, found, missing)[1]
+        return promoted
 
     def prefetch(self, table: str, keys: Keys) -> None:
         """A writer with a capacity promotes the demoted rows of ``keys`` (spill or cold)

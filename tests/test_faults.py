@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -380,25 +381,24 @@ def test_trainer_reconnects_after_a_kafka_broker_restart(
     assert stored == set(bad)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis_cluster"])
-def test_trainer_survives_a_redis_restart_mid_stream(
-    kafka_bootstrap: str, cluster: bool, request: pytest.FixtureRequest, tmp_path: Path
+def train_through_a_fault(
+    kafka: str, path: Path, redis_url: str, fault: Callable[[], object], store: str = ""
 ) -> None:
-    """The local Redis restarts without persistence; on a Redis Cluster, one master of
-    three does (the trainer sees it unreachable, then the marker on it gone)."""
-    redis_url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+    """Train ``KAFKA_SOURCE`` from Kafka into Redis (``redis_url``; ``store``: more store
+    settings) over RocksDB twice: uninterrupted, then in a ``TrainerRuntime`` with
+    ``fault`` a third of the way in. The second run rewinds and ends bit-exact with the
+    first: rows, dense weights and position."""
     batch, events = 256, KAFKA_SOURCE.total or 0
-    topic = new_topic(kafka_bootstrap, "redis-restart", partitions=1)
-    produce(kafka_bootstrap, topic, [event.to_json() for event in KAFKA_SOURCE])
+    topic = new_topic(kafka, path.name, partitions=1)
+    produce(kafka, topic, [event.to_json() for event in KAFKA_SOURCE])
 
-    config = write_config(tmp_path / "reference", kafka_bootstrap, redis_url, topic, batch)
+    config = write_config(path / "reference", kafka, redis_url, topic, batch, store)
     reference = train_in_process(config, events)
     expected_dense = {k: v.clone() for k, v in reference.trainer.model.state_dict().items()}
     expected_rows = store_rows(reference.store, metadata=False)
     assert reference.stop() == 0
 
-    config = write_config(tmp_path / "restart", kafka_bootstrap, redis_url, topic, batch)
+    config = write_config(path / "fault", kafka, redis_url, topic, batch, store)
     before = sum(rewinds(r) for r in ("StoreUnavailable", "HotTierLost"))
     runtime = TrainerRuntime.start(load_settings(config), max_events=events)
     deadline = time.monotonic() + 120
@@ -408,12 +408,9 @@ def test_trainer_survives_a_redis_restart_mid_stream(
         and time.monotonic() < deadline
     ):
         time.sleep(0.01)
-    assert runtime.report is None, "the restart must land mid-stream"
-    assert runtime.alive(), f"the trainer died before the restart\n{describe(runtime)}"
-    if cluster:
-        request.getfixturevalue("redis_cluster").restart_master(1)
-    else:
-        restart_service("redis")  # no persistence: every hot row and blob is gone
+    assert runtime.report is None, "the fault must land mid-stream"
+    assert runtime.alive(), f"the trainer died before the fault\n{describe(runtime)}"
+    fault()
     report = wait_for_report(runtime, 300)
     assert sum(rewinds(r) for r in ("StoreUnavailable", "HotTierLost")) > before
 
@@ -423,6 +420,24 @@ def test_trainer_survives_a_redis_restart_mid_stream(
         assert torch.equal(tensor, runtime.trainer.model.state_dict()[name]), name
     assert store_rows(runtime.store, metadata=False) == expected_rows
     assert runtime.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis_cluster"])
+def test_trainer_survives_a_redis_restart_mid_stream(
+    kafka_bootstrap: str, cluster: bool, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The local Redis restarts without persistence; on a Redis Cluster, one master of
+    three does (the trainer sees it unreachable, then the marker on it gone)."""
+    redis_url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+
+    def restart() -> None:
+        if cluster:
+            request.getfixturevalue("redis_cluster").restart_master(1)
+        else:
+            restart_service("redis")  # no persistence: every hot row and blob is gone
+
+    train_through_a_fault(kafka_bootstrap, tmp_path / "redis-restart", redis_url, restart)
 
 
 def test_trainer_trains_on_through_a_sentinel_failover(
@@ -435,36 +450,12 @@ def test_trainer_trains_on_through_a_sentinel_failover(
     uninterrupted run's."""
     group = LocalSentinel(tmp_path / "sentinel", replicas=2)
     try:
-        batch, events = 256, KAFKA_SOURCE.total or 0
-        topic = new_topic(kafka_bootstrap, "failover", partitions=1)
-        produce(kafka_bootstrap, topic, [event.to_json() for event in KAFKA_SOURCE])
-        wait = "redis_min_replicas = 1"
-        config = write_config(tmp_path / "ref", kafka_bootstrap, group.url, topic, batch, wait)
-        reference = train_in_process(config, events)
-        expected_dense = {k: v.clone() for k, v in reference.trainer.model.state_dict().items()}
-        expected_rows = store_rows(reference.store, metadata=False)
-        assert reference.stop() == 0
-
-        config = write_config(tmp_path / "hit", kafka_bootstrap, group.url, topic, batch, wait)
-        before = rewinds("StoreUnavailable")
-        runtime = TrainerRuntime.start(load_settings(config), max_events=events)
-        deadline = time.monotonic() + 120
-        while (
-            runtime.alive()
-            and runtime.trainer.evaluator.events < events // 3
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.01)
-        assert runtime.report is None, "the failover must land mid-stream"
-        group.kill_master()
-        report = wait_for_report(runtime, 300)
-        assert rewinds("StoreUnavailable") > before
-
-        assert report.events == events
-        assert runtime.store.position() == {f"{topic}:0": events}
-        for name, tensor in expected_dense.items():
-            assert torch.equal(tensor, runtime.trainer.model.state_dict()[name]), name
-        assert store_rows(runtime.store, metadata=False) == expected_rows
-        assert runtime.stop() == 0
+        train_through_a_fault(
+            kafka_bootstrap,
+            tmp_path / "failover",
+            group.url,
+            group.kill_master,
+            "redis_min_replicas = 1",
+        )
     finally:
         group.stop()

@@ -724,6 +724,58 @@ def test_only_read_only_stores_read_replicas(redis_cluster_url: str, tmp_path: P
         writer.close()
 
 
+def promotion_requests(table: str, side: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "streamrec_store_promotion_requests_total", {"table": table, "side": side}
+        )
+        or 0.0
+    )
+
+
+@pytest.mark.integration
+def test_serving_asks_the_writer_to_promote_cold_rows(clean_redis: str, tmp_path: Path) -> None:
+    """A read-only store (serving) that finds rows only in the cold tier asks the
+    writer to promote them (both read paths: several tables at once, one table); the
+    writer's ``promote_requested`` puts them in Redis, bit for bit, and the next
+    serving read finds them hot. Rows already hot are never overwritten."""
+    cfg = StoreConfig(hot="redis", redis_url=clean_redis, redis_prefix="promo", data_dir=tmp_path)
+    tables = [TableConfig(name="t", dim=4), TableConfig(name="u", dim=4)]
+    writer = open_store(cfg, tables)
+    keys = np.arange(1, 101, dtype=np.uint64)
+    for table in ("t", "u"):
+        writer.update(table, keys, np.ones((100, 4), dtype=np.float32))
+    writer.flush({"p": 1})
+    reader = open_store(cfg, tables, read_only=True)  # its RocksDB view: as of the flush
+    try:
+        flushed = writer.hot.get_many("t", keys)
+        for table in ("t", "u"):  # as if Redis had lost them: in RocksDB only
+            writer.hot.delete_many(table, keys[:60])
+        sent = promotion_requests("t", "sent")
+        cold_hits = reader.stats()["cold_hits"]
+        served = reader.lookup_tables({"t": keys, "u": keys[:10]})
+        assert served["t"].found.all() and served["u"].found.all()
+        assert reader.stats()["cold_hits"] == cold_hits + 70
+        assert promotion_requests("t", "sent") == sent + 60
+        writer.update("u", keys[:1], np.ones((1, 4), dtype=np.float32))  # hot: newer than cold
+        newer = writer.hot.get_many("u", keys[:1])
+        assert writer.promote_requested() == 60 + 9
+        assert writer.hot.get_many("t", keys) == flushed
+        assert writer.hot.get_many("u", keys[:1]) == newer
+        again = reader.lookup_tables({"t": keys})["t"]
+        assert reader.stats()["cold_hits"] == cold_hits + 70  # all hot now
+        np.testing.assert_array_equal(again.rows, served["t"].rows)
+        assert writer.promote_requested() == 0  # nothing asked
+
+        writer.hot.delete_many("t", keys[:5])
+        assert reader.lookup("t", keys[:10]).found.all()
+        assert writer.promote_requested() == 5
+        assert writer.hot.get_many("t", keys[:10]) == flushed[:10]
+    finally:
+        reader.close()
+        writer.close()
+
+
 def replica_waits_short() -> float:
     return REGISTRY.get_sample_value("streamrec_store_redis_replica_waits_short_total") or 0.0
 
@@ -808,7 +860,14 @@ def test_redis_sentinel_reaches_the_master_through_failovers(
                 stale.close()
 
         promoted = group.kill_master()
-        assert tier.get_many("t", keys) == [b"c"] * 1000
+        deadline = time.monotonic() + 30
+        while True:  # the first calls may find no master the sentinels agree on yet
+            try:
+                assert tier.get_many("t", keys) == [b"c"] * 1000
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the promoted replica never answered"
+                time.sleep(0.1)
         assert f"(master 127.0.0.1:{promoted})" in tier.address
     finally:
         tier.close()

@@ -15,6 +15,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from storage.base import EmbeddingStore
+from storage.factory import open_store
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
 from storage.rocksdb_tier import RocksDBTier
@@ -481,3 +482,41 @@ def test_a_backlog_trains_each_batch_after_its_prefetch(tmp_path: Path) -> None:
     # The last ones may lose the race for the GIL to their claim on a loaded machine.
     assert sample("prefetch_skipped_total", reason="overtaken") - skipped <= 2
     assert sample("prefetch_seconds_count") - prefetched >= batches - 2
+
+
+@pytest.mark.integration
+def test_the_trainer_promotes_the_rows_serving_asked_for(clean_redis: str, tmp_path: Path) -> None:
+    """Rows a serving process found only in RocksDB (its requests on Redis) are promoted
+    into Redis by the training loop (``promote_every_s``), not left for serving to read
+    from disk again."""
+    source = small_source(1024)
+    settings = Settings.model_validate(
+        {"store": {"hot": "redis", "redis_url": clean_redis, "data_dir": str(tmp_path)}}
+    )
+    tables = table_configs(source.spec, settings)
+    store = open_store(settings.store, tables)
+    log = InMemoryLog()
+    for event in source:
+        log.append(TOPIC, event.to_json())
+    config = TrainerConfig(batch_size=256, flush_every_s=0.05, promote_every_s=0.01)
+    trainer = StreamingTrainer(source.spec, store, log.consumer(TOPIC), config)
+    try:
+        trainer.run(threading.Event(), max_events=512)
+        table = tables[0].name
+        keys, _ = next(store.hot.scan(table))
+        store.hot.delete_many(table, keys)  # in RocksDB only now (flushed)
+        reader = open_store(settings.store, tables, read_only=True)
+        try:
+            assert reader.lookup(table, keys).found.all()  # from RocksDB: asks for them
+        finally:
+            reader.close()
+        taken = REGISTRY.get_sample_value(
+            "streamrec_store_promotion_requests_total", {"table": table, "side": "taken"}
+        )
+        trainer.run(threading.Event(), max_events=512)
+        assert REGISTRY.get_sample_value(
+            "streamrec_store_promotion_requests_total", {"table": table, "side": "taken"}
+        ) == (taken or 0) + len(keys)
+        assert all(v is not None for v in store.hot.get_many(table, keys))
+    finally:
+        store.close()

@@ -489,6 +489,10 @@ class CachedStore(EmbeddingStore):
                     t.drop(np.flatnonzero(t.live))
             return removed
 
+    def promote_requested(self) -> int:
+        with self._lock:
+            return self.store.promote_requested()
+
     def _sync_all(self) -> None:
         for name, t in self._tables.items():
             self._sync(name, t, np.flatnonzero(t.live & (t.pending > 0)))

@@ -91,24 +91,33 @@ def sentinel_ports(workdir: Path) -> list[int]:
 
 def master_port(workdir: Path) -> int:
     """The port of the master the first sentinel that answers names."""
+    return _named_masters(workdir)[0]
+
+
+def _named_masters(workdir: Path) -> list[int]:
+    """The master's port as each sentinel that answers names it."""
+    ports = []
     for port in sentinel_ports(workdir):
         try:
             with redis.Redis(host="127.0.0.1", port=port, socket_timeout=2) as sentinel:
                 _, master = command(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
-                return int(master)
+                ports.append(int(master))
         except redis.ConnectionError:
             continue
-    raise RuntimeError("no sentinel answers")
+    if not ports:
+        raise RuntimeError("no sentinel answers")
+    return ports
 
 
 def kill_master(workdir: Path, timeout: float = 60.0) -> int:
     """Kill the master (``SIGKILL``, for good); returns the port of the replica the
-    sentinels promote, once it reports itself a master."""
+    sentinels promote, once every sentinel names it and it reports itself a master."""
     old = master_port(workdir)
     kill(workdir, old, hard=True)
     deadline = time.monotonic() + timeout
-    while (new := master_port(workdir)) == old:
-        _until(deadline, "the sentinels never promoted a replica")
+    while len(named := set(_named_masters(workdir))) != 1 or old in named:
+        _until(deadline, "the sentinels never agreed on a promoted replica")
+    (new,) = named
     with _connect(workdir, new, deadline) as promoted:
         while promoted.info("replication").get("role") != "master":
             _until(deadline, "the promoted replica never became a master")
