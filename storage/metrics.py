@@ -91,6 +91,11 @@ REDIS_REDIRECTS = Counter(
 for _kind in ("moved", "ask"):  # every series exists from the start, at 0
     for _op in ("read", "write", "other"):
         REDIS_REDIRECTS.labels(_kind, _op)
+REDIS_LISTPACK_WARNINGS = Counter(
+    "streamrec_store_redis_listpack_warnings",
+    "Tables whose first write found a Redis master set to keep their bucket hashes as "
+    "hashtables (hash-max-listpack-entries / -value too small: about twice the memory).",
+)
 REDIS_REPLICA_WAIT_SECONDS = Histogram(
     "streamrec_store_redis_replica_wait_seconds",
     "Time a flush waited for the Redis replicas to confirm its writes (WAIT; "

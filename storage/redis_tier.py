@@ -63,8 +63,9 @@ its own. On 2 cores that lets client and server work at once: +30-43% keys/s on
 ``bench/store.py``'s Redis run at 20% capacity (``BENCHMARKS.md``). For the same reason
 ``get_rows_ahead`` (a training step's lookup of every table) sends each table's HMGETs
 before the caller gets the rows of the table before. ``commit`` wraps
-its commands in MULTI/EXEC, so it is atomic on a single Redis server. The connection
-must speak RESP2 (redis-py's default: no ``protocol=3`` in the URL).
+its commands in MULTI/EXEC, so it is atomic on a single Redis server. Replies are read
+as RESP2 or RESP3 alike (redis-py 8 connects with RESP3 unless ``protocol=2`` is in the
+URL).
 
 Redis Cluster: the URL may name any master; ``INFO cluster`` tells, and ``CLUSTER SLOTS``
 maps each of the 16384 hash slots to its master. A bucket's slot is the CRC16 of its
@@ -764,6 +765,7 @@ class RedisTier(RowTier):
         self._bucket_nodes: dict[tuple[BucketLayout, bool], npt.NDArray[np.int32]] = {}
         self._master_tags: dict[int, bytes] | None = None  # a hash tag on each master
         self._markers: dict[str, list[bytes]] = {}  # the copies of each marker put here
+        self._listpack_checked: set[str] = set()  # tables whose listpack limits were checked
         self._refreshing = False  # in ``_lost``: no second refresh from within the first
         self._slot_map_epoch = 0  # slot maps read so far (see ``_settle_earlier_routes``)
         self._refresh_lock = threading.Lock()
@@ -1631,6 +1633,8 @@ class RedisTier(RowTier):
             return
         layout = self.layout(table, create=True)
         assert layout is not None
+        if table not in self._listpack_checked:
+            self._check_listpack(table, max(map(len, values)))
         keys = np.asarray(keys, dtype=np.uint64)
         self._store(
             layout,
@@ -1647,6 +1651,8 @@ class RedisTier(RowTier):
             return
         layout = self.layout(table, create=True)
         assert layout is not None
+        if table not in self._listpack_checked:
+            self._check_listpack(table, rows.dtype.itemsize)
         keys = np.asarray(keys, dtype=np.uint64)
         data = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
         self._store(
@@ -1658,6 +1664,49 @@ class RedisTier(RowTier):
                 else _build(b"HSET", layout, keys[at], data[at])
             ),
         )
+
+    def _check_listpack(self, table: str, value_bytes: int) -> None:
+        """Once per table and process, at its first write: warn if a master's settings
+        make Redis keep the table's buckets as hashtables, about twice the memory a row
+        (see Memory in the module docstring): rows longer than
+        ``hash-max-listpack-value``, or ``hash-max-listpack-entries`` under 4x
+        ``rows_per_bucket`` (a table past ~3x its ``expected_rows`` would cross it).
+        Where ``CONFIG`` is refused (managed Redis) nothing is checked."""
+        self._listpack_checked.add(table)
+        masters = [self._seed]
+        if self._slots is not None:
+            masters = [self._nodes[i] for i in np.unique(self._slots).tolist()]
+        for node in masters:
+            try:
+                (reply,) = self._roundtrip_on(
+                    node, self._packed([(b"CONFIG", b"GET", b"hash-max-listpack-*")])
+                )
+            except StoreError:
+                return  # the write that follows raises
+            if isinstance(reply, hiredis.ReplyError) or not reply:
+                log.debug("Redis at %s: no CONFIG GET (%s); listpack limits not checked",
+                          node.address, reply)  # fmt: skip
+                return
+            pairs = (  # RESP3 (redis-py 8 by default) answers a map, RESP2 a list
+                reply.items()
+                if isinstance(reply, dict)
+                else zip(reply[::2], reply[1::2], strict=True)
+            )
+            config = dict(pairs)
+            value_limit = int(config.get(b"hash-max-listpack-value", 0))
+            entries_limit = int(config.get(b"hash-max-listpack-entries", 0))
+            entries_needed = 4 * self.rows_per_bucket
+            if value_bytes > value_limit or entries_limit < entries_needed:
+                metrics.REDIS_LISTPACK_WARNINGS.inc()
+                log.warning(
+                    "Redis at %s keeps hashes of more than %d fields or with values over %d "
+                    "bytes as hashtables: table %r (%d-byte rows, ~%d rows a bucket) will "
+                    "take about twice the memory. Set hash-max-listpack-entries >= %d and "
+                    "hash-max-listpack-value >= %d on every master (CONFIG SET, or "
+                    "redis.conf)",
+                    node.address, entries_limit, value_limit, table, value_bytes,
+                    self.rows_per_bucket, entries_needed, max(value_bytes, 1024),
+                )  # fmt: skip
 
     def _store(
         self,

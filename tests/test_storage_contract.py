@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import re
 import shutil
@@ -422,6 +423,39 @@ def test_redis_credentials_are_used_and_a_refusal_is_a_clear_error(
                 RedisTier(url)
             assert not isinstance(caught.value, StoreUnavailable)
             assert "wrong" not in str(caught.value)
+
+
+@pytest.mark.integration
+def test_a_redis_that_would_not_keep_listpacks_is_named(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``redis-server`` with its default listpack limits (128 fields, 64-byte values)
+    under 76-byte rows: a table's first write warns, once, naming the settings to
+    raise. The local Redis (configured as ``deploy/local`` does) gives no warning, and a
+    server that refuses ``CONFIG`` is not checked."""
+    keys = np.arange(1, 11, dtype=np.uint64)
+
+    def warnings_of(url: str, server: subprocess.Popen[bytes] | None = None) -> list[str]:
+        caplog.clear()
+        tier = tier_once_up(url, server) if server else RedisTier(url, prefix="lp", buckets=64)
+        try:
+            with caplog.at_level(logging.WARNING, logger="storage.redis_tier"):
+                tier.put_many("t", keys, [b"x" * 76] * 10)
+                tier.put_many("t", keys, [b"y" * 76] * 10)
+                assert tier.get_many("t", keys[:1]) == [b"y" * 76]
+        finally:
+            tier.close()
+        return [r.getMessage() for r in caplog.records if "hash-max-listpack" in r.getMessage()]
+
+    port = free_port()
+    with redis_server(tmp_path, "--port", str(port)) as server:
+        (warning,) = warnings_of(f"redis://127.0.0.1:{port}/0", server)
+    assert f"127.0.0.1:{port}" in warning and "table 't' (76-byte rows" in warning
+    assert "hash-max-listpack-entries >= 256 and hash-max-listpack-value >= 1024" in warning
+    assert warnings_of(redis_url) == []
+    port = free_port()
+    with redis_server(tmp_path, "--port", str(port), "--rename-command", "CONFIG", "x") as server:
+        assert warnings_of(f"redis://127.0.0.1:{port}/0", server) == []
 
 
 @pytest.mark.integration
