@@ -261,6 +261,18 @@ def _client_of(url: str, **options: Any) -> tuple[redis.Redis, Sentinel | None]:
     return sentinel.master_for(service, **kwargs, **options), sentinel
 
 
+def _promotion_request(entry: bytes) -> list[tuple[str, Keys]]:
+    """The tables and keys of one ``request_promotions`` entry."""
+    out, at = [], 0
+    while at < len(entry):
+        end = entry.index(b"\0", at)
+        count = int.from_bytes(entry[end + 1 : end + 5], "little")
+        keys = np.frombuffer(entry, "<u8", count, end + 5).astype(np.uint64)
+        out.append((entry[at:end].decode(), keys))
+        at = end + 5 + 8 * count
+    return out
+
+
 def _unpack(chunks: Sequence[_Chunk]) -> list[_Command]:
     """The commands in the RESP bytes of ``chunks`` (a request is an array of bulk
     strings, which hiredis parses like a reply)."""
@@ -1818,13 +1830,12 @@ class RedisTier(RowTier):
         (entries,) = self._execute([(b"LPOP", self._promote_key(), b"%d" % max_requests)])
         parts: dict[str, list[Keys]] = {}
         for entry in entries or ():
-            entry, at = bytes(entry), 0
-            while at < len(entry):
-                end = entry.index(b"\0", at)
-                count = int.from_bytes(entry[end + 1 : end + 5], "little")
-                keys = np.frombuffer(entry, "<u8", count, end + 5).astype(np.uint64)
-                parts.setdefault(entry[at:end].decode(), []).append(keys)
-                at = end + 5 + 8 * count
+            try:
+                for table, keys in _promotion_request(bytes(entry)):
+                    parts.setdefault(table, []).append(keys)
+            except (ValueError, UnicodeDecodeError) as e:  # a hint: never worth a crash
+                log.warning("Redis at %s: a malformed promotion request skipped: %s",
+                            self.address, e)  # fmt: skip
         return {table: np.unique(np.concatenate(k)) for table, k in parts.items()}
 
     def _promote_key(self) -> bytes:

@@ -772,7 +772,8 @@ def test_serving_asks_the_writer_to_promote_cold_rows(clean_redis: str, tmp_path
     """A read-only store (serving) that finds rows only in the cold tier asks the
     writer to promote them (both read paths: several tables at once, one table); the
     writer's ``promote_requested`` puts them in Redis, bit for bit, and the next
-    serving read finds them hot. Rows already hot are never overwritten."""
+    serving read finds them hot. Rows already hot are never overwritten; malformed
+    requests are skipped."""
     cfg = StoreConfig(hot="redis", redis_url=clean_redis, redis_prefix="promo", data_dir=tmp_path)
     tables = [TableConfig(name="t", dim=4), TableConfig(name="u", dim=4)]
     writer = open_store(cfg, tables)
@@ -802,6 +803,8 @@ def test_serving_asks_the_writer_to_promote_cold_rows(clean_redis: str, tmp_path
         assert writer.promote_requested() == 0  # nothing asked
 
         writer.hot.delete_many("t", keys[:5])
+        with redis.Redis.from_url(clean_redis) as client:  # malformed ones are skipped
+            client.rpush("promo:promote", b"no table end", b"t\0\xff\xff\xff\xff")
         assert reader.lookup("t", keys[:10]).found.all()
         assert writer.promote_requested() == 5
         assert writer.hot.get_many("t", keys[:10]) == flushed[:10]
