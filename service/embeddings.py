@@ -32,7 +32,7 @@
   training too, and the read carries on in the background: its rows land in the near
   cache for the next request, and a writable store (``streamrec run``) promotes the
   cold rows it read into the hot tier as part of that same lookup (a read-only one,
-  ``streamrec serve``, asks the trainer to: ``TieredStore.promote_requested``).
+  ``streamrec serve``, asks the trainer to: ``TieredStore.take_serving_reads``).
   Queued reads are capped (``max_pending``): beyond it misses answer the default at
   once.
 

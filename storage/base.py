@@ -262,16 +262,19 @@ class RowTier(ABC):
         write that failed raises here at the latest. For tiers that send writes without
         waiting for them (Redis); a no-op for the others."""
 
-    def request_promotions(self, keys: Mapping[str, Keys]) -> None:  # noqa: B027
-        """A reader (another process) asks the writer to promote rows it found only in
-        the cold tier into this one (keys by table). For tiers shared between
-        processes (Redis); a no-op for the others."""
+    def report_reads(  # noqa: B027 - optional hook
+        self, cold: Mapping[str, Keys], hot: Mapping[str, Keys]
+    ) -> None:
+        """A reader (another process) tells the writer what it read, keys by table:
+        ``cold``, rows it found only in the cold tier (for the writer to promote into
+        this one); ``hot``, rows it found here (uses, for the writer's eviction). For
+        tiers shared between processes (Redis); a no-op for the others."""
 
-    def take_promotion_requests(self, max_requests: int) -> dict[str, Keys]:
-        """The keys readers asked to promote (``request_promotions``; at most
-        ``max_requests`` of their requests, oldest first), by table, removed from the
-        tier."""
-        return {}
+    def take_read_reports(self, max_reports: int) -> tuple[dict[str, Keys], dict[str, Keys]]:
+        """What readers reported (``report_reads``; at most ``max_reports`` of their
+        reports, oldest first): the ``cold`` and the ``hot`` keys by table, each
+        distinct, removed from the tier."""
+        return {}, {}
 
     def wait_for_replicas(self) -> None:  # noqa: B027 - optional hook
         """Wait until every write so far is on the replicas this tier is configured to
@@ -339,10 +342,11 @@ class EmbeddingStore(ABC):
         """The time, in epoch seconds, the store stamps on updated rows."""
         return int(time.time())
 
-    def promote_requested(self) -> int:
-        """A writer promotes into its hot tier the rows that read-only stores (serving
-        processes) found only in the cold tier and asked for; the number of rows
-        promoted. Stores without such requests return 0."""
+    def take_serving_reads(self) -> int:
+        """A writer takes what read-only stores (serving processes) reported reading:
+        it promotes into its hot tier the rows they found only in the cold tier, and
+        counts the rows they found hot as used (eviction); returns the rows promoted.
+        Stores without such reports return 0."""
         return 0
 
     def prefetch(self, table: str, keys: Keys) -> None:  # noqa: B027 - optional hook

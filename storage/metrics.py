@@ -60,12 +60,13 @@ PROMOTIONS = Counter(
     "Rows copied from the cold tier into the hot tier by a lookup or update.",
     ["table"],
 )
-PROMOTION_REQUESTS = Counter(
-    "streamrec_store_promotion_requests",
-    "Rows a read-only store (serving) found only in the cold tier and asked the writer to "
-    "promote (side=sent), and such requests the writer took (side=taken; it promotes the "
-    "ones not in the hot tier yet).",
-    ["table", "side"],
+SERVING_READS = Counter(
+    "streamrec_store_serving_reads",
+    "Rows a read-only store (serving) reported reading to the writer, by the tier it found "
+    "them in: cold (for the writer to promote) or hot (uses for its eviction; sent only "
+    "while a writer with a capacity asks for them); side: sent by the reader, taken by "
+    "the writer.",
+    ["table", "tier", "side"],
 )
 DEMOTIONS = Counter(
     "streamrec_store_demotions",

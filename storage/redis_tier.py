@@ -162,7 +162,7 @@ _AVOID_REPLICA_S = 30.0  # a replica that failed a read is left alone this long
 # A replica reader reads the slot map again this often (replicas added or back).
 _REPLICA_MAP_EVERY_S = 30.0
 _MAX_REDIRECTIONS = 5  # times a redirected command is sent again before it raises
-_MAX_PROMOTION_REQUESTS = 10_000  # readers' requests kept for the writer (newest)
+_MAX_READ_REPORTS = 10_000  # readers' reports kept for the writer (the newest)
 _MAX_MAPPED_BUCKETS = 1 << 20  # tables with more buckets map their buckets' slots per batch
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _RECV_BYTES = 1 << 18
@@ -261,16 +261,15 @@ def _client_of(url: str, **options: Any) -> tuple[redis.Redis, Sentinel | None]:
     return sentinel.master_for(service, **kwargs, **options), sentinel
 
 
-def _promotion_request(entry: bytes) -> list[tuple[str, Keys]]:
-    """The tables and keys of one ``request_promotions`` entry."""
-    out, at = [], 0
+def _read_report(entry: bytes) -> Iterator[tuple[bytes, str, Keys]]:
+    """The sections of one ``report_reads`` entry: tier (``c``/``h``), table, keys."""
+    at = 0
     while at < len(entry):
         end = entry.index(b"\0", at)
         count = int.from_bytes(entry[end + 1 : end + 5], "little")
         keys = np.frombuffer(entry, "<u8", count, end + 5).astype(np.uint64)
-        out.append((entry[at:end].decode(), keys))
+        yield entry[at : at + 1], entry[at + 1 : end].decode(), keys
         at = end + 5 + 8 * count
-    return out
 
 
 def _unpack(chunks: Sequence[_Chunk]) -> list[_Command]:
@@ -1810,44 +1809,51 @@ class RedisTier(RowTier):
     def delete_blob(self, name: str) -> None:
         self._execute([(b"DEL", self._blob_key(name))])
 
-    def request_promotions(self, keys: Mapping[str, Keys]) -> None:
-        """One entry per call on the list ``{prefix}:promote`` (per table: its name, a
-        NUL, the key count as a little-endian uint32, the keys as little-endian
-        uint64s), sent without waiting (like row writes); the list keeps the newest
-        ``_MAX_PROMOTION_REQUESTS`` entries, so it stays bounded while no writer takes
-        them."""
+    def report_reads(self, cold: Mapping[str, Keys], hot: Mapping[str, Keys]) -> None:
+        """One entry per call on the list ``{prefix}:reads``; a section per tier and
+        table: ``c`` or ``h``, the table's name, a NUL, the key count (little-endian
+        uint32), the keys (little-endian uint64). Sent without waiting (like row
+        writes); the list keeps the newest ``_MAX_READ_REPORTS`` entries, so it stays
+        bounded while no writer takes them. A refused report is logged: it never fails
+        the reader's next read."""
         entry = b"".join(
-            table.encode() + b"\0" + len(k).to_bytes(4, "little") + np.asarray(k, "<u8").tobytes()
+            tier
+            + table.encode()
+            + b"\0"
+            + len(k).to_bytes(4, "little")
+            + np.asarray(k, "<u8").tobytes()
+            for tier, keys in ((b"c", cold), (b"h", hot))
             for table, k in keys.items()
             if len(k)
         )
         if entry:
-            key = self._promote_key()
-            trim = (b"LTRIM", key, b"-%d" % _MAX_PROMOTION_REQUESTS, b"-1")
+            key = self._reads_key()
+            trim = (b"LTRIM", key, b"-%d" % _MAX_READ_REPORTS, b"-1")
             self._send_commands([(b"RPUSH", key, entry), trim], self._logged)
 
-    def take_promotion_requests(self, max_requests: int) -> dict[str, Keys]:
-        (entries,) = self._execute([(b"LPOP", self._promote_key(), b"%d" % max_requests)])
-        parts: dict[str, list[Keys]] = {}
-        for entry in entries or ():
-            try:
-                for table, keys in _promotion_request(bytes(entry)):
-                    parts.setdefault(table, []).append(keys)
-            except (ValueError, UnicodeDecodeError) as e:  # a hint: never worth a crash
-                log.warning("Redis at %s: a malformed promotion request skipped: %s",
-                            self.address, e)  # fmt: skip
-        return {table: np.unique(np.concatenate(k)) for table, k in parts.items()}
-
-    def _promote_key(self) -> bytes:
-        return f"{self.prefix}:promote".encode()
-
     def _logged(self, replies: list[Any]) -> list[_Command]:
-        """Checks replies to writes that must not fail their reader's next read (a
-        promotion request is a hint): an error is logged."""
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
-                log.warning("Redis at %s refused a promotion request: %s", self.address, reply)
+                log.warning("Redis at %s refused a read report: %s", self.address, reply)
         return []
+
+    def take_read_reports(self, max_reports: int) -> tuple[dict[str, Keys], dict[str, Keys]]:
+        (entries,) = self._execute([(b"LPOP", self._reads_key(), b"%d" % max_reports)])
+        parts: dict[bytes, dict[str, list[Keys]]] = {b"c": {}, b"h": {}}
+        for entry in entries or ():
+            try:
+                for tier, table, keys in _read_report(bytes(entry)):
+                    parts[tier].setdefault(table, []).append(keys)
+            except (KeyError, ValueError, UnicodeDecodeError) as e:  # never worth a crash
+                log.warning("Redis at %s: a malformed read report skipped: %r", self.address, e)
+        cold, hot = (
+            {table: np.unique(np.concatenate(k)) for table, k in parts[tier].items()}
+            for tier in (b"c", b"h")
+        )
+        return cold, hot
+
+    def _reads_key(self) -> bytes:
+        return f"{self.prefix}:reads".encode()
 
     def get_blob(self, name: str) -> bytes | None:
         (reply,) = self._execute([(b"GET", self._blob_key(name))])

@@ -3,7 +3,7 @@
 Reads and writes:
 
 * ``lookup``: hot, then cold for hot misses (found rows are promoted into hot; a
-  read-only store asks the writer to instead, see ``promote_requested``), then for
+  read-only store asks the writer to instead, see ``take_serving_reads``), then for
   keys still missing: with ``create=True`` (training) the table's admission policy
   (``storage.admission``) sees them, with each key's occurrences in the batch as its
   sightings; admitted keys get a new row (written to
@@ -32,7 +32,8 @@ Reads and writes:
 Capacity (``eviction``, see ``storage.eviction``): the store keeps an in-process index of
 the hot tier's keys with the step each was last accessed in and a count. Training
 lookups, updates, ``admit`` and serving lookups (these buffered and applied by the next
-writer call) all count as accesses.
+writer call) all count as accesses, and so do the reads that read-only stores in other
+processes report through a shared hot tier (``take_serving_reads``).
 A step starts when a training lookup comes back to a table already looked up in the
 current step, i.e. once per trainer batch however many tables it has. When a write
 takes the hot tier over capacity, one pass evicts the least recently (``lru``) or least
@@ -89,6 +90,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -147,6 +149,11 @@ HOT_MARKER_BLOB = "streamrec.store.hot-marker"
 """Prefix of the hot-tier blob a writer sets, named and valued by a random token of its
 own (several writers may share the hot tier); gone means the hot tier lost its contents
 (e.g. Redis restarted without persistence) and ``flush`` refuses to commit."""
+
+HOT_READS_BLOB = "streamrec.store.hot-reads-wanted"
+"""Hot-tier blob a writer with a capacity sets: read-only stores then report the rows
+they find hot too (``take_serving_reads``), so serving's uses count for eviction."""
+_HOT_READS_CHECK_S = 30.0  # a read-only store looks for ``HOT_READS_BLOB`` this often
 
 _DIRTY_COMPACT = 1 << 20  # dedupe a table's dirty key list beyond this many entries
 _U32_MAX = 0xFFFFFFFF
@@ -357,6 +364,14 @@ class TieredStore(EmbeddingStore):
         self._spilled: dict[str, KeyIndex] = {}  # keys in spill per table
         self._touched: dict[str, _Touched] = {}  # the last training lookup per table
         self.shared_hot = shared_hot
+        self._hot_reads = False  # a reader: whether a writer wants its hot reads
+        self._hot_reads_checked_at = -math.inf
+        self._serving_reads = {
+            (table, tier, side): metrics.SERVING_READS.labels(table=table, tier=tier, side=side)
+            for table in self._tables
+            for tier in ("cold", "hot")
+            for side in ("sent", "taken")
+        }
         self._marker = uuid.uuid4().hex.encode()
         if not read_only:
             with self._lock:
@@ -368,6 +383,8 @@ class TieredStore(EmbeddingStore):
                 if eviction is not None:
                     self._index = {name: HotIndex() for name in self._tables}
                     self._bootstrap_index()
+                    if not self.hot.private:  # shared: serving processes read it too
+                        self.hot.put_blob(HOT_READS_BLOB, b"1")
                 self._note_cold_within_hot()
                 if cold is not None:
                     # Tables within hot need no filter (no cold read at all), and keep
@@ -654,14 +671,17 @@ class TieredStore(EmbeddingStore):
         n = len(keys)
         rows, found, missing = self._from_hot(codec, keys)
         hot_misses = len(missing)
-        if hot_misses and self.cold is not None:
-            if self.read_only:
+        if self.read_only:
+            hot = {codec.table: keys[found]} if self._wants_hot_reads() else {}
+            cold: dict[str, Keys] = {}
+            if hot_misses and self.cold is not None:
                 missing, _, from_cold = self._from_cold(codec, keys, rows, found, missing)
-                self._ask_promotion({codec.table: keys[from_cold]})
-            else:
-                with self._lock:
-                    hot_misses, _ = self._load_missing(codec, keys, rows, found, missing)
-                    missing = np.flatnonzero(~found)
+                cold[codec.table] = keys[from_cold]
+            self._report_reads(cold, hot)
+        elif hot_misses and self.cold is not None:
+            with self._lock:
+                hot_misses, _ = self._load_missing(codec, keys, rows, found, missing)
+                missing = np.flatnonzero(~found)
         elif self._index is not None and n:
             self._reads.append((codec.table, keys))  # recency from serving, applied later
         self._record(n, hot_misses, hot_misses - len(missing), len(missing))
@@ -1004,6 +1024,8 @@ class TieredStore(EmbeddingStore):
         idx = np.arange(len(keys), dtype=np.intp)
         missing = _fill_rows(codecs, bounds, keys, rows, found, idx, values)
         hot_misses = len(missing)
+        hot_hits = np.flatnonzero(found) if self._wants_hot_reads() else None
+        from_cold = missing[:0]
         if hot_misses and self.cold is not None:
             cuts = np.searchsorted(missing, bounds)
             cold = self.cold.get_tables(
@@ -1012,12 +1034,14 @@ class TieredStore(EmbeddingStore):
             values = list(chain.from_iterable(cold[t] for t in tables))
             before = missing
             missing = _fill_rows(codecs, bounds, keys, rows, found, missing, values)
-            if len(missing) < hot_misses:
-                hit = before[found[before]]
-                cuts = np.searchsorted(hit, bounds)
-                self._ask_promotion(
-                    {t: keys[hit[cuts[i] : cuts[i + 1]]] for i, t in enumerate(tables)}
-                )
+            from_cold = before[found[before]]
+
+        def by_table(at: Positions) -> dict[str, Keys]:
+            cuts = np.searchsorted(at, bounds)
+            return {t: keys[at[cuts[i] : cuts[i + 1]]] for i, t in enumerate(tables)}
+
+        if len(from_cold) or hot_hits is not None:
+            self._report_reads(by_table(from_cold), {} if hot_hits is None else by_table(hot_hits))
         self._record(len(keys), hot_misses, hot_misses - len(missing), len(missing))
         emb = np.ascontiguousarray(rows["emb"], dtype=np.float32)
         out: dict[str, LookupResult] = {}
@@ -1045,33 +1069,54 @@ class TieredStore(EmbeddingStore):
         metrics.LOOKUP_TABLES_SECONDS.observe(time.perf_counter() - start)
         return out
 
-    def _ask_promotion(self, keys: Mapping[str, Keys]) -> None:
-        """A reader found these rows only in the cold tier: the writer is asked to
-        promote them (``promote_requested``), so the next reads find them hot."""
-        asked = {table: k for table, k in keys.items() if len(k)}
-        if asked:
-            self.hot.request_promotions(asked)
-            for table, k in asked.items():
-                metrics.PROMOTION_REQUESTS.labels(table=table, side="sent").inc(len(k))
+    def _wants_hot_reads(self) -> bool:
+        """A read-only store: whether a writer with a capacity asks for the rows it
+        finds hot (``HOT_READS_BLOB``, looked for every ``_HOT_READS_CHECK_S``)."""
+        now = time.monotonic()
+        if now >= self._hot_reads_checked_at + _HOT_READS_CHECK_S:
+            self._hot_reads_checked_at = now
+            self._hot_reads = self.hot.get_blob(HOT_READS_BLOB) is not None
+        return self._hot_reads
 
-    def promote_requested(self, max_requests: int = 10_000) -> int:
-        """See ``EmbeddingStore.promote_requested``: takes up to ``max_requests`` of the
-        readers' requests off the hot tier and promotes the rows they name from spill
-        or cold, as a writer's own read would (under the lock, never over a row in hot;
-        the rows count as accessed now for eviction)."""
-        self._check_writable("promote_requested")
-        if self.cold is None:
-            return 0
+    def _report_reads(self, cold: Mapping[str, Keys], hot: Mapping[str, Keys]) -> None:
+        """A read-only store tells the writer what it read (``take_serving_reads``): the
+        rows it found only in the cold tier, to promote, and (when ``_wants_hot_reads``)
+        the rows it found hot, as uses."""
+        reports = {
+            "cold": {t: k for t, k in cold.items() if len(k)},
+            "hot": {t: k for t, k in hot.items() if len(k)},
+        }
+        if reports["cold"] or reports["hot"]:
+            self.hot.report_reads(reports["cold"], reports["hot"])
+            for tier, keys in reports.items():
+                for table, k in keys.items():
+                    self._serving_reads[table, tier, "sent"].inc(len(k))
+
+    def take_serving_reads(self, max_reports: int = 10_000) -> int:
+        """See ``EmbeddingStore.take_serving_reads``: takes up to ``max_reports`` of the
+        readers' reports off the hot tier; promotes the rows they found only in cold
+        from spill or cold as a writer's own read would (under the lock, never over a
+        row in hot), and counts every reported row in hot as used in this step."""
+        self._check_writable("take_serving_reads")
+        cold, hot = self.hot.take_read_reports(max_reports)
         promoted = 0
-        for table, keys in self.hot.take_promotion_requests(max_requests).items():
+        for table, keys in cold.items():
             codec = self._codecs.get(table)
             if codec is None:  # another model's table under the same prefix
                 continue
-            metrics.PROMOTION_REQUESTS.labels(table=table, side="taken").inc(len(keys))
+            self._serving_reads[table, "cold", "taken"].inc(len(keys))
+            if self.cold is None:
+                continue
             rows, found, missing = self._from_hot(codec, keys)
             if len(missing):
                 with self._lock:
                     promoted += self._load_missing(codec, keys, rows, found, missing)[1]
+        if self._index is not None and hot:
+            with self._lock:
+                for table, keys in hot.items():
+                    if table in self._index:
+                        self._serving_reads[table, "hot", "taken"].inc(len(keys))
+                        self._index[table].touch(keys, self._step, add=False)
         return promoted
 
     def prefetch(self, table: str, keys: Keys) -> None:

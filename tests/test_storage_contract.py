@@ -43,6 +43,7 @@ from storage.base import (
     TableConfig,
 )
 from storage.config import StoreConfig
+from storage.eviction import EvictionConfig
 from storage.factory import open_store
 from storage.keys import feature_keys
 from storage.memory_tier import MemoryTier
@@ -758,22 +759,18 @@ def test_only_read_only_stores_read_replicas(redis_cluster_url: str, tmp_path: P
         writer.close()
 
 
-def promotion_requests(table: str, side: str) -> float:
-    return (
-        REGISTRY.get_sample_value(
-            "streamrec_store_promotion_requests_total", {"table": table, "side": side}
-        )
-        or 0.0
-    )
+def serving_reads(table: str, tier: str, side: str) -> float:
+    labels = {"table": table, "tier": tier, "side": side}
+    return REGISTRY.get_sample_value("streamrec_store_serving_reads_total", labels) or 0.0
 
 
 @pytest.mark.integration
 def test_serving_asks_the_writer_to_promote_cold_rows(clean_redis: str, tmp_path: Path) -> None:
     """A read-only store (serving) that finds rows only in the cold tier asks the
     writer to promote them (both read paths: several tables at once, one table); the
-    writer's ``promote_requested`` puts them in Redis, bit for bit, and the next
+    writer's ``take_serving_reads`` puts them in Redis, bit for bit, and the next
     serving read finds them hot. Rows already hot are never overwritten; malformed
-    requests are skipped."""
+    reports are skipped. A writer without a capacity does not ask for hot reads."""
     cfg = StoreConfig(hot="redis", redis_url=clean_redis, redis_prefix="promo", data_dir=tmp_path)
     tables = [TableConfig(name="t", dim=4), TableConfig(name="u", dim=4)]
     writer = open_store(cfg, tables)
@@ -786,28 +783,72 @@ def test_serving_asks_the_writer_to_promote_cold_rows(clean_redis: str, tmp_path
         flushed = writer.hot.get_many("t", keys)
         for table in ("t", "u"):  # as if Redis had lost them: in RocksDB only
             writer.hot.delete_many(table, keys[:60])
-        sent = promotion_requests("t", "sent")
+        sent = serving_reads("t", "cold", "sent")
         cold_hits = reader.stats()["cold_hits"]
         served = reader.lookup_tables({"t": keys, "u": keys[:10]})
         assert served["t"].found.all() and served["u"].found.all()
         assert reader.stats()["cold_hits"] == cold_hits + 70
-        assert promotion_requests("t", "sent") == sent + 60
+        assert serving_reads("t", "cold", "sent") == sent + 60
         writer.update("u", keys[:1], np.ones((1, 4), dtype=np.float32))  # hot: newer than cold
         newer = writer.hot.get_many("u", keys[:1])
-        assert writer.promote_requested() == 60 + 9
+        assert writer.take_serving_reads() == 60 + 9
         assert writer.hot.get_many("t", keys) == flushed
         assert writer.hot.get_many("u", keys[:1]) == newer
         again = reader.lookup_tables({"t": keys})["t"]
         assert reader.stats()["cold_hits"] == cold_hits + 70  # all hot now
         np.testing.assert_array_equal(again.rows, served["t"].rows)
-        assert writer.promote_requested() == 0  # nothing asked
+        assert writer.take_serving_reads() == 0  # nothing asked: no capacity, no hot reads
+        assert serving_reads("t", "hot", "sent") == 0
 
         writer.hot.delete_many("t", keys[:5])
         with redis.Redis.from_url(clean_redis) as client:  # malformed ones are skipped
-            client.rpush("promo:promote", b"no table end", b"t\0\xff\xff\xff\xff")
+            client.rpush("promo:reads", b"no table end", b"ct\0\xff\xff\xff\xff", b"xt\0\0\0\0\0")
         assert reader.lookup("t", keys[:10]).found.all()
-        assert writer.promote_requested() == 5
+        assert writer.take_serving_reads() == 5
         assert writer.hot.get_many("t", keys[:10]) == flushed[:10]
+    finally:
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.integration
+def test_serving_reads_keep_rows_hot_in_a_writer_with_a_capacity(
+    clean_redis: str, tmp_path: Path
+) -> None:
+    """A writer with a capacity asks for serving's hot reads: a separate read-only
+    store's reads of rows count as uses, so training that pushes other rows out of a
+    full hot tier leaves the served rows hot and demotes rows nobody read."""
+    table = TableConfig(name="t", dim=4)
+    eviction = EvictionConfig(max_rows=30, max_evict_fraction=1.0, protect_steps=1)
+    writer = TieredStore(
+        [table],
+        RedisTier(clean_redis, prefix="hr", buckets=16),
+        RocksDBTier(tmp_path / "db"),
+        eviction=eviction,
+        spill=MemoryTier.scratch(tmp_path / "spill"),
+    )
+    reader = TieredStore(
+        [table],
+        RedisTier(clean_redis, prefix="hr", buckets=16),
+        RocksDBTier(tmp_path / "db", read_only=True, secondary_path=tmp_path / "secondary"),
+        read_only=True,
+    )
+
+    def train(keys: Keys) -> None:
+        writer.lookup("t", keys, create=True)
+        writer.update("t", keys, np.full((len(keys), 4), 0.1, dtype=np.float32))
+
+    try:
+        served, unread = np.arange(1, 6, dtype=np.uint64), np.arange(6, 11, dtype=np.uint64)
+        train(np.concatenate([served, unread]))
+        sent = serving_reads("t", "hot", "sent")
+        for step in range(10):
+            assert reader.lookup("t", served).found.all()
+            writer.take_serving_reads()
+            train(np.arange(1000 + 10 * step, 1010 + 10 * step, dtype=np.uint64))
+        assert serving_reads("t", "hot", "sent") == sent + 50
+        assert writer.hot.get_many("t", served).count(None) == 0
+        assert writer.hot.get_many("t", unread).count(None) == len(unread)
     finally:
         reader.close()
         writer.close()

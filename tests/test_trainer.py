@@ -487,7 +487,7 @@ def test_a_backlog_trains_each_batch_after_its_prefetch(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_the_trainer_promotes_the_rows_serving_asked_for(clean_redis: str, tmp_path: Path) -> None:
     """Rows a serving process found only in RocksDB (its requests on Redis) are promoted
-    into Redis by the training loop (``promote_every_s``), not left for serving to read
+    into Redis by the training loop (``serving_reads_every_s``), not left for serving to read
     from disk again."""
     source = small_source(1024)
     settings = Settings.model_validate(
@@ -498,7 +498,7 @@ def test_the_trainer_promotes_the_rows_serving_asked_for(clean_redis: str, tmp_p
     log = InMemoryLog()
     for event in source:
         log.append(TOPIC, event.to_json())
-    config = TrainerConfig(batch_size=256, flush_every_s=0.05, promote_every_s=0.01)
+    config = TrainerConfig(batch_size=256, flush_every_s=0.05, serving_reads_every_s=0.01)
     trainer = StreamingTrainer(source.spec, store, log.consumer(TOPIC), config)
     try:
         trainer.run(threading.Event(), max_events=512)
@@ -510,13 +510,12 @@ def test_the_trainer_promotes_the_rows_serving_asked_for(clean_redis: str, tmp_p
             assert reader.lookup(table, keys).found.all()  # from RocksDB: asks for them
         finally:
             reader.close()
-        taken = REGISTRY.get_sample_value(
-            "streamrec_store_promotion_requests_total", {"table": table, "side": "taken"}
-        )
+        labels = {"table": table, "tier": "cold", "side": "taken"}
+        taken = REGISTRY.get_sample_value("streamrec_store_serving_reads_total", labels)
         trainer.run(threading.Event(), max_events=512)
-        assert REGISTRY.get_sample_value(
-            "streamrec_store_promotion_requests_total", {"table": table, "side": "taken"}
-        ) == (taken or 0) + len(keys)
+        assert REGISTRY.get_sample_value("streamrec_store_serving_reads_total", labels) == (
+            taken or 0
+        ) + len(keys)
         assert all(v is not None for v in store.hot.get_many(table, keys))
     finally:
         store.close()

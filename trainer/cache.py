@@ -489,9 +489,9 @@ class CachedStore(EmbeddingStore):
                     t.drop(np.flatnonzero(t.live))
             return removed
 
-    def promote_requested(self) -> int:
+    def take_serving_reads(self) -> int:
         with self._lock:
-            return self.store.promote_requested()
+            return self.store.take_serving_reads()
 
     def _sync_all(self) -> None:
         for name, t in self._tables.items():

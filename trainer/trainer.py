@@ -86,11 +86,12 @@ class TrainerConfig(BaseModel):
     expire_every_s: float = Field(
         60.0, gt=0, description="Expire rows by the tables' ttl_s and min_l2_norm this often."
     )
-    promote_every_s: float = Field(
+    serving_reads_every_s: float = Field(
         1.0,
         gt=0,
-        description="Promote into the hot tier the rows serving processes found only in "
-        "the cold tier and asked for, this often (Redis hot tier).",
+        description="This often, take what serving processes reported reading (Redis hot "
+        "tier): promote the rows they found only in the cold tier, count their hot reads "
+        "as uses for eviction.",
     )
     progress_every_s: float = Field(5.0, gt=0, description="Print a progress line this often.")
     dense_sync_every_s: float = Field(
@@ -534,7 +535,7 @@ class StreamingTrainer:
         batch_started = now = time.monotonic()
         next_flush, next_publish = now + cfg.flush_every_s, now + cfg.publish_every_s
         next_expire = now + cfg.expire_every_s
-        next_promote = now + cfg.promote_every_s
+        next_serving_reads = now + cfg.serving_reads_every_s
         checkpointed, published = dict(self.position), 0
         progress = _Progress(cfg.progress_every_s, self.total_events)
         trained = 0
@@ -588,9 +589,9 @@ class StreamingTrainer:
                     if any(expired.values()):
                         log.info("expired rows: %s", expired)
                     next_expire = now + cfg.expire_every_s
-                if now >= next_promote:
-                    self.store.promote_requested()
-                    next_promote = now + cfg.promote_every_s
+                if now >= next_serving_reads:
+                    self.store.take_serving_reads()
+                    next_serving_reads = now + cfg.serving_reads_every_s
                 if self.dense_sync is not None:
                     self.dense_sync.maybe_sync(now)
                 if now >= next_publish and self.evaluator.events > published and self._publishes():
