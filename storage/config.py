@@ -33,9 +33,10 @@ class StoreConfig(BaseModel):
     redis_prefix: str = Field("sr", description="Key prefix, so several stores share one Redis.")
     redis_replica_reads: bool = Field(
         False,
-        description="Serving only (read-only stores: `streamrec serve`): on a Redis Cluster, "
-        "read rows from replicas of their masters (READONLY), off the masters the trainer "
-        "writes; adds the replication lag to what serving reads. Writers read masters.",
+        description="Serving only (read-only stores: `streamrec serve`): on a Redis Cluster "
+        "or behind Sentinel, read rows from replicas of their masters, off the masters the "
+        "trainer writes; adds the replication lag to what serving reads. Writers read "
+        "masters.",
     )
     redis_min_replicas: int = Field(
         0,

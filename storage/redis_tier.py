@@ -97,7 +97,9 @@ the masters at once. Metadata (layout, counters, blobs) is always read from mast
 Redis Sentinel: a ``redis+sentinel://`` URL (``_client_of``) gives a connection pool
 that asks the sentinels for the master on every new connection. A failed call closes
 the node's idle connections (``_lost``), so the next one reaches the promoted replica;
-a demoted master's ``READONLY`` reply counts as the master lost.
+a demoted master's ``READONLY`` reply counts as the master lost. ``replica_reads``
+reads rows (HMGET, HGET) through a pool of the replicas the sentinels list
+(``_reader``).
 
 ``min_replicas``: ``wait_for_replicas`` (the tiered store calls it before a flush
 records its position) blocks until that many replicas of every master hold every write
@@ -214,8 +216,12 @@ def _address(pool: redis.ConnectionPool, **changes: Any) -> str:
     return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
-def _client_of(url: str, **options: Any) -> tuple[redis.Redis, Sentinel | None]:
-    """A redis-py client for ``url`` (and its ``Sentinel``, if it names one).
+def _client_of(
+    url: str, *, replica_reads: bool = False, **options: Any
+) -> tuple[redis.Redis, Sentinel | None, redis.Redis | None]:
+    """A redis-py client for ``url``, its ``Sentinel`` if it names one, and then with
+    ``replica_reads`` a client of the master's replicas too (redis-py rotates its new
+    connections over the replicas the sentinels list, the master when none answers).
 
     ``redis://``, ``rediss://`` and ``unix://`` URLs are read as redis-py reads them.
     ``redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB][?QUERY]``
@@ -226,7 +232,7 @@ def _client_of(url: str, **options: Any) -> tuple[redis.Redis, Sentinel | None]:
     query's ``sentinel_password`` (and ``sentinel_username``) are the sentinels'.
     """
     if not url.lower().startswith(_SENTINEL_SCHEMES):
-        return redis.Redis.from_url(url, **options), None
+        return redis.Redis.from_url(url, **options), None, None
     rest = url.partition("://")[2]
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
@@ -258,7 +264,8 @@ def _client_of(url: str, **options: Any) -> tuple[redis.Redis, Sentinel | None]:
     }
     sockets = {k: v for k, v in options.items() if k.startswith("socket_")}
     sentinel = Sentinel(sentinels, sentinel_kwargs={**sockets, **sentinel_auth})
-    return sentinel.master_for(service, **kwargs, **options), sentinel
+    replicas = sentinel.slave_for(service, **kwargs, **options) if replica_reads else None
+    return sentinel.master_for(service, **kwargs, **options), sentinel, replicas
 
 
 def _read_report(entry: bytes) -> Iterator[tuple[bytes, str, Keys]]:
@@ -754,13 +761,19 @@ class RedisTier(RowTier):
         self.replica_reads = replica_reads
         self.min_replicas = min_replicas
         self.replica_timeout_s = replica_timeout_s
-        self._client, self._sentinel = _client_of(
+        self._client, self._sentinel, self._replicas = _client_of(
             url,
+            replica_reads=replica_reads,
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
             decode_responses=False,  # rows are raw bytes
         )
         self._seed = _Node(self._client.connection_pool)
+        # Where a single server's rows are read: behind Sentinel with ``replica_reads``,
+        # its replicas (a cluster has a replica map of its own: ``_read_slots``).
+        self._reader = self._seed
+        if self._replicas is not None:
+            self._reader = _Node(self._replicas.connection_pool, replica=True)
         self._layouts: dict[str, BucketLayout] = {}
         self._layouts_lock = threading.Lock()
         # Writes go out without waiting for their replies (see ``_send_writes``).
@@ -1098,11 +1111,14 @@ class RedisTier(RowTier):
         except StoreError as e:
             log.warning("Redis Cluster node %s unreachable, and no slot map: %s", node.address, e)
 
-    def _roundtrip(self, chunks: Sequence[_Chunk], *, retry: bool = True) -> list[Any]:
-        """``_roundtrip_on`` the seed server, writes in flight acknowledged first (so
-        every read sees them)."""
+    def _roundtrip(
+        self, chunks: Sequence[_Chunk], *, retry: bool = True, rows: bool = False
+    ) -> list[Any]:
+        """``_roundtrip_on`` the seed server (``rows``: reads of rows, on the server
+        they are read from, ``_reader``), writes in flight acknowledged first (so every
+        read sees them)."""
         self.sync()
-        return self._roundtrip_on(self._seed, chunks, retry=retry)
+        return self._roundtrip_on(self._reader if rows else self._seed, chunks, retry=retry)
 
     def _roundtrip_nodes(self, chunks: Mapping[int, Sequence[_Chunk]]) -> dict[int, list[Any]]:
         """``_roundtrip_on`` several masters at once (writes in flight acknowledged
@@ -1375,7 +1391,7 @@ class RedisTier(RowTier):
         batch = self._hmget(table, keys)
         if batch is None:  # nobody ever wrote the table
             return [None] * len(keys), np.arange(len(keys))
-        return self._values(self._roundtrip(self._chunks(batch))), batch.positions
+        return self._values(self._roundtrip(self._chunks(batch), rows=True)), batch.positions
 
     def _fetch_many(
         self, requests: Sequence[tuple[str, Keys]], *, retries: int = 0
@@ -1556,7 +1572,8 @@ class RedisTier(RowTier):
             _build_hgets([g[1] for g in group], [g[2] for g in group]) for group in shapes.values()
         ]
         if self._slots is None:
-            replies = self._roundtrip([c for cmds in matrices for c in self._rows_chunks(cmds)])
+            chunks = [c for cmds in matrices for c in self._rows_chunks(cmds)]
+            replies = self._roundtrip(chunks, rows=True)
         else:
             try:
                 replies = self._hgets_by_master(list(shapes.values()), matrices)
@@ -2012,6 +2029,10 @@ class RedisTier(RowTier):
             self._close_clients()
 
     def _close_clients(self) -> None:
+        if self._reader is not self._seed:
+            self._reader.close()
+        if self._replicas is not None:
+            self._replicas.close()
         self._client.close()
         if self._sentinel is not None:
             self._sentinel.close()

@@ -98,10 +98,14 @@ class LocalSentinel:
         """A client of the first sentinel."""
         return redis.Redis(host="127.0.0.1", port=self._launcher.sentinel_ports(self.workdir)[0])
 
+    def replica_ports(self) -> list[int]:
+        """The ports of the master's replicas."""
+        with self.master() as master:
+            return [r["port"] for k, r in master.info("replication").items() if k[:5] == "slave"]
+
     def replica_pids(self) -> list[int]:
         """The process ids of the master's replicas."""
-        with self.master() as master:
-            ports = [r["port"] for k, r in master.info("replication").items() if k[:5] == "slave"]
+        ports = self.replica_ports()
         return [int((self.workdir / str(port) / "redis.pid").read_text()) for port in ports]
 
     def kill_master(self) -> int:

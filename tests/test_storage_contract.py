@@ -854,6 +854,13 @@ def test_serving_reads_keep_rows_hot_in_a_writer_with_a_capacity(
         writer.close()
 
 
+def row_reads(port: int) -> int:
+    """HMGET and HGET calls the server on ``port`` has answered."""
+    with redis.Redis(port=port) as server:
+        stats = server.info("commandstats")
+    return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hmget", "hget"))
+
+
 def replica_waits_short() -> float:
     return REGISTRY.get_sample_value("streamrec_store_redis_replica_waits_short_total") or 0.0
 
@@ -880,6 +887,20 @@ def test_redis_sentinel_reaches_the_master_through_failovers(
         tier.put_many("t", keys, [b"a"] * 1000)
         tier.wait_for_replicas()
         assert tier.get_many("t", keys[:2]) == [b"a", b"a"] and tier.count("t") == 1000
+
+        # Replica reads (serving): rows come from the replicas, never the master.
+        with group.master() as master:
+            ports = [master.connection_pool.connection_kwargs["port"], *group.replica_ports()]
+        before = {port: row_reads(port) for port in ports}
+        reader = RedisTier(group.url, buckets=64, replica_reads=True)
+        try:
+            assert reader.get_many("t", keys) == [b"a"] * 1000
+            assert reader.get_tables({"t": keys[::-1]})["t"] == [b"a"] * 1000
+        finally:
+            reader.close()
+        after = {port: row_reads(port) for port in ports}
+        assert after[ports[0]] == before[ports[0]], (before, after)
+        assert sum(after.values()) >= sum(before.values()) + 2, (before, after)
 
         store = TieredStore(
             TABLES,
