@@ -854,6 +854,12 @@ def test_serving_reads_keep_rows_hot_in_a_writer_with_a_capacity(
         writer.close()
 
 
+def synced(port: int) -> bool:
+    """Whether the replica on ``port`` is in sync with its master."""
+    with redis.Redis(port=port) as replica:
+        return bool(replica.info("replication")["master_link_status"] == "up")
+
+
 def row_reads(port: int) -> int:
     """HMGET and HGET calls the server on ``port`` has answered."""
     with redis.Redis(port=port) as server:
@@ -968,6 +974,19 @@ def test_redis_sentinel_reaches_the_master_through_failovers(
                 assert time.monotonic() < deadline, "the promoted replica never answered"
                 time.sleep(0.1)
         assert f"(master 127.0.0.1:{promoted})" in tier.address
+
+        # A replica reader whose last replica dies reads the master, in the same call.
+        while not group.replica_ports() or not all(map(synced, group.replica_ports())):
+            assert time.monotonic() < deadline, "no replica follows the promoted master"
+            time.sleep(0.05)
+        reader = RedisTier(group.url, buckets=64, replica_reads=True)
+        try:
+            assert reader.get_many("t", keys[:5]) == [b"c"] * 5
+            for pid in group.replica_pids():
+                os.kill(pid, signal.SIGKILL)
+            assert reader.get_many("t", keys) == [b"c"] * 1000
+        finally:
+            reader.close()
     finally:
         tier.close()
         group.stop()
