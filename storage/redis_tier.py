@@ -158,7 +158,7 @@ _U64_MAX = (1 << 64) - 1
 # covered, e.g. while a master restarts; a server loading its data): unavailable, not
 # broken, so a trainer waits and rewinds, serving answers 503.
 _TRANSIENT_ERRORS = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")
-_SENTINEL_SCHEMES = ("redis+sentinel://",)
+_SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 _SENTINEL_PORT = 26379
 _AVOID_REPLICA_S = 30.0  # a replica that failed a read is left alone this long
 # A replica reader reads the slot map again this often (replicas added or back).
@@ -207,7 +207,8 @@ def _address(pool: redis.ConnectionPool, **changes: Any) -> str:
             "{host}:{port}".format(**s.connection_pool.connection_kwargs)
             for s in pool.sentinel_manager.sentinels
         )
-        where = f"redis+sentinel://{sentinels}/{pool.service_name}/{kw.get('db', 0)}"
+        scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
+        where = f"{scheme}+sentinel://{sentinels}/{pool.service_name}/{kw.get('db', 0)}"
         master = pool.master_address
         return f"{where} (master {master[0]}:{master[1]})" if master else where
     if "path" in kw:
@@ -230,6 +231,8 @@ def _client_of(
     after a failover new connections reach the promoted replica). ``USER``,
     ``PASSWORD``, ``DB`` and the query's redis-py options are the Redis servers'; the
     query's ``sentinel_password`` (and ``sentinel_username``) are the sentinels'.
+    ``rediss+sentinel://`` reaches servers and sentinels over TLS (``ssl_*`` options in
+    the query, e.g. ``ssl_ca_certs=CA.pem``, apply to both).
     """
     if not url.lower().startswith(_SENTINEL_SCHEMES):
         return redis.Redis.from_url(url, **options), None, None
@@ -252,18 +255,23 @@ def _client_of(
             raise ValueError(f"bad sentinel address {address!r} in the Sentinel URL")
         sentinels.append((host.strip("[]"), int(port)))
     # Credentials, db and options as redis-py reads them from a plain URL.
+    tls = url.lower().startswith("rediss+")
     at = f"{credentials}@" if credentials else ""
-    plain = f"redis://{at}localhost/{db or 0}" + (f"?{query}" if query else "")
+    plain = f"{'rediss' if tls else 'redis'}://{at}localhost/{db or 0}"
+    plain += f"?{query}" if query else ""
     kwargs: dict[str, Any] = parse_url(plain)  # type: ignore[no-untyped-call]
     for name in ("host", "port", "connection_class"):
         kwargs.pop(name, None)
+    if tls:  # the servers' pools pick their TLS connection class from this
+        kwargs["ssl"] = True
     sentinel_auth = {
         name.removeprefix("sentinel_"): kwargs.pop(name)
         for name in ("sentinel_username", "sentinel_password")
         if name in kwargs
     }
-    sockets = {k: v for k, v in options.items() if k.startswith("socket_")}
-    sentinel = Sentinel(sentinels, sentinel_kwargs={**sockets, **sentinel_auth})
+    # The sentinels are reached the way the servers are: same socket and TLS options.
+    reach = {k: v for k, v in {**options, **kwargs}.items() if k.startswith(("socket_", "ssl"))}
+    sentinel = Sentinel(sentinels, sentinel_kwargs={**reach, **sentinel_auth})
     replicas = sentinel.slave_for(service, **kwargs, **options) if replica_reads else None
     return sentinel.master_for(service, **kwargs, **options), sentinel, replicas
 

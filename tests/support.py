@@ -77,15 +77,22 @@ class LocalRedisCluster:
 
 
 class LocalSentinel:
-    """A ``redis-server`` master with ``replicas`` and 3 Redis Sentinels watching them,
-    on free loopback ports, started by ``deploy/local/redis_sentinel.py`` (state in
-    ``workdir``); ``url`` is the ``redis+sentinel://`` URL of the master."""
+    """A ``redis-server`` master with ``replicas`` and ``sentinels`` Redis Sentinels
+    watching them, on free loopback ports, started by ``deploy/local/redis_sentinel.py``
+    (state in ``workdir``; ``tls``: a certificate and key, all of them then speak only
+    TLS); ``url`` is the ``redis[s]+sentinel://`` URL of the master."""
 
-    def __init__(self, workdir: Path, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        replicas: int = 1,
+        sentinels: int = 3,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         self._launcher = _launcher("redis_sentinel")
         self.workdir = workdir
         try:
-            self.url: str = self._launcher.start(workdir, replicas)
+            self.url: str = self._launcher.start(workdir, replicas, sentinels, tls=tls)
         except BaseException:
             self.stop()
             raise

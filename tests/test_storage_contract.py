@@ -459,15 +459,12 @@ def test_a_redis_that_would_not_keep_listpacks_is_named(
         assert warnings_of(f"redis://127.0.0.1:{port}/0", server) == []
 
 
-@pytest.mark.integration
-def test_redis_over_tls(services: None, tmp_path: Path) -> None:
-    """``rediss://``: rows go both ways over TLS (the store's own socket reads and writes
-    included), against a ``redis-server`` that speaks only TLS; a certificate the client
-    cannot verify is refused, naming the address."""
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1, its own CA, and its key (made by ``openssl``)."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.fail("openssl is not on PATH (it makes the test's certificate)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         [
             *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
@@ -477,6 +474,44 @@ def test_redis_over_tls(services: None, tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
+    return cert, key
+
+
+@pytest.mark.integration
+def test_redis_sentinel_over_tls(services: None, tmp_path: Path) -> None:
+    """``rediss+sentinel://``: sentinels and servers that speak only TLS; the store
+    finds the master and its replica (a wait for it, replica reads) and reads and writes
+    rows over TLS; without the CA the certificate is refused, naming the sentinels."""
+    tls = self_signed_certificate(tmp_path)
+    group = LocalSentinel(tmp_path / "sentinel", replicas=1, sentinels=1, tls=tls)
+    assert group.url.startswith("rediss+sentinel://")
+    tier = RedisTier(group.url, buckets=64, min_replicas=1)
+    reader = RedisTier(group.url, buckets=64, replica_reads=True)
+    try:
+        keys = np.arange(1, 1001, dtype=np.uint64)
+        values = [b"v%d" % k for k in keys.tolist()]
+        tier.put_many("t", keys, values)
+        tier.wait_for_replicas()
+        assert tier.get_many("t", keys) == values
+        assert reader.get_tables({"t": keys})["t"] == values
+        assert tier.address.startswith("rediss+sentinel://") and "(master 127.0.0.1:" in (
+            tier.address
+        )
+        plain = group.url.partition("?")[0]
+        with pytest.raises(StoreUnavailable, match=re.escape(plain)):
+            RedisTier(plain)  # no CA given: the self-signed certificate is not trusted
+    finally:
+        reader.close()
+        tier.close()
+        group.stop()
+
+
+@pytest.mark.integration
+def test_redis_over_tls(services: None, tmp_path: Path) -> None:
+    """``rediss://``: rows go both ways over TLS (the store's own socket reads and writes
+    included), against a ``redis-server`` that speaks only TLS; a certificate the client
+    cannot verify is refused, naming the address."""
+    cert, key = self_signed_certificate(tmp_path)
     port = free_port()
     url = f"rediss://127.0.0.1:{port}/0"
     with redis_server(

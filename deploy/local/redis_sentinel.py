@@ -5,6 +5,7 @@ For trying streamrec's Redis hot tier with failover, and for the tests that do.
 Usage::
 
     python deploy/local/redis_sentinel.py start [--dir DIR] [--replicas 2] [--sentinels 3]
+                                              [--tls CERT KEY]
     python deploy/local/redis_sentinel.py kill-master [--dir DIR]
     python deploy/local/redis_sentinel.py stop [--dir DIR]
 
@@ -15,8 +16,11 @@ sentinels (so a failover can be agreed on). The sentinels deem a master down aft
 1 s without an answer (``down-after-milliseconds``) and need ``sentinels // 2 + 1`` of
 them to agree. ``kill-master`` kills the current master (as a crashed host) and
 returns once the sentinels name a promoted replica. No persistence: a stopped group is
-gone. Needs ``redis-server`` 7.0+ on PATH (Debian's ``redis-server``, as
-``deploy/local/services.sh`` installs) and the ``redis`` package.
+gone. ``--tls CERT KEY`` makes every server and sentinel speak only TLS (the
+certificate, which must name 127.0.0.1, is its own CA): the URL is then
+``rediss+sentinel://...?ssl_ca_certs=CERT``. Needs ``redis-server`` 7.0+ on PATH
+(Debian's ``redis-server``, as ``deploy/local/services.sh`` installs) and the ``redis``
+package.
 """
 
 from __future__ import annotations
@@ -31,26 +35,27 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from redis_cluster import (
-    SETTINGS,
-    _connect,
-    _until,
-    command,
-    free_ports,
-    kill,
-    stop,
-)
+from redis_cluster import SETTINGS, _until, command, free_ports, kill, stop
 
 SERVICE = "streamrec"
 DEFAULT_DIR = Path.home() / ".cache" / "streamrec" / "services" / "redis-sentinel"
 DOWN_AFTER_MS = 1000
 
 
-def start(workdir: Path, replicas: int = 2, sentinels: int = 3, timeout: float = 60.0) -> str:
+def start(
+    workdir: Path,
+    replicas: int = 2,
+    sentinels: int = 3,
+    timeout: float = 60.0,
+    tls: tuple[Path, Path] | None = None,
+) -> str:
     """Start a master with ``replicas`` and ``sentinels`` on free ports (state and logs
-    in ``workdir``, emptied first); the Sentinel URL of the master."""
+    in ``workdir``, emptied first); the Sentinel URL of the master. ``tls``: a
+    certificate and its key; every server and sentinel then speaks only TLS, the
+    certificate being its own CA (it must name 127.0.0.1)."""
     stop(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "tls").write_text("\n".join(map(str, tls or ())))
     deadline = time.monotonic() + timeout
     master, *replica_ports = free_ports(1 + replicas)
     sentinel_ports = free_ports(sentinels, first=max(master, *replica_ports) + 7)
@@ -65,8 +70,9 @@ def start(workdir: Path, replicas: int = 2, sentinels: int = 3, timeout: float =
     for port in sentinel_ports:
         node_dir = workdir / str(port)
         node_dir.mkdir(parents=True, exist_ok=True)
+        listen = "".join(f"{option} {value}\n" for option, value in _listen(workdir, port))
         (node_dir / "sentinel.conf").write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {node_dir}\n"
+            f"{listen}bind 127.0.0.1\ndir {node_dir}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {master} {quorum}\n"
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {SERVICE} 10000\n"
@@ -81,7 +87,49 @@ def start(workdir: Path, replicas: int = 2, sentinels: int = 3, timeout: float =
                 _until(deadline, f"the sentinel on {port} never met the group")
     (workdir / "sentinels").write_text(" ".join(map(str, sentinel_ports)))
     hosts = ",".join(f"127.0.0.1:{port}" for port in sentinel_ports)
+    if tls:
+        return f"rediss+sentinel://{hosts}/{SERVICE}/0?ssl_ca_certs={tls[0]}"
     return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+
+def _listen(workdir: Path, port: int) -> list[tuple[str, str]]:
+    """Where a server or sentinel listens: ``port``; with TLS, only TLS there (no plain
+    port), TLS between servers and sentinels too, no certificate asked of clients."""
+    tls = _tls(workdir)
+    if tls is None:
+        return [("port", str(port))]
+    cert, key = map(str, tls)
+    return [
+        ("port", "0"), ("tls-port", str(port)), ("tls-cert-file", cert),
+        ("tls-key-file", key), ("tls-ca-cert-file", cert), ("tls-auth-clients", "no"),
+        ("tls-replication", "yes"),
+    ]  # fmt: skip
+
+
+def _tls(workdir: Path) -> tuple[Path, Path] | None:
+    lines = (workdir / "tls").read_text().split("\n")
+    return (Path(lines[0]), Path(lines[1])) if len(lines) == 2 else None
+
+
+def _client(workdir: Path, port: int, timeout: float = 5.0) -> redis.Redis:
+    tls = _tls(workdir)
+    if tls is None:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout)
+    return redis.Redis(
+        host="127.0.0.1", port=port, socket_timeout=timeout, ssl=True, ssl_ca_certs=str(tls[0])
+    )
+
+
+def _connect(workdir: Path, port: int, deadline: float) -> redis.Redis:
+    """A client of the server or sentinel on ``port`` once it answers PING."""
+    client = _client(workdir, port)
+    while True:
+        try:
+            client.ping()
+            return client
+        except redis.ConnectionError:
+            log_tail = (workdir / str(port) / "redis.log").read_text()[-2000:]
+            _until(deadline, f"redis-server on port {port} did not start: {log_tail}")
 
 
 def sentinel_ports(workdir: Path) -> list[int]:
@@ -99,7 +147,7 @@ def _named_masters(workdir: Path) -> list[int]:
     ports = []
     for port in sentinel_ports(workdir):
         try:
-            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=2) as sentinel:
+            with _client(workdir, port, timeout=2) as sentinel:
                 _, master = command(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
                 ports.append(int(master))
         except redis.ConnectionError:
@@ -127,8 +175,9 @@ def kill_master(workdir: Path, timeout: float = 60.0) -> int:
 def _spawn(workdir: Path, port: int, *args: str, config: Path | None = None) -> None:
     node_dir = workdir / str(port)
     node_dir.mkdir(parents=True, exist_ok=True)
+    listen = [arg for option, value in _listen(workdir, port) for arg in (f"--{option}", value)]
     server = [str(config)] if config else [
-        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+        *listen, "--bind", "127.0.0.1", "--dir", str(node_dir),
         "--save", "", "--appendonly", "no", *SETTINGS,
     ]  # fmt: skip
     with (node_dir / "redis.log").open("ab") as log:
@@ -145,9 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--sentinels", type=int, default=3)
+    parser.add_argument("--tls", type=Path, nargs=2, metavar=("CERT", "KEY"))
     args = parser.parse_args(argv)
     if args.command == "start":
-        print(start(args.dir, args.replicas, args.sentinels))
+        print(start(args.dir, args.replicas, args.sentinels, tls=args.tls))
     elif args.command == "kill-master":
         print(f"promoted: 127.0.0.1:{kill_master(args.dir)}")
     else:
