@@ -358,7 +358,7 @@ class _Node:
 
     def __init__(self, pool: redis.ConnectionPool, *, replica: bool = False) -> None:
         self.pool = pool
-        self.replica = replica  # a replica read from (its connections sent READONLY)
+        self.replica = replica  # a replica read from (on a cluster: connections send READONLY)
         self.failed_at = -math.inf  # a replica that failed: its master is read for a while
         self.unacked: _Unacked | None = None
         self._idle: list[Any] = []

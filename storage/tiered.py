@@ -151,9 +151,11 @@ own (several writers may share the hot tier); gone means the hot tier lost its c
 (e.g. Redis restarted without persistence) and ``flush`` refuses to commit."""
 
 HOT_READS_BLOB = "streamrec.store.hot-reads-wanted"
-"""Hot-tier blob a writer with a capacity sets: read-only stores then report the rows
-they find hot too (``take_serving_reads``), so serving's uses count for eviction."""
-_HOT_READS_CHECK_S = 30.0  # a read-only store looks for ``HOT_READS_BLOB`` this often
+"""Hot-tier blob a writer with a capacity keeps fresh (the time, set at open and at
+every ``take_serving_reads``): while it is, read-only stores report the rows they find
+hot too, so serving's uses count for eviction; a writer gone, they stop."""
+_HOT_READS_CHECK_S = 30.0  # a read-only store looks at ``HOT_READS_BLOB`` this often
+_HOT_READS_FRESH_S = 120.0  # an older ``HOT_READS_BLOB``: its writer is gone
 
 _DIRTY_COMPACT = 1 << 20  # dedupe a table's dirty key list beyond this many entries
 _U32_MAX = 0xFFFFFFFF
@@ -383,8 +385,7 @@ class TieredStore(EmbeddingStore):
                 if eviction is not None:
                     self._index = {name: HotIndex() for name in self._tables}
                     self._bootstrap_index()
-                    if not self.hot.private:  # shared: serving processes read it too
-                        self.hot.put_blob(HOT_READS_BLOB, b"1")
+                    self._want_hot_reads()
                 self._note_cold_within_hot()
                 if cold is not None:
                     # Tables within hot need no filter (no cold read at all), and keep
@@ -1069,13 +1070,23 @@ class TieredStore(EmbeddingStore):
         metrics.LOOKUP_TABLES_SECONDS.observe(time.perf_counter() - start)
         return out
 
+    def _want_hot_reads(self) -> None:
+        """A writer with a capacity over a shared hot tier: ask readers for the rows
+        they find hot (refreshes ``HOT_READS_BLOB``)."""
+        if self._index is not None and not self.hot.private:
+            self.hot.put_blob(HOT_READS_BLOB, repr(time.time()).encode())
+
     def _wants_hot_reads(self) -> bool:
         """A read-only store: whether a writer with a capacity asks for the rows it
-        finds hot (``HOT_READS_BLOB``, looked for every ``_HOT_READS_CHECK_S``)."""
+        finds hot (a fresh ``HOT_READS_BLOB``, looked at every ``_HOT_READS_CHECK_S``)."""
         now = time.monotonic()
         if now >= self._hot_reads_checked_at + _HOT_READS_CHECK_S:
             self._hot_reads_checked_at = now
-            self._hot_reads = self.hot.get_blob(HOT_READS_BLOB) is not None
+            asked = self.hot.get_blob(HOT_READS_BLOB)
+            try:
+                self._hot_reads = time.time() - float(asked or 0) < _HOT_READS_FRESH_S
+            except ValueError:  # not a time: not ours to read
+                self._hot_reads = False
         return self._hot_reads
 
     def _report_reads(self, cold: Mapping[str, Keys], hot: Mapping[str, Keys]) -> None:
@@ -1098,6 +1109,7 @@ class TieredStore(EmbeddingStore):
         from spill or cold as a writer's own read would (under the lock, never over a
         row in hot), and counts every reported row in hot as used in this step."""
         self._check_writable("take_serving_reads")
+        self._want_hot_reads()
         cold, hot = self.hot.take_read_reports(max_reports)
         promoted = 0
         for table, keys in cold.items():

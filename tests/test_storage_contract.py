@@ -50,7 +50,7 @@ from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.rows import RowCodec
-from storage.tiered import POSITION_BLOB, TieredStore
+from storage.tiered import HOT_READS_BLOB, POSITION_BLOB, TieredStore
 
 TIER_KINDS = [
     "memory",
@@ -887,6 +887,15 @@ def test_serving_reads_keep_rows_hot_in_a_writer_with_a_capacity(
     finally:
         reader.close()
         writer.close()
+    # A writer gone (its request not refreshed for minutes): readers stop reporting.
+    hot = RedisTier(clean_redis, prefix="hr", buckets=16)
+    hot.put_blob(HOT_READS_BLOB, repr(time.time() - 600).encode())
+    late = TieredStore([table], hot, None, read_only=True)
+    try:
+        assert late.lookup("t", served).found.all()
+        assert serving_reads("t", "hot", "sent") == sent + 50
+    finally:
+        late.close()
 
 
 def synced(port: int) -> bool:
