@@ -490,8 +490,9 @@ class CachedStore(EmbeddingStore):
             return removed
 
     def take_serving_reads(self) -> int:
-        with self._lock:
-            return self.store.take_serving_reads()
+        # No cache lock: promotion moves the store's own newest copy of a row (spill,
+        # then cold) into its hot tier, never over a hot one; no row's value changes.
+        return self.store.take_serving_reads()
 
     def _sync_all(self) -> None:
         for name, t in self._tables.items():
