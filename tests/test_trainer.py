@@ -498,7 +498,7 @@ def test_the_trainer_promotes_the_rows_serving_asked_for(clean_redis: str, tmp_p
     log = InMemoryLog()
     for event in source:
         log.append(TOPIC, event.to_json())
-    config = TrainerConfig(batch_size=256, flush_every_s=0.05, serving_reads_every_s=0.01)
+    config = TrainerConfig(batch_size=256, flush_every_s=0.05, serving_reads_every_s=1e-6)
     trainer = StreamingTrainer(source.spec, store, log.consumer(TOPIC), config)
     try:
         trainer.run(threading.Event(), max_events=512)
