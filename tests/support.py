@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -178,6 +181,32 @@ def migrate_slot(
         for m in sorted(masters, key=lambda m: (m is not target, m is not source)):
             redis_command(m, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
     return target
+
+
+def quick_bench(script: str, *args: str, timeout_s: float) -> dict[str, Any]:
+    """Run ``bench/<script> --quick *args`` to its end (exit 0 asserted); the JSON object
+    of its last output line."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / script), "--quick", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-4000:]
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def assert_positive(result: dict[str, Any], keys: list[str]) -> None:
+    """Each of ``keys`` is a number (not a bool) above 0 in ``result``."""
+    for key in keys:
+        value = result.get(key)
+        assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
+        assert value > 0, (key, value)
 
 
 def free_port() -> int:

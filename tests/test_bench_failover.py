@@ -3,15 +3,10 @@ loses no row that a replica confirmed before the master died."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import assert_positive, quick_bench
 
 POSITIVE = [
     "write_ms_p50",
@@ -29,20 +24,7 @@ POSITIVE = [
 def test_quick_bench_reports_every_figure() -> None:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not on PATH (the benchmark starts its own)")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "failover.py"), "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=230,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.strip().splitlines()
-    assert lines, proc.stderr[-4000:]
-    result = json.loads(lines[-1])
-    for key in POSITIVE:
-        value = result.get(key)
-        assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
-        assert value > 0, (key, value)
+    result = quick_bench("failover.py", timeout_s=230)
+    assert_positive(result, POSITIVE)
     assert result["failover_rows_lost"] == 0
     assert result["rows_confirmed"] == result["rounds"] * result["rows_per_round"]

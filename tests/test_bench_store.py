@@ -5,15 +5,10 @@ No thresholds here: the targets are the benchmark's business (its ``targets`` ob
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import assert_positive, quick_bench
 
 POSITIVE = [
     "rowwise_adagrad_payload_bytes",
@@ -43,21 +38,8 @@ TARGETS = [
 def test_quick_bench_reports_every_figure() -> None:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not on PATH (the benchmark starts a private one)")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "store.py"), "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.strip().splitlines()
-    assert lines, proc.stderr[-4000:]
-    result = json.loads(lines[-1])
-    for key in POSITIVE:
-        value = result.get(key)
-        assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
-        assert value > 0, (key, value)
+    result = quick_bench("store.py", timeout_s=170)
+    assert_positive(result, POSITIVE)
     assert isinstance(result["redis_version"], str) and result["redis_version"]
     capacity = result["hot_capacity_rows"]  # null while TieredStore takes no capacity
     assert capacity is None or (isinstance(capacity, int) and capacity > 0)

@@ -4,14 +4,8 @@ benchmark's business (its ``targets`` object)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import quick_bench
 
 RATES = [
     "streamrec_redis_events_per_s",
@@ -25,22 +19,7 @@ RATES = [
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "train.py"),
-            "--quick",
-            "--no-torchrec",
-            "--bootstrap",
-            kafka_bootstrap,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=580,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = quick_bench("train.py", "--no-torchrec", "--bootstrap", kafka_bootstrap, timeout_s=580)
     for key in RATES:
         assert isinstance(result[key], int) and result[key] > 0, (key, result[key])
     # The keys the team tracks are present even when the baseline is skipped.

@@ -739,11 +739,7 @@ def test_redis_cluster_replica_reads(services: None, tmp_path: Path) -> None:
                 time.sleep(0.02)
 
         def reads() -> dict[int, int]:
-            stats = {port: node.info("commandstats") for port, node in nodes.items()}
-            return {
-                port: sum(s.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hmget", "hget"))
-                for port, s in stats.items()
-            }
+            return {port: row_reads(port) for port in nodes}
 
         before = reads()
         assert reader.get_many("t", keys) == values

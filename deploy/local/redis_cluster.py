@@ -194,9 +194,12 @@ def _spawn(node_dir: Path, port: int) -> None:
     (node_dir / "redis.pid").write_text(str(proc.pid))
 
 
-def _connect(workdir: Path, port: int, deadline: float) -> redis.Redis:
-    """A client of the master on ``port`` once it answers PING."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+def _connect(
+    workdir: Path, port: int, deadline: float, client: redis.Redis | None = None
+) -> redis.Redis:
+    """A client of the server on ``port`` (``client``, default a plain one) once it
+    answers PING."""
+    client = client or redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
     while True:
         try:
             client.ping()

@@ -35,6 +35,7 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import redis_cluster as cluster
 from redis_cluster import SETTINGS, _until, command, free_ports, kill, stop
 
 SERVICE = "streamrec"
@@ -121,15 +122,9 @@ def _client(workdir: Path, port: int, timeout: float = 5.0) -> redis.Redis:
 
 
 def _connect(workdir: Path, port: int, deadline: float) -> redis.Redis:
-    """A client of the server or sentinel on ``port`` once it answers PING."""
-    client = _client(workdir, port)
-    while True:
-        try:
-            client.ping()
-            return client
-        except redis.ConnectionError:
-            log_tail = (workdir / str(port) / "redis.log").read_text()[-2000:]
-            _until(deadline, f"redis-server on port {port} did not start: {log_tail}")
+    """A client of the server or sentinel on ``port`` (over TLS if the group speaks
+    it) once it answers PING."""
+    return cluster._connect(workdir, port, deadline, _client(workdir, port))
 
 
 def sentinel_ports(workdir: Path) -> list[int]:
