@@ -51,6 +51,13 @@ class StoreConfig(BaseModel):
         description="How long a flush waits for store.redis_min_replicas; fewer in time: "
         "the flush fails, nothing is recorded, the trainer rewinds.",
     )
+    redis_traffic_half_life_s: float = Field(
+        300.0,
+        gt=0,
+        description="On a Redis Cluster: the half-life of the per-slot traffic each store "
+        "reports for `streamrec rebalance` (shorter: plans follow drift sooner, and "
+        "bursts more).",
+    )
     expected_rows_per_table: int | None = Field(
         None,
         ge=1,

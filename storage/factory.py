@@ -40,6 +40,7 @@ def open_store(
             replica_reads=cfg.redis_replica_reads and read_only,
             min_replicas=0 if read_only else cfg.redis_min_replicas,
             replica_timeout_s=cfg.redis_replica_timeout_s,
+            traffic_half_life_s=cfg.redis_traffic_half_life_s,
         )
     else:
         hot = MemoryTier()

@@ -92,10 +92,22 @@ REDIS_REDIRECTS = Counter(
 for _kind in ("moved", "ask"):  # every series exists from the start, at 0
     for _op in ("read", "write", "other"):
         REDIS_REDIRECTS.labels(_kind, _op)
+REDIS_LOAD_IMBALANCE = Gauge(
+    "streamrec_store_redis_load_imbalance",
+    "On a Redis Cluster: the share of this process's row reads and writes that its "
+    "busiest master serves, over the mean share (1: even; over the rates reported for "
+    "`streamrec rebalance`, set every 10 s; 0: not a cluster).",
+)
 REDIS_LISTPACK_WARNINGS = Counter(
     "streamrec_store_redis_listpack_warnings",
     "Tables whose first write found a Redis master set to keep their bucket hashes as "
     "hashtables (hash-max-listpack-entries / -value too small: about twice the memory).",
+)
+REDIS_EVICTION_POLICY_WARNINGS = Counter(
+    "streamrec_store_redis_eviction_policy_warnings",
+    "Redis masters a writer found set to evict any key under maxmemory (an allkeys-* "
+    "maxmemory-policy): rows written since the last flush can vanish (the trainer then "
+    "rewinds).",
 )
 REDIS_REPLICA_WAIT_SECONDS = Histogram(
     "streamrec_store_redis_replica_wait_seconds",

@@ -86,7 +86,9 @@ master that stops answering makes the store read the map again from the others
 ``put_marker`` leaves a copy on every master (a hash tag of one of its slots each), so
 a master that lost its data is noticed; ``has_marker`` looks for the copies where a
 reshard moved them. ``commit`` cannot be one transaction across masters: rows go
-first, then the blobs.
+first, then the blobs. The rows read and written per slot are counted as they are
+routed, and every ``REPORT_EVERY_S`` published for ``streamrec rebalance``
+(``storage.rebalance``; deleted at ``close``).
 
 ``replica_reads`` (for read-only clients: a writer must read its own writes) reads rows
 (HMGET, HGET) from a replica of each slot's master instead (``READONLY`` on its
@@ -114,6 +116,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -135,6 +138,15 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from storage import metrics
 from storage.base import Keys, Mask, Rows, RowTier, StoreError, StoreUnavailable, present_mask
+from storage.rebalance import (
+    HALF_LIFE_S,
+    MAX_REPORT_AGE_S,
+    SLOTS,
+    SlotTraffic,
+    encode_report,
+    imbalance,
+    report_key,
+)
 
 if TYPE_CHECKING:
     from storage.rows import RowCodec
@@ -327,7 +339,6 @@ def _crc16_table() -> list[int]:
 
 _CRC16 = _crc16_table()
 _CRC16_NP = np.array(_CRC16, dtype=np.uint32)
-_SLOTS = 16384
 
 
 def _crc16(data: bytes, crc: int = 0) -> int:
@@ -349,7 +360,7 @@ def _hash_tag(key: bytes) -> bytes:
 
 def key_slot(key: bytes) -> int:
     """The Redis Cluster hash slot of ``key``."""
-    return _crc16(_hash_tag(key)) % _SLOTS
+    return _crc16(_hash_tag(key)) % SLOTS
 
 
 class _Node:
@@ -564,7 +575,7 @@ def _bucket_slots(layout: BucketLayout, buckets: npt.NDArray[np.uint64]) -> npt.
     for j in range(layout.hex_digits):
         index = ((crc >> np.uint32(8)) ^ digits[:, j]) & np.uint32(0xFF)
         crc = ((crc << np.uint32(8)) & np.uint32(0xFFFF)) ^ _CRC16_NP[index]
-    return (crc % np.uint32(_SLOTS)).astype(np.intp)
+    return (crc % np.uint32(SLOTS)).astype(np.intp)
 
 
 @lru_cache(maxsize=64)
@@ -728,6 +739,8 @@ class RedisTier(RowTier):
     is ``ceil(expected_rows / rows_per_bucket)`` per table, ``expected_rows`` being one
     number for every table or a mapping by table name (missing tables, and ``None``:
     ``DEFAULT_EXPECTED_ROWS``). ``chunk`` is the number of commands per socket send.
+    ``traffic_half_life_s``: how fast the slot traffic reported for rebalancing
+    forgets (on a cluster; ``storage.rebalance``).
     """
 
     def __init__(
@@ -744,6 +757,7 @@ class RedisTier(RowTier):
         replica_reads: bool = False,
         min_replicas: int = 0,
         replica_timeout_s: float = 1.0,
+        traffic_half_life_s: float = HALF_LIFE_S,
     ) -> None:
         if buckets is not None and not 1 <= buckets <= 1 << 32:
             raise ValueError(f"buckets must be in [1, 2**32], got {buckets}")
@@ -756,6 +770,8 @@ class RedisTier(RowTier):
             raise ValueError(f"expected_rows must be >= 0, got {expected_rows}")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if traffic_half_life_s <= 0:
+            raise ValueError(f"traffic_half_life_s must be > 0, got {traffic_half_life_s}")
         if min_replicas < 0 or replica_timeout_s <= 0:
             raise ValueError(
                 f"min_replicas must be >= 0 and replica_timeout_s > 0, got {min_replicas} "
@@ -769,6 +785,7 @@ class RedisTier(RowTier):
         self.replica_reads = replica_reads
         self.min_replicas = min_replicas
         self.replica_timeout_s = replica_timeout_s
+        self.traffic_half_life_s = traffic_half_life_s
         self._client, self._sentinel, self._replicas = _client_of(
             url,
             replica_reads=replica_reads,
@@ -794,10 +811,15 @@ class RedisTier(RowTier):
         # of its master, or the master where it has none).
         self._read_slots: npt.NDArray[np.int32] | None = None
         self._slot_map_read_at = 0.0
-        self._bucket_nodes: dict[tuple[BucketLayout, bool], npt.NDArray[np.int32]] = {}
+        # Each bucket's hash slot, per table (fixed by its name, whoever serves it).
+        self._bucket_slots: dict[BucketLayout, npt.NDArray[np.uint16]] = {}
+        # On a cluster: the rows read and written per slot, reported for ``rebalance``.
+        self._traffic: SlotTraffic | None = None
+        self._traffic_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}".encode()
         self._master_tags: dict[int, bytes] | None = None  # a hash tag on each master
         self._markers: dict[str, list[bytes]] = {}  # the copies of each marker put here
         self._listpack_checked: set[str] = set()  # tables whose listpack limits were checked
+        self._policy_checked: set[str] = set()  # masters whose eviction policy was checked
         self._refreshing = False  # in ``_lost``: no second refresh from within the first
         self._slot_map_epoch = 0  # slot maps read so far (see ``_settle_earlier_routes``)
         self._refresh_lock = threading.Lock()
@@ -885,11 +907,17 @@ class RedisTier(RowTier):
         """Whether the server is a Redis Cluster (rows spread over its masters)."""
         return self._slots is not None
 
+    @property
+    def masters(self) -> int:
+        """The masters the rows are spread over (1: a single server)."""
+        return 1 if self._slots is None else len(np.unique(self._slots))
+
     def _discover(self) -> None:
         """On a Redis Cluster, learn which master serves each hash slot."""
         (info,) = self._roundtrip_on(self._seed, self._packed([(b"INFO", b"cluster")]))
         if isinstance(info, bytes) and b"cluster_enabled:1" in info:
             self._refresh_slots()
+            self._traffic = SlotTraffic(half_life_s=self.traffic_half_life_s)
         else:
             metrics.REDIS_MASTERS.set(1)
 
@@ -917,7 +945,7 @@ class RedisTier(RowTier):
                 raise StoreUnavailable("; ".join(errors))
         finally:
             self._refreshing = False
-        slots = np.full(_SLOTS, -1, dtype=np.int32)
+        slots = np.full(SLOTS, -1, dtype=np.int32)
         read_slots = slots.copy() if self.replica_reads else None
         now = time.monotonic()
         for i, (first, last, master, *replicas) in enumerate(reply):
@@ -933,7 +961,7 @@ class RedisTier(RowTier):
                 read_slots[int(first) : int(last) + 1] = pick
         if (slots < 0).any():
             raise StoreUnavailable(
-                f"Redis Cluster at {self.address}: {int((slots < 0).sum())} of {_SLOTS} hash "
+                f"Redis Cluster at {self.address}: {int((slots < 0).sum())} of {SLOTS} hash "
                 "slots have no master (cluster_state not ok?)"
             )
         if self._slots is not None:
@@ -943,7 +971,6 @@ class RedisTier(RowTier):
         self._read_slots = read_slots
         self._slot_map_read_at = now
         self._slot_map_epoch += 1
-        self._bucket_nodes = {}
         self._master_tags = None
 
     def _node_at(self, host: str, port: int, *, replica: bool = False) -> int:
@@ -1038,16 +1065,42 @@ class RedisTier(RowTier):
         """The master (index in ``_nodes``) of each bucket, from a per-table map of every
         bucket's slot (one vectorised CRC16 pass over the bucket names' hash tags);
         ``read``: the node to read its rows from (a replica with ``replica_reads``)."""
+        write = not read
         read = read and self._read_slots is not None  # else the masters' map serves both
         slots = self._read_slots if read else self._slots
         assert slots is not None
+        bucket_slots: npt.NDArray[np.integer[Any]]
         if layout.buckets > _MAX_MAPPED_BUCKETS:  # too many to map them all: these only
-            return slots[_bucket_slots(layout, buckets)]
-        table = self._bucket_nodes.get((layout, read))
-        if table is None:
-            every = np.arange(layout.buckets, dtype=np.uint64)
-            table = self._bucket_nodes[layout, read] = slots[_bucket_slots(layout, every)]
-        return table[buckets]
+            bucket_slots = _bucket_slots(layout, buckets)
+        else:
+            every = self._bucket_slots.get(layout)
+            if every is None:
+                all_buckets = np.arange(layout.buckets, dtype=np.uint64)
+                every = _bucket_slots(layout, all_buckets).astype(np.uint16)
+                self._bucket_slots[layout] = every
+            bucket_slots = every[buckets]
+        if self._traffic is not None:
+            self._traffic.count(bucket_slots, write=write)
+        return slots[bucket_slots]
+
+    def report_traffic(self) -> None:
+        """On a cluster, publish this client's slot traffic (``storage.rebalance``)
+        now; sent without waiting, a refusal logged. Reads and writes do it every
+        ``REPORT_EVERY_S`` by themselves."""
+        if self._traffic is None or self._slots is None:
+            return
+        rates = self._traffic.rates()
+        load = np.bincount(self._slots, weights=rates.sum(axis=0), minlength=len(self._nodes))
+        metrics.REDIS_LOAD_IMBALANCE.set(imbalance(load[np.unique(self._slots)]))
+        report = encode_report(time.time(), rates)
+        with self._unacked_lock:
+            key = report_key(self.prefix, self._traffic_id)
+            expiry = b"%d" % (MAX_REPORT_AGE_S * 1000)
+            self._send_commands([(b"SET", key, report, b"PX", expiry)], self._logged)
+
+    def _report_traffic_when_due(self) -> None:
+        if self._traffic is not None and self._traffic.due():
+            self.report_traffic()
 
     def _split(
         self, layout: BucketLayout, keys: Keys, *, read: bool = False
@@ -1407,6 +1460,7 @@ class RedisTier(RowTier):
         """``_fetch`` of several tables on a cluster: each master's HMGETs of every
         table in one pipeline; commands redirected by a reshard are sent again where they
         belong now, and the whole read once more if a replica read from failed."""
+        self._report_traffic_when_due()
         started = self._fresh_read_map()
         sent: dict[int, list[tuple[int, _Batch, npt.NDArray[np.intp] | None]]] = {}
         for r, (table, keys) in enumerate(requests):
@@ -1583,6 +1637,7 @@ class RedisTier(RowTier):
             chunks = [c for cmds in matrices for c in self._rows_chunks(cmds)]
             replies = self._roundtrip(chunks, rows=True)
         else:
+            self._report_traffic_when_due()
             try:
                 replies = self._hgets_by_master(list(shapes.values()), matrices)
             except StoreUnavailable:
@@ -1670,7 +1725,7 @@ class RedisTier(RowTier):
         layout = self.layout(table, create=True)
         assert layout is not None
         if table not in self._listpack_checked:
-            self._check_listpack(table, max(map(len, values)))
+            self._check_config(table, max(map(len, values)))
         keys = np.asarray(keys, dtype=np.uint64)
         self._store(
             layout,
@@ -1688,7 +1743,7 @@ class RedisTier(RowTier):
         layout = self.layout(table, create=True)
         assert layout is not None
         if table not in self._listpack_checked:
-            self._check_listpack(table, rows.dtype.itemsize)
+            self._check_config(table, rows.dtype.itemsize)
         keys = np.asarray(keys, dtype=np.uint64)
         data = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
         self._store(
@@ -1701,48 +1756,83 @@ class RedisTier(RowTier):
             ),
         )
 
-    def _check_listpack(self, table: str, value_bytes: int) -> None:
-        """Once per table and process, at its first write: warn if a master's settings
-        make Redis keep the table's buckets as hashtables, about twice the memory a row
-        (see Memory in the module docstring): rows longer than
-        ``hash-max-listpack-value``, or ``hash-max-listpack-entries`` under 4x
-        ``rows_per_bucket`` (a table past ~3x its ``expected_rows`` would cross it).
-        Where ``CONFIG`` is refused (managed Redis) nothing is checked."""
+    def _check_config(self, table: str, value_bytes: int) -> None:
+        """Once per table and process, at its first write: log ``config_warnings``
+        (those about eviction once per master)."""
         self._listpack_checked.add(table)
+        try:
+            warnings = self.config_warnings({table: value_bytes})
+        except StoreError:
+            return  # the write that follows raises
+        for kind, address, message in warnings:
+            if kind == "eviction":
+                if address in self._policy_checked:
+                    continue
+                self._policy_checked.add(address)
+                metrics.REDIS_EVICTION_POLICY_WARNINGS.inc()
+            else:
+                metrics.REDIS_LISTPACK_WARNINGS.inc()
+            log.warning("%s", message)
+
+    def config_warnings(self, row_bytes: Mapping[str, int]) -> list[tuple[str, str, str]]:
+        """What each master's settings would cost tables of these row sizes, as
+        (kind, master address, message):
+
+        - ``listpack``: Redis would keep a table's buckets as hashtables, about twice
+          the memory a row (see Memory in the module docstring): rows longer than
+          ``hash-max-listpack-value``, or ``hash-max-listpack-entries`` under 4x
+          ``rows_per_bucket`` (a table past ~3x its ``expected_rows`` would cross it).
+        - ``eviction``: it evicts any key under ``maxmemory`` (an ``allkeys-*``
+          policy): a bucket it drops takes rows the trainer wrote since its last flush,
+          so every flush then finds them gone and rewinds.
+
+        A master that refuses ``CONFIG`` (managed Redis) is not checked."""
         masters = [self._seed]
         if self._slots is not None:
             masters = [self._nodes[i] for i in np.unique(self._slots).tolist()]
+        out = []
         for node in masters:
-            try:
-                (reply,) = self._roundtrip_on(
-                    node, self._packed([(b"CONFIG", b"GET", b"hash-max-listpack-*")])
-                )
-            except StoreError:
-                return  # the write that follows raises
+            get = (b"CONFIG", b"GET", b"hash-max-listpack-*", b"maxmemory", b"maxmemory-policy")
+            (reply,) = self._roundtrip_on(node, self._packed([get]))
             if isinstance(reply, hiredis.ReplyError) or not reply:
-                log.debug("Redis at %s: no CONFIG GET (%s); listpack limits not checked",
+                log.debug("Redis at %s: no CONFIG GET (%s); its settings not checked",
                           node.address, reply)  # fmt: skip
-                return
+                continue
             pairs = (  # RESP3 (redis-py 8 by default) answers a map, RESP2 a list
                 reply.items()
                 if isinstance(reply, dict)
                 else zip(reply[::2], reply[1::2], strict=True)
             )
             config = dict(pairs)
+            policy = config.get(b"maxmemory-policy", b"noeviction").decode()
+            if policy.startswith("allkeys-") and int(config.get(b"maxmemory", 0)):
+                out.append((
+                    "eviction",
+                    node.address,
+                    f"Redis at {node.address} evicts any key when it reaches maxmemory "
+                    f"(maxmemory-policy {policy}): a bucket it drops takes rows written "
+                    "since the last flush, and the trainer rewinds at every flush that "
+                    "finds them gone. Set maxmemory-policy noeviction (writes then fail "
+                    "loudly when Redis is full) and size the hot tier with "
+                    "store.eviction.max_rows",
+                ))  # fmt: skip
             value_limit = int(config.get(b"hash-max-listpack-value", 0))
             entries_limit = int(config.get(b"hash-max-listpack-entries", 0))
             entries_needed = 4 * self.rows_per_bucket
-            if value_bytes > value_limit or entries_limit < entries_needed:
-                metrics.REDIS_LISTPACK_WARNINGS.inc()
-                log.warning(
-                    "Redis at %s keeps hashes of more than %d fields or with values over %d "
-                    "bytes as hashtables: table %r (%d-byte rows, ~%d rows a bucket) will "
-                    "take about twice the memory. Set hash-max-listpack-entries >= %d and "
-                    "hash-max-listpack-value >= %d on every master (CONFIG SET, or "
-                    "redis.conf)",
-                    node.address, entries_limit, value_limit, table, value_bytes,
-                    self.rows_per_bucket, entries_needed, max(value_bytes, 1024),
-                )  # fmt: skip
+            for table, value_bytes in row_bytes.items():
+                if value_bytes > value_limit or entries_limit < entries_needed:
+                    out.append((
+                        "listpack",
+                        node.address,
+                        f"Redis at {node.address} keeps hashes of more than {entries_limit} "
+                        f"fields or with values over {value_limit} bytes as hashtables: "
+                        f"table {table!r} ({value_bytes}-byte rows, ~{self.rows_per_bucket} "
+                        "rows a bucket) will take about twice the memory. Set "
+                        f"hash-max-listpack-entries >= {entries_needed} and "
+                        f"hash-max-listpack-value >= {max(value_bytes, 1024)} on every "
+                        "master (CONFIG SET, or redis.conf)",
+                    ))  # fmt: skip
+        return out
 
     def _store(
         self,
@@ -1768,6 +1858,7 @@ class RedisTier(RowTier):
             self._check_layout(layout, replies[1])
             return []
 
+        self._report_traffic_when_due()
         with self._unacked_lock:  # the slot map stays as it is while these are routed
             self._settle_earlier_routes()
             self._send_commands(self._assert_layout(layout), asserted)
@@ -1859,7 +1950,7 @@ class RedisTier(RowTier):
     def _logged(self, replies: list[Any]) -> list[_Command]:
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
-                log.warning("Redis at %s refused a read report: %s", self.address, reply)
+                log.warning("Redis at %s refused a report: %s", self.address, reply)
         return []
 
     def take_read_reports(self, max_reports: int) -> tuple[dict[str, Keys], dict[str, Keys]]:
@@ -2030,6 +2121,10 @@ class RedisTier(RowTier):
 
     def close(self) -> None:
         try:
+            if self._traffic is not None:  # a stopped client's traffic leaves the sum now
+                forget = (b"DEL", report_key(self.prefix, self._traffic_id))
+                with self._unacked_lock:
+                    self._send_commands([forget], self._logged)
             self.sync()
         finally:
             for node in self._nodes:

@@ -1,9 +1,11 @@
-"""The ``streamrec`` command: run | train | serve | replay | fetch | snapshot | restore."""
+"""The ``streamrec`` command: run | train | serve | replay | fetch | snapshot | restore |
+check | rebalance."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -272,6 +274,67 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check the configured services and state; exit 1 if anything fails."""
+    from streamrec.check import render, run_checks
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the findings say what failed
+    findings = run_checks(_settings(args))
+    print(render(findings, as_json=args.json), flush=True)
+    return 1 if any(f.status == "fail" for f in findings) else 0
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    """Plan slot moves that even out a Redis Cluster's measured load; --apply moves them."""
+    from storage.rebalance import ClusterAdmin, plan_moves, plan_report
+
+    store = _settings(args).store
+    if store.hot != "redis":
+        log.error("rebalance needs store.hot = 'redis' (a Redis Cluster)")
+        return 2
+    admin = ClusterAdmin(store.redis_url, store.redis_prefix)
+    try:
+        open_migrations = [
+            {"slot": slot, "from": source.address, "to": target.address}
+            for slot, source, target in admin.open_migrations
+        ]
+        if open_migrations and args.apply:  # a move left half done: finish it first
+            admin.finish_open_migrations()
+        elif open_migrations:
+            log.warning(
+                "%d slots are left half-migrated (%s): --apply finishes them first",
+                len(open_migrations), ", ".join(str(m["slot"]) for m in open_migrations),
+            )  # fmt: skip
+        rates, reporters = admin.traffic()
+        if not reporters:
+            log.error(
+                "no store with prefix %r reports its traffic: none runs against this cluster "
+                "(stores report every 10 s)",
+                store.redis_prefix,
+            )
+            return 1
+        plan = plan_moves(
+            rates[0] + args.write_cost * rates[1],
+            admin.memory(),
+            admin.owner,
+            len(admin.masters),
+            max_moves=args.max_moves,
+            tolerance=args.tolerance,
+            memory_slack=args.memory_slack,
+        )
+        report = plan_report(admin.masters, plan, reporters)
+        print(json.dumps({**report, "open_migrations": open_migrations}), flush=True)
+        if args.apply and plan.moves:
+            keys = admin.apply(plan.moves)
+            log.info(
+                "moved %d slots (%d keys); load imbalance %.3f -> %.3f (planned)",
+                len(plan.moves), keys, plan.imbalance_before, plan.imbalance_after,
+            )  # fmt: skip
+    finally:
+        admin.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamrec",
@@ -366,6 +429,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="delete the store's rows first if it is not empty"
     )
     restore.set_defaults(func=cmd_restore)
+
+    check = sub.add_parser(
+        "check",
+        help="check what the settings name (feature spec, Kafka topics, Redis and its "
+        "settings, RocksDB) and report every problem; exit 1 if one fails",
+    )
+    common(check)
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    check.set_defaults(func=cmd_check)
+
+    rebalance = sub.add_parser(
+        "rebalance",
+        help="move Redis Cluster hash slots so the load the stores measure evens out "
+        "(prints the plan as JSON; --apply carries it out)",
+    )
+    common(rebalance)
+    rebalance.add_argument("--apply", action="store_true", help="move the slots (default: plan)")
+    rebalance.add_argument(
+        "--max-moves", type=int, default=64, help="slots moved at most (default 64)"
+    )
+    rebalance.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="stop once every master is within this share of the mean load (default 0.05)",
+    )
+    rebalance.add_argument(
+        "--write-cost",
+        type=float,
+        default=1.0,
+        help="what a row written costs, a row read costing 1 (default 1)",
+    )
+    rebalance.add_argument(
+        "--memory-slack",
+        type=float,
+        default=0.1,
+        help="a move may take a master's memory to (1 + this) x the mean, or to the "
+        "largest now if that is more (default 0.1)",
+    )
+    rebalance.set_defaults(func=cmd_rebalance)
     return parser
 
 

@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 import redis
 
+from storage.rebalance import ClusterAdmin
+
 if TYPE_CHECKING:
     from storage.base import EmbeddingStore
     from streamrec.runtime import TrainerRuntime
@@ -167,19 +169,20 @@ def migrate_slot(
     finish: bool = True,
 ) -> redis.Redis:
     """Move ``slot`` and its keys from ``source`` to ``target`` (default: another
-    master), as ``redis-cli --cluster reshard`` does; the new owner. ``finish=False``
-    stops with the keys moved but the slot still the source's (mid-migration: ``ASK``)."""
+    master) with ``ClusterAdmin.migrate`` (what ``streamrec rebalance`` does); the new
+    owner. ``finish=False`` stops with the keys moved but the slot still the source's
+    (mid-migration: ``ASK``)."""
     target = target or next(m for m in masters if m is not source)
-    target_id = redis_command(target, "CLUSTER", "MYID")
-    source_id = redis_command(source, "CLUSTER", "MYID")
-    redis_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    redis_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    port = target.connection_pool.connection_kwargs["port"]
-    while keys := redis_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
-        redis_command(source, "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
-    if finish:  # the new owner first, then the old one (Redis' own order), then the rest
-        for m in sorted(masters, key=lambda m: (m is not target, m is not source)):
-            redis_command(m, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+    def port(client: redis.Redis) -> int:
+        return int(client.connection_pool.connection_kwargs["port"])
+
+    admin = ClusterAdmin(f"redis://127.0.0.1:{port(source)}")
+    try:
+        by_port = {master.port: master for master in admin.masters}
+        admin.migrate(slot, by_port[port(source)], by_port[port(target)], finish=finish)
+    finally:
+        admin.close()
     return target
 
 

@@ -427,12 +427,13 @@ def test_redis_credentials_are_used_and_a_refusal_is_a_clear_error(
 
 
 @pytest.mark.integration
-def test_a_redis_that_would_not_keep_listpacks_is_named(
+def test_a_misconfigured_redis_is_named(
     redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A ``redis-server`` with its default listpack limits (128 fields, 64-byte values)
     under 76-byte rows: a table's first write warns, once, naming the settings to
-    raise. The local Redis (configured as ``deploy/local`` does) gives no warning, and a
+    raise. One that evicts any key under ``maxmemory`` warns once, naming the policy.
+    The local Redis (configured as ``deploy/local`` does) gives no warning, and a
     server that refuses ``CONFIG`` is not checked."""
     keys = np.arange(1, 11, dtype=np.uint64)
 
@@ -443,16 +444,24 @@ def test_a_redis_that_would_not_keep_listpacks_is_named(
             with caplog.at_level(logging.WARNING, logger="storage.redis_tier"):
                 tier.put_many("t", keys, [b"x" * 76] * 10)
                 tier.put_many("t", keys, [b"y" * 76] * 10)
+                tier.put_many("u", keys, [b"z" * 76] * 10)
                 assert tier.get_many("t", keys[:1]) == [b"y" * 76]
         finally:
             tier.close()
-        return [r.getMessage() for r in caplog.records if "hash-max-listpack" in r.getMessage()]
+        return [r.getMessage() for r in caplog.records if "Redis at" in r.getMessage()]
 
     port = free_port()
     with redis_server(tmp_path, "--port", str(port)) as server:
-        (warning,) = warnings_of(f"redis://127.0.0.1:{port}/0", server)
-    assert f"127.0.0.1:{port}" in warning and "table 't' (76-byte rows" in warning
-    assert "hash-max-listpack-entries >= 256 and hash-max-listpack-value >= 1024" in warning
+        listpack_t, listpack_u = warnings_of(f"redis://127.0.0.1:{port}/0", server)
+    assert f"127.0.0.1:{port}" in listpack_t and "table 't' (76-byte rows" in listpack_t
+    assert "hash-max-listpack-entries >= 256 and hash-max-listpack-value >= 1024" in listpack_t
+    assert "table 'u'" in listpack_u
+    port = free_port()
+    evicting = ("--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru")
+    listpacks = ("--hash-max-listpack-entries", "512", "--hash-max-listpack-value", "1024")
+    with redis_server(tmp_path, "--port", str(port), *evicting, *listpacks) as server:
+        (policy,) = warnings_of(f"redis://127.0.0.1:{port}/0", server)
+    assert "maxmemory-policy allkeys-lru" in policy and "noeviction" in policy
     assert warnings_of(redis_url) == []
     port = free_port()
     with redis_server(tmp_path, "--port", str(port), "--rename-command", "CONFIG", "x") as server:
