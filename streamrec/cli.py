@@ -292,6 +292,9 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     if store.hot != "redis":
         log.error("rebalance needs store.hot = 'redis' (a Redis Cluster)")
         return 2
+    if min(args.max_moves, args.tolerance, args.write_cost, args.memory_slack) < 0:
+        log.error("--max-moves, --tolerance, --write-cost and --memory-slack must be >= 0")
+        return 2
     admin = ClusterAdmin(store.redis_url, store.redis_prefix)
     try:
         open_migrations = [

@@ -17,7 +17,10 @@ from streamrec.config import ConfigError, load_settings
 CLI = [sys.executable, "-m", "streamrec.cli"]
 
 
-@pytest.mark.parametrize("command", ["run", "train", "serve", "replay", "fetch"])
+@pytest.mark.parametrize(
+    "command",
+    ["run", "train", "serve", "replay", "fetch", "snapshot", "restore", "check", "rebalance"],
+)
 def test_every_subcommand_has_help(command: str) -> None:
     result = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0

@@ -160,6 +160,19 @@ def test_only_a_cluster_can_be_rebalanced(clean_redis: str) -> None:
         ClusterAdmin("redis+sentinel://127.0.0.1:1/mymaster")
 
 
+def test_rebalance_refuses_what_it_cannot_do(
+    clean_redis: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Redis hot tier, bad flags (exit 2), or a Redis that is not a cluster (exit 1,
+    the store error's one line)."""
+    monkeypatch.setenv("STREAMREC_STORE__DATA_DIR", str(tmp_path))
+    assert main(["rebalance"]) == 2
+    monkeypatch.setenv("STREAMREC_STORE__HOT", "redis")
+    monkeypatch.setenv("STREAMREC_STORE__REDIS_URL", clean_redis)
+    assert main(["rebalance", "--tolerance", "-1"]) == 2
+    assert main(["rebalance"]) == 1
+
+
 def hmget_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats").get("cmdstat_hmget", {})
     return int(stats.get("calls", 0))
