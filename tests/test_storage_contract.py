@@ -911,8 +911,13 @@ def replicas_caught_up(group: LocalSentinel, timeout_s: float = 30.0) -> None:
         offset = master.info("replication")["master_repl_offset"]
 
     def applied(port: int) -> int:
+        """What the replica has applied; -1 while its link is down or a full sync is
+        in progress (it then reports the offset it syncs to, serving its old data)."""
         with redis.Redis(port=port) as replica:
-            return int(replica.info("replication").get("slave_repl_offset", -1))
+            info = replica.info("replication")
+        if info.get("master_link_status") != "up" or info.get("master_sync_in_progress"):
+            return -1
+        return int(info.get("slave_repl_offset", -1))
 
     while not group.replica_ports() or min(map(applied, group.replica_ports())) < offset:
         assert time.monotonic() < deadline, "the replicas never caught up with the master"
