@@ -120,6 +120,21 @@ REDIS_REPLICA_WAITS_SHORT = Counter(
     "Flushes refused because fewer Redis replicas than store.redis_min_replicas confirmed "
     "their writes in time (nothing was committed; the trainer rewinds).",
 )
+REBALANCE_ROUNDS = Counter(
+    "streamrec_rebalance_rounds",
+    "`streamrec rebalance` rounds, by result: planned (within tolerance, or without "
+    "--apply), applied (slots moved), no_reports (no store reported traffic), failed.",
+    ["result"],
+)
+REBALANCE_SLOTS_MOVED = Counter(
+    "streamrec_rebalance_slots_moved", "Hash slots `streamrec rebalance --apply` moved."
+)
+REBALANCE_IMBALANCE = Gauge(
+    "streamrec_rebalance_load_imbalance",
+    "The cluster's busiest master's load over the mean at the last `streamrec rebalance` "
+    "round, as measured (before) and as planned (after).",
+    ["when"],
+)
 ROWS = Gauge("streamrec_store_rows", "Rows per tier and table.", ["tier", "table"])
 BYTES = Gauge(
     "streamrec_store_bytes",

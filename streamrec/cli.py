@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
+    from storage.rebalance import ClusterAdmin
+
 log = logging.getLogger("streamrec")
 
 
@@ -285,56 +287,98 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_rebalance(args: argparse.Namespace) -> int:
-    """Plan slot moves that even out a Redis Cluster's measured load; --apply moves them."""
-    from storage.rebalance import ClusterAdmin, plan_moves, plan_report
+    """Plan slot moves that even out a Redis Cluster's measured load; --apply moves them;
+    --every repeats that until stopped, with /metrics on ``metrics_port``."""
+    from storage.base import StoreError
+    from storage.rebalance import ClusterAdmin
 
-    store = _settings(args).store
+    settings = _settings(args)
+    store = settings.store
     if store.hot != "redis":
         log.error("rebalance needs store.hot = 'redis' (a Redis Cluster)")
         return 2
-    if min(args.max_moves, args.tolerance, args.write_cost, args.memory_slack) < 0:
-        log.error("--max-moves, --tolerance, --write-cost and --memory-slack must be >= 0")
-        return 2
-    admin = ClusterAdmin(store.redis_url, store.redis_prefix)
-    try:
-        open_migrations = [
-            {"slot": slot, "from": source.address, "to": target.address}
-            for slot, source, target in admin.open_migrations
-        ]
-        if open_migrations and args.apply:  # a move left half done: finish it first
-            admin.finish_open_migrations()
-        elif open_migrations:
-            log.warning(
-                "%d slots are left half-migrated (%s): --apply finishes them first",
-                len(open_migrations), ", ".join(str(m["slot"]) for m in open_migrations),
-            )  # fmt: skip
-        rates, reporters = admin.traffic()
-        if not reporters:
-            log.error(
-                "no store with prefix %r reports its traffic: none runs against this cluster "
-                "(stores report every 10 s)",
-                store.redis_prefix,
-            )
-            return 1
-        plan = plan_moves(
-            rates[0] + args.write_cost * rates[1],
-            admin.memory(),
-            admin.owner,
-            len(admin.masters),
-            max_moves=args.max_moves,
-            tolerance=args.tolerance,
-            memory_slack=args.memory_slack,
+    flags = (args.max_moves, args.tolerance, args.write_cost, args.memory_slack)
+    if min(flags) < 0 or (args.every is not None and args.every <= 0):
+        log.error(
+            "--max-moves, --tolerance, --write-cost and --memory-slack must be >= 0, --every > 0"
         )
-        report = plan_report(admin.masters, plan, reporters)
-        print(json.dumps({**report, "open_migrations": open_migrations}), flush=True)
-        if args.apply and plan.moves:
-            keys = admin.apply(plan.moves)
-            log.info(
-                "moved %d slots (%d keys); load imbalance %.3f -> %.3f (planned)",
-                len(plan.moves), keys, plan.imbalance_before, plan.imbalance_after,
-            )  # fmt: skip
+        return 2
+    admin = ClusterAdmin(store.redis_url, store.redis_prefix)  # not a cluster: exit 1
+    try:
+        if args.every is None:
+            return _rebalance_round(admin, args)
+        from prometheus_client import start_http_server
+
+        from storage import metrics
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        log.info(
+            "rebalancing every %g s; metrics on http://%s:%d/metrics",
+            args.every, settings.metrics_host, settings.metrics_port,
+        )  # fmt: skip
+        stop = threading.Event()
+        _stop_on_signals(stop)
+        while not stop.is_set():
+            try:  # a cluster that is down or changing now may be fine at the next round
+                admin.refresh()
+                _rebalance_round(admin, args)
+            except StoreError as e:
+                metrics.REBALANCE_ROUNDS.labels("failed").inc()
+                log.error("rebalance round failed: %s: %s", type(e).__name__, e)
+            stop.wait(args.every)
+        return 0
     finally:
         admin.close()
+
+
+def _rebalance_round(admin: ClusterAdmin, args: argparse.Namespace) -> int:
+    """One plan (printed as a JSON line) and, with --apply, its moves."""
+    from storage import metrics
+    from storage.rebalance import plan_moves, plan_report
+
+    open_migrations = [
+        {"slot": slot, "from": source.address, "to": target.address}
+        for slot, source, target in admin.open_migrations
+    ]
+    if open_migrations and args.apply:  # a move left half done: finish it first
+        admin.finish_open_migrations()
+    elif open_migrations:
+        log.warning(
+            "%d slots are left half-migrated (%s): --apply finishes them first",
+            len(open_migrations), ", ".join(str(m["slot"]) for m in open_migrations),
+        )  # fmt: skip
+    rates, reporters = admin.traffic()
+    if not reporters:
+        metrics.REBALANCE_ROUNDS.labels("no_reports").inc()
+        log.error(
+            "no store with prefix %r reports its traffic: none runs against this cluster "
+            "(stores report every 10 s)",
+            admin.prefix,
+        )
+        return 1
+    plan = plan_moves(
+        rates[0] + args.write_cost * rates[1],
+        admin.memory(),
+        admin.owner,
+        len(admin.masters),
+        max_moves=args.max_moves,
+        tolerance=args.tolerance,
+        memory_slack=args.memory_slack,
+    )
+    report = plan_report(admin.masters, plan, reporters)
+    print(json.dumps({**report, "open_migrations": open_migrations}), flush=True)
+    metrics.REBALANCE_IMBALANCE.labels("before").set(plan.imbalance_before)
+    metrics.REBALANCE_IMBALANCE.labels("after").set(plan.imbalance_after)
+    if args.apply and plan.moves:
+        keys = admin.apply(plan.moves)
+        metrics.REBALANCE_SLOTS_MOVED.inc(len(plan.moves))
+        metrics.REBALANCE_ROUNDS.labels("applied").inc()
+        log.info(
+            "moved %d slots (%d keys); load imbalance %.3f -> %.3f (planned)",
+            len(plan.moves), keys, plan.imbalance_before, plan.imbalance_after,
+        )  # fmt: skip
+    else:
+        metrics.REBALANCE_ROUNDS.labels("planned").inc()
     return 0
 
 
@@ -470,6 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="a move may take a master's memory to (1 + this) x the mean, or to the "
         "largest now if that is more (default 0.1)",
+    )
+    rebalance.add_argument(
+        "--every",
+        type=float,
+        metavar="SECONDS",
+        help="plan (and with --apply, move) again every SECONDS until stopped, with "
+        "/metrics on metrics_port (default: once)",
     )
     rebalance.set_defaults(func=cmd_rebalance)
     return parser

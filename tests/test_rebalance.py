@@ -5,15 +5,21 @@ whose hot slots move off the master they overloaded."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
-from support import LocalRedisCluster
+from support import LocalRedisCluster, free_port
 
 from storage.base import StoreError
 from storage.rebalance import (
@@ -303,4 +309,82 @@ def test_rebalance_moves_hot_slots_off_the_master_they_overload(
         for store in (writer, reader):
             if store is not None:
                 store.close()
+        cluster.stop()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (labels included) in a /metrics page; 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.integration
+def test_rebalance_every_moves_slots_as_traffic_comes(services: None, tmp_path: Path) -> None:
+    """``streamrec rebalance --apply --every 1``: a process that plans each second,
+    moves the hot slots once a store reports them, then finds nothing to do; its
+    /metrics count the rounds and moves; SIGTERM stops it cleanly."""
+    cluster = LocalRedisCluster(tmp_path / "cluster")
+    tier = proc = None
+    try:
+        tier = RedisTier(cluster.url, "rv", expected_rows=20_000)
+        keys = np.arange(1, 20_001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        tier.put_many("t", keys, [b"v" * 32] * len(keys))
+        tier.sync()
+        admin = ClusterAdmin(cluster.url, "rv")
+        layout = tier.layout("t")
+        assert layout is not None
+        slot_of = np.array(
+            [key_slot(layout.bucket_name(int(k % np.uint64(layout.buckets)))) for k in keys]
+        )
+        hot_slots = sorted(set(slot_of[admin.owner[slot_of] == 0].tolist()))[:6]
+        hot = keys[np.isin(slot_of, hot_slots)]
+        port = free_port()
+        env = {
+            **os.environ,
+            "STREAMREC_STORE__HOT": "redis",
+            "STREAMREC_STORE__REDIS_URL": cluster.url,
+            "STREAMREC_STORE__REDIS_PREFIX": "rv",
+            "STREAMREC_STORE__DATA_DIR": str(tmp_path / "data"),
+            "STREAMREC_METRICS_PORT": str(port),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamrec.cli", "rebalance", "--apply", "--every", "1"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        page = ""
+        while metric(page, 'streamrec_rebalance_rounds_total{result="no_reports"}') < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.2)
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except httpx.TransportError:
+                continue  # not listening yet
+        for _ in range(200):  # the traffic comes: hot keys on master 0
+            tier.get_many("t", hot)
+        tier.report_traffic()
+        tier.sync()
+        while metric(page, 'streamrec_rebalance_rounds_total{result="planned"}') < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.2)
+            page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        assert metric(page, 'streamrec_rebalance_rounds_total{result="applied"}') >= 1
+        assert metric(page, "streamrec_rebalance_slots_moved_total") >= 1
+        assert metric(page, 'streamrec_rebalance_load_imbalance{when="after"}') < 1.1
+        admin.refresh()
+        assert set(admin.owner[hot_slots].tolist()) != {0}
+        admin.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if tier is not None:
+            tier.close()
         cluster.stop()
