@@ -9,7 +9,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
+
 from storage.base import StoreError, TableConfig
+from storage.rebalance import ClusterAdmin, imbalance
 from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.rows import RowCodec
@@ -18,6 +21,8 @@ from streamrec.config import Settings
 from streamrec.wiring import resolve_spec, table_configs
 
 Status = Literal["ok", "warn", "fail"]
+# Where the alert StreamrecRedisLoadImbalanced fires too.
+LOAD_IMBALANCE_WARNING = 1.25
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,8 @@ def _check_redis(settings: Settings, tables: Sequence[TableConfig]) -> list[Find
         for messages in warned.values():  # the first table's message names them all
             more = f" (and {len(messages) - 1} more tables)" if len(messages) > 1 else ""
             found.append(Finding("redis", "warn", messages[0] + more))
+        if tier.cluster:
+            found += _check_cluster_load(settings)
         if cfg.redis_min_replicas:
             tier.wait_for_replicas()
             found.append(Finding(
@@ -139,6 +146,36 @@ def _check_redis(settings: Settings, tables: Sequence[TableConfig]) -> list[Find
         found.append(Finding("redis", "fail", str(e)))
     finally:
         tier.close()
+    return found
+
+
+def _check_cluster_load(settings: Settings) -> list[Finding]:
+    """How evenly the cluster's masters carry what the stores report, and slots a
+    failed move left half-migrated (``streamrec rebalance`` fixes both)."""
+    admin = ClusterAdmin(settings.store.redis_url, settings.store.redis_prefix)
+    try:
+        found = [
+            Finding(
+                "redis",
+                "warn",
+                f"slot {slot} is left half-migrated from {source.address} to "
+                f"{target.address}: `streamrec rebalance --apply` finishes it",
+            )
+            for slot, source, target in admin.open_migrations
+        ]
+        rates, reporters = admin.traffic()
+        if reporters:
+            masters = len(admin.masters)
+            ratio = imbalance(np.bincount(admin.owner, rates.sum(axis=0), minlength=masters))
+            uneven = ratio > LOAD_IMBALANCE_WARNING
+            found.append(Finding(
+                "redis",
+                "warn" if uneven else "ok",
+                f"the busiest master serves {ratio:.2f}x the mean load that {reporters} "
+                "stores report" + (": run `streamrec rebalance`" if uneven else ""),
+            ))  # fmt: skip
+    finally:
+        admin.close()
     return found
 
 

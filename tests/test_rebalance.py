@@ -246,6 +246,10 @@ def test_rebalance_moves_hot_slots_off_the_master_they_overload(
         assert first["slot"] in hot_slots and first["from"] == admin.masters[0].address
         admin.refresh()
         assert (admin.owner[hot_slots] == 0).all()  # a plan moves nothing
+        assert main(["check", "--json"]) == 0  # which names the imbalance too
+        found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        (uneven,) = [f for f in found if "run `streamrec rebalance`" in f["detail"]]
+        assert uneven["status"] == "warn" and "serves 2." in uneven["detail"]
 
         assert main(["rebalance", "--apply"]) == 0
         capsys.readouterr()
@@ -282,6 +286,9 @@ def test_rebalance_moves_hot_slots_off_the_master_they_overload(
         plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         half_done = {"slot": slot, "from": source.address, "to": target.address}
         assert plan["open_migrations"] == [half_done]
+        main(["check", "--json"])
+        found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert any(f"slot {slot} is left half-migrated" in f["detail"] for f in found)
         assert main(["rebalance", "--apply"]) == 0
         capsys.readouterr()
         admin.refresh()
