@@ -141,6 +141,18 @@ def test_slot_traffic_rates_follow_the_traffic_as_it_drifts() -> None:
     assert traffic.due()
 
 
+def test_slot_traffic_counts_every_row_past_a_fold() -> None:
+    """Routed slot arrays are summed in bulk; rows past the bulk threshold count too."""
+    now = [0.0]
+    traffic = SlotTraffic(half_life_s=60, clock=lambda: now[0])
+    for _ in range(1100):  # 1.1M rows: past one fold
+        traffic.count(np.arange(1000) % 4, write=True)
+    now[0] += 1
+    rates = traffic.rates()
+    assert rates[1, :4].tolist() == [275_000.0] * 4 and rates[1].sum() == 1_100_000
+    assert rates[0].sum() == 0
+
+
 def test_reports_round_trip_and_stale_or_malformed_ones_are_dropped() -> None:
     rates = np.zeros((2, SLOTS))
     rates[0, 3], rates[1, 4] = 5.0, 2.5
@@ -179,6 +191,19 @@ def test_rebalance_refuses_what_it_cannot_do(
     assert main(["rebalance"]) == 1
 
 
+def keys_on_first_master(
+    tier: RedisTier, admin: ClusterAdmin, keys: np.ndarray
+) -> tuple[list[int], np.ndarray]:
+    """Six slots of table ``t`` that master 0 serves, and the ``keys`` in them."""
+    layout = tier.layout("t")
+    assert layout is not None
+    slot_of = np.array(
+        [key_slot(layout.bucket_name(int(k % np.uint64(layout.buckets)))) for k in keys]
+    )
+    hot_slots = sorted(set(slot_of[admin.owner[slot_of] == 0].tolist()))[:6]
+    return hot_slots, keys[np.isin(slot_of, hot_slots)]
+
+
 def hmget_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats").get("cmdstat_hmget", {})
     return int(stats.get("calls", 0))
@@ -208,13 +233,7 @@ def test_rebalance_moves_hot_slots_off_the_master_they_overload(
         writer.put_many("t", keys, values)
         writer.sync()
         admin = ClusterAdmin(cluster.url, prefix)
-        layout = writer.layout("t")
-        assert layout is not None
-        slot_of = np.array(
-            [key_slot(layout.bucket_name(int(k % np.uint64(layout.buckets)))) for k in keys]
-        )
-        hot_slots = sorted(set(slot_of[admin.owner[slot_of] == 0].tolist()))[:6]
-        hot = keys[np.isin(slot_of, hot_slots)]
+        hot_slots, hot = keys_on_first_master(writer, admin, keys)
         masters = [admin.client(m) for m in admin.masters]
 
         def hot_reads() -> list[int]:
@@ -340,13 +359,7 @@ def test_rebalance_every_moves_slots_as_traffic_comes(services: None, tmp_path: 
         tier.put_many("t", keys, [b"v" * 32] * len(keys))
         tier.sync()
         admin = ClusterAdmin(cluster.url, "rv")
-        layout = tier.layout("t")
-        assert layout is not None
-        slot_of = np.array(
-            [key_slot(layout.bucket_name(int(k % np.uint64(layout.buckets)))) for k in keys]
-        )
-        hot_slots = sorted(set(slot_of[admin.owner[slot_of] == 0].tolist()))[:6]
-        hot = keys[np.isin(slot_of, hot_slots)]
+        hot_slots, hot = keys_on_first_master(tier, admin, keys)
         port = free_port()
         env = {
             **os.environ,
