@@ -10,11 +10,13 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -30,8 +32,10 @@ from service.collector import CollectorWatch
 from service.embeddings import EmbeddingReader
 from service.freshness import FreshnessTracker
 from service.schemas import (
+    ArmInfo,
     EventsAccepted,
     EventsRequest,
+    ExperimentInfo,
     FeatureNames,
     Health,
     ModelInfo,
@@ -41,6 +45,7 @@ from service.schemas import (
     PredictResponse,
 )
 from storage.base import EmbeddingStore, StoreUnavailable
+from storage.keys import feature_keys
 from storage.read_process import ReadProcess
 from streaming.events import (
     EVENT_FIELDS,
@@ -51,7 +56,8 @@ from streaming.events import (
 )
 from streaming.log import EventProducer, LogUnavailable
 from streaming.spec import FeatureSpec
-from trainer.encoding import flat_columns
+from trainer.encoding import FlatColumns, flat_columns
+from trainer.experiment import DEFAULT_ARM, ArmSplit, ExperimentConfig, arms_of_values
 from trainer.features import distinct_keys, encode
 from trainer.model import DLRM
 from trainer.versions import VersionMeta, latest_version, load_version, stored_versions
@@ -144,6 +150,23 @@ class EventSink:
     spec: FeatureSpec
 
 
+@dataclass(frozen=True)
+class ArmBackend:
+    """An experiment arm's own store (read-only view) and its reader processes."""
+
+    store: EmbeddingStore
+    read_processes: Sequence[ReadProcess] = ()
+
+
+@dataclass(frozen=True)
+class ServedExperiment:
+    """An experiment the service routes predicts by: each instance goes to its unit's
+    arm's model (``trainer.experiment``), the rest to the default model."""
+
+    config: ExperimentConfig
+    arms: Mapping[str, ArmBackend]
+
+
 class UnknownVersion(KeyError):
     pass
 
@@ -161,9 +184,13 @@ class ModelHolder:
         pinned: int | None = None,
         pin_file: Path | None = None,
         cache_size: int = 4,
+        arm: str | None = None,
     ) -> None:
+        """``arm``: the experiment arm this model serves (its version is then a label of
+        ``streamrec_service_experiment_model_version``, not the service's gauges)."""
         self._store = store
         self.name = name
+        self.arm = arm
         self.current: Loaded | None = None
         self.pinned = pinned
         self._pin_file = pin_file
@@ -204,10 +231,17 @@ class ModelHolder:
 
     def _swap(self, loaded: Loaded) -> None:
         self.current = loaded
-        metrics.MODEL_VERSION.set(loaded[0].version)
+        if self.arm is None:
+            metrics.MODEL_VERSION.set(loaded[0].version)
+        else:
+            metrics.EXPERIMENT_MODEL_VERSION.labels(arm=self.arm).set(loaded[0].version)
         metrics.SWAPS.inc()
         log.info(
-            "serving %s version %d%s", self.name, loaded[0].version, " (pinned)" * bool(self.pinned)
+            "serving %s%s version %d%s",
+            self.name,
+            "" if self.arm is None else f" arm {self.arm!r}",
+            loaded[0].version,
+            " (pinned)" * bool(self.pinned),
         )
 
     def refresh(self) -> bool:
@@ -219,7 +253,7 @@ class ModelHolder:
             return False
         loaded = self.load(target)
         self._swap(loaded)
-        if self.pinned is None:
+        if self.pinned is None and self.arm is None:
             metrics.PUBLISH_LAG.observe(max(time.time() - loaded[0].created_at, 0.0))
         return True
 
@@ -235,6 +269,43 @@ class ModelHolder:
             self._swap(loaded)
         else:
             self.refresh()
+
+
+@dataclass(frozen=True)
+class _Served:
+    """One model the app serves: its versions, its embedding reads, its batching."""
+
+    store: EmbeddingStore
+    holder: ModelHolder
+    reader: EmbeddingReader
+    batcher: PredictBatcher
+
+
+def _served(
+    store: EmbeddingStore,
+    config: ServiceConfig,
+    read_processes: Sequence[ReadProcess],
+    arm: str | None,
+) -> _Served:
+    reader = EmbeddingReader(
+        store,
+        ttl_s=config.near_cache_ttl_s,
+        max_rows=config.near_cache_rows,
+        budget_s=config.lookup_budget_ms / 1000,
+        threads=config.lookup_threads,
+        processes=read_processes,
+    )
+    holder = ModelHolder(
+        store,
+        config.model_name,
+        # A pin (rollback) is the default model's; arms follow their trainers.
+        pinned=config.pinned_version if arm is None else None,
+        pin_file=config.pin_file if arm is None else None,
+        cache_size=config.version_cache,
+        arm=arm,
+    )
+    batcher = PredictBatcher(reader, max_instances=config.max_batch_instances)
+    return _Served(store, holder, reader, batcher)
 
 
 class _FastJSONRequest(Request):
@@ -277,37 +348,43 @@ def create_app(
     *,
     events: EventSink | None = None,
     read_processes: Sequence[ReadProcess] = (),
+    experiment: ServedExperiment | None = None,
 ) -> FastAPI:
     """The app over a store the trainer writes; versions are picked up every
     ``config.refresh_every_s`` seconds. ``events``: where ``POST /v1/events`` produces
     (None: it answers 503). ``read_processes``: children with their own read-only view
     of ``store`` that do the embedding reads (see ``EmbeddingReader``); the app starts
-    and stops them with its lifespan."""
+    and stops them with its lifespan. ``experiment``: route each predict instance to
+    its unit's arm's model, each read from the arm's own store."""
     config = config or ServiceConfig()
-    holder = ModelHolder(
-        store,
-        config.model_name,
-        pinned=config.pinned_version,
-        pin_file=config.pin_file,
-        cache_size=config.version_cache,
-    )
-    reader = EmbeddingReader(
-        store,
-        ttl_s=config.near_cache_ttl_s,
-        max_rows=config.near_cache_rows,
-        budget_s=config.lookup_budget_ms / 1000,
-        threads=config.lookup_threads,
-        processes=read_processes,
-    )
+    main = _served(store, config, read_processes, None)
+    holder, reader, batcher = main.holder, main.reader, main.batcher
+    arms: dict[str, _Served] = {}
+    split: ArmSplit | None = None
+    if experiment is not None:
+        split = experiment.config.split()
+        arms = {
+            name: _served(backend.store, config, backend.read_processes, name)
+            for name, backend in experiment.arms.items()
+        }
+    served = [main, *arms.values()]
+    if split is not None:
+        for arm in (DEFAULT_ARM, *arms):  # every arm's series from the start, at 0
+            metrics.EXPERIMENT_INSTANCES.labels(arm=arm)
+            if arm != DEFAULT_ARM:
+                metrics.EXPERIMENT_FALLBACKS.labels(arm=arm)
+            for label in ("0", "1"):
+                metrics.EXPERIMENT_EVENTS.labels(arm=arm, label=label)
     tracker = FreshnessTracker(reader, timeout_s=config.freshness_timeout_s)
-    batcher = PredictBatcher(reader, max_instances=config.max_batch_instances)
     collector = CollectorWatch(freeze=config.gc_freeze)
 
     def refresh_quietly() -> None:
-        try:
-            holder.refresh()
-        except Exception:  # keep serving the old version; the next refresh retries
-            log.exception("model refresh failed")
+        for model in served:
+            try:
+                model.holder.refresh()
+            except Exception:  # keep serving the old version; the next refresh retries
+                whose = "" if model.holder.arm is None else f" (arm {model.holder.arm!r})"
+                log.exception("model refresh failed%s", whose)
         current = holder.current
         if current is not None:
             metrics.MODEL_AGE.set(time.time() - current[0].created_at)
@@ -331,7 +408,8 @@ def create_app(
                 if tracker.watched:
                     await asyncio.to_thread(poll_quietly)
 
-        await asyncio.to_thread(reader.start)
+        for model in served:
+            await asyncio.to_thread(model.reader.start)
         await asyncio.to_thread(refresh_quietly)  # serve the latest version from the start
         collector.start()  # after startup: what is alive now stays, so it is frozen
         tasks = [asyncio.create_task(refresher()), asyncio.create_task(freshness())]
@@ -339,7 +417,8 @@ def create_app(
         for task in tasks:
             task.cancel()
         collector.stop()
-        reader.close()
+        for model in served:
+            model.reader.close()
 
     app = FastAPI(
         title="streamrec",
@@ -394,6 +473,32 @@ def create_app(
             created_at=meta.created_at,
             events_trained=meta.events_trained,
             features=FeatureNames(sparse=meta.spec.sparse_names, dense=list(meta.spec.dense)),
+            experiment=experiment_info(),
+        )
+
+    def experiment_info() -> ExperimentInfo | None:
+        if experiment is None:
+            return None
+        cfg = experiment.config
+        arm_infos = []
+        for name, model in arms.items():
+            current = model.holder.current
+            arm_infos.append(
+                ArmInfo(
+                    name=name,
+                    share=cfg.arms[name].share,
+                    version=None if current is None else current[0].version,
+                    ready=current is not None,
+                    latest_version=latest_version(model.store, model.holder.name),
+                    created_at=None if current is None else current[0].created_at,
+                    events_trained=None if current is None else current[0].events_trained,
+                )
+            )
+        return ExperimentInfo(
+            name=cfg.name,
+            unit=cfg.unit,
+            default_trains_on=cfg.default_trains_on,
+            arms=arm_infos,
         )
 
     @app.get("/v1/models", response_model=ModelList)
@@ -424,6 +529,7 @@ def create_app(
     @app.post(
         "/v1/models/{name}:predict",
         response_model=PredictResponse,
+        response_model_exclude_none=True,
         responses={400: {}, 404: {}, 422: {}, 503: {}},
     )
     async def predict(name: str, body: PredictRequest) -> PredictResponse:
@@ -475,11 +581,88 @@ def create_app(
                     for i, problem in problems
                 ]
             )
-        predictions = await batcher.predict(meta, model, body.instances, columns)
+        if split is None or version is not None:
+            # A request naming a version asks for the default model's.
+            predictions = await batcher.predict(meta, model, body.instances, columns)
+            response = PredictResponse(predictions=predictions, model_version=meta.version)
+        else:
+            response = await predict_by_arm(split, meta, body.instances, columns)
         metrics.INSTANCES.inc(len(body.instances))
         metrics.REQUESTS.labels(status="200").inc()
         metrics.LATENCY.observe(time.perf_counter() - started)
-        return PredictResponse(predictions=predictions, model_version=meta.version)
+        return response
+
+    async def predict_by_arm(
+        split: ArmSplit,
+        meta: VersionMeta,
+        instances: list[dict[str, Any]],
+        columns: FlatColumns | None,
+    ) -> PredictResponse:
+        """Each instance scored by its unit's arm's model (an arm with no version yet:
+        the default model's, counted), the groups concurrently."""
+        spec = meta.spec
+        if columns is not None and split.unit in spec.sparse_names:
+            unit_keys = feature_keys(
+                split.unit, columns.ids[:, spec.sparse_names.index(split.unit)]
+            )
+            of = split.of_keys(unit_keys)
+        else:
+            of = arms_of_values(split, [instance.get(split.unit) for instance in instances])
+        groups: list[tuple[str, npt.NDArray[np.intp] | None, _Served, Loaded]] = []
+        present = np.unique(of)
+        for index in present.tolist():
+            arm = split.name(index)
+            model = main if index < 0 else arms[arm]
+            rows = None if len(present) == 1 else np.flatnonzero(of == index)
+            current = model.holder.current
+            if current is None:
+                metrics.EXPERIMENT_FALLBACKS.labels(arm=arm).inc(
+                    len(instances) if rows is None else len(rows)
+                )
+                model, current = main, main.holder.current
+                if current is None:
+                    raise _unavailable("no model version published yet")
+            metrics.EXPERIMENT_INSTANCES.labels(arm=arm).inc(
+                len(instances) if rows is None else len(rows)
+            )
+            groups.append((arm, rows, model, current))
+
+        async def score(
+            rows: npt.NDArray[np.intp] | None, model: _Served, current: Loaded
+        ) -> list[float]:
+            if rows is None:
+                return await model.batcher.predict(current[0], current[1], instances, columns)
+            part = [instances[i] for i in rows.tolist()]
+            part_columns = (
+                None if columns is None else FlatColumns(columns.ids[rows], columns.dense[rows])
+            )
+            return await model.batcher.predict(current[0], current[1], part, part_columns)
+
+        scored = await asyncio.gather(
+            *(score(rows, model, current) for _, rows, model, current in groups)
+        )
+        versions = {arm: current[0].version for arm, _, _, current in groups}
+        if len(groups) == 1:
+            arm = groups[0][0]
+            return PredictResponse(
+                predictions=scored[0],
+                model_version=versions[arm],
+                arms=[arm] * len(instances),
+                model_versions=versions,
+            )
+        predictions = [0.0] * len(instances)
+        names = [DEFAULT_ARM] * len(instances)
+        for (arm, rows, _, _), values in zip(groups, scored, strict=True):
+            assert rows is not None
+            for i, value in zip(rows.tolist(), values, strict=True):
+                predictions[i] = value
+                names[i] = arm
+        return PredictResponse(
+            predictions=predictions,
+            model_version=versions.get(DEFAULT_ARM, meta.version),
+            arms=names,
+            model_versions=versions,
+        )
 
     @app.post(
         "/v1/events",
@@ -533,6 +716,12 @@ def create_app(
             metrics.EVENTS.labels(status="503").inc()
             raise _unavailable(str(exc)) from None
         metrics.EVENTS.labels(status="202").inc(len(parsed))
+        if split is not None:
+            of = arms_of_values(split, [e.features.get(split.unit) for e in parsed])
+            for index, event in zip(of.tolist(), parsed, strict=True):
+                metrics.EXPERIMENT_EVENTS.labels(
+                    arm=split.name(index), label=str(event.label)
+                ).inc()
         batch = encode([e.features for e in parsed], [e.dense for e in parsed], events.spec)
         tracker.watch(produced, distinct_keys(batch, events.spec).keys)
         return EventsAccepted(accepted=len(parsed), topic=events.topic)
@@ -544,14 +733,20 @@ def create_app(
 
     @app.get("/readyz", response_model=Health, responses={503: {"model": Health}})
     def readyz() -> Response:
-        """Ready when a model version is loaded and the store answers."""
-        if holder.current is None:
-            return JSONResponse(
-                status_code=503,
-                content=Health(status="not ready", detail="no model version yet").model_dump(),
-            )
+        """Ready when a model version is loaded and the store answers (with an
+        experiment: every arm's too)."""
+        for model in served:
+            if model.holder.current is None:
+                whose = "" if model.holder.arm is None else f" of arm {model.holder.arm!r}"
+                return JSONResponse(
+                    status_code=503,
+                    content=Health(
+                        status="not ready", detail=f"no model version{whose} yet"
+                    ).model_dump(),
+                )
         try:
-            latest_version(store, holder.name)
+            for model in served:
+                latest_version(model.store, model.holder.name)
         except StoreUnavailable as exc:
             return JSONResponse(
                 status_code=503, content=Health(status="not ready", detail=str(exc)).model_dump()

@@ -90,3 +90,21 @@ GC_PAUSE = Histogram(
 )
 for _generation in ("0", "1", "2"):
     GC_PAUSE.labels(generation=_generation)
+EXPERIMENT_INSTANCES = Counter(
+    "streamrec_service_experiment_instances_total",
+    "Predict instances per experiment arm (default: units in no arm).",
+    ["arm"],
+)
+EXPERIMENT_FALLBACKS = Counter(
+    "streamrec_service_experiment_fallback_instances_total",
+    "Instances of an arm with no model version yet, scored by the default model.",
+    ["arm"],
+)
+EXPERIMENT_EVENTS = Counter(
+    "streamrec_service_experiment_events_total",
+    "Events posted per experiment arm and label (1: a click): the arms' CTR.",
+    ["arm", "label"],
+)
+EXPERIMENT_MODEL_VERSION = Gauge(
+    "streamrec_service_experiment_model_version", "Served version of each arm's model.", ["arm"]
+)

@@ -16,6 +16,23 @@ class FeatureNames(BaseModel):
     dense: list[str]
 
 
+class ArmInfo(BaseModel):
+    name: str
+    share: float = Field(description="Fraction of the units this arm serves.")
+    version: int | None = Field(description="The arm's served version; null until its first.")
+    ready: bool
+    latest_version: int | None = None
+    created_at: float | None = None
+    events_trained: int | None = None
+
+
+class ExperimentInfo(BaseModel):
+    name: str
+    unit: str = Field(description="The field whose value picks an instance's arm.")
+    default_trains_on: str = Field(description="all: every event; rest: units in no arm.")
+    arms: list[ArmInfo]
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int | None = Field(description="Served version; null until the first publish.")
@@ -30,6 +47,9 @@ class ModelInfo(BaseModel):
     created_at: float | None = Field(None, description="Publish time of the served version.")
     events_trained: int | None = None
     features: FeatureNames
+    experiment: ExperimentInfo | None = Field(
+        None, description="The A/B test this service routes predicts by, with each arm's model."
+    )
 
 
 class PredictParameters(BaseModel):
@@ -54,7 +74,16 @@ class PredictRequest(BaseModel):
 
 class PredictResponse(BaseModel):
     predictions: list[float] = Field(description="Click probability per instance, in order.")
-    model_version: int
+    model_version: int = Field(
+        description="The version that scored them (with an experiment and instances in "
+        "several arms: the default model's; see model_versions)."
+    )
+    arms: list[str] | None = Field(
+        None, description="With an experiment: each instance's arm ('default': in none)."
+    )
+    model_versions: dict[str, int] | None = Field(
+        None, description="With an experiment: the version each arm present scored with."
+    )
 
 
 class PinRequest(BaseModel):

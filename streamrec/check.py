@@ -18,8 +18,9 @@ from storage.redis_tier import RedisTier
 from storage.rocksdb_tier import RocksDBTier
 from storage.rows import RowCodec
 from storage.tiered import POSITION_BLOB
-from streamrec.config import Settings
-from streamrec.wiring import resolve_spec, table_configs
+from streaming.spec import FeatureSpec
+from streamrec.config import ConfigError, Settings
+from streamrec.wiring import check_experiment, resolve_spec, table_configs
 
 Status = Literal["ok", "warn", "fail"]
 # Where the alert StreamrecRedisLoadImbalanced fires too.
@@ -28,7 +29,7 @@ LOAD_IMBALANCE_WARNING = 1.25
 
 @dataclass(frozen=True)
 class Finding:
-    component: str  # features, kafka, redis, rocksdb
+    component: str  # features, kafka, redis, rocksdb, experiment, arm:<name>
     status: Status
     detail: str
 
@@ -51,6 +52,7 @@ def run_checks(settings: Settings, *, kafka_timeout_s: float = 10.0) -> list[Fin
     found += _check_log(settings, kafka_timeout_s)
     found += _check_redis(settings, tables)
     found += _check_rocksdb(settings, tables)
+    found += _check_experiment(settings, spec)
     return found
 
 
@@ -209,6 +211,36 @@ def _check_rocksdb(settings: Settings, tables: Sequence[TableConfig]) -> list[Fi
         else "no stream position yet"
     )
     return [Finding("rocksdb", "ok", f"{path}: {rows:,} rows of these tables, {recorded}")]
+
+
+def _check_experiment(settings: Settings, spec: FeatureSpec) -> list[Finding]:
+    """The experiment's unit field, and each arm's own cold tier (the deployment's
+    settings only: an arm's view has no other arms to check)."""
+    experiment = settings.experiment
+    if experiment is None:
+        return []
+    try:
+        check_experiment(settings, spec)
+    except ConfigError as e:
+        return [Finding("experiment", "fail", str(e))]
+    shares = ", ".join(f"{name} {arm.share:.1%}" for name, arm in experiment.arms.items())
+    learns = "every event" if experiment.default_trains_on == "all" else "the units in no arm"
+    found = [
+        Finding(
+            "experiment",
+            "ok",
+            f"{experiment.name!r} on unit {experiment.unit!r}: {shares} of the units; the "
+            f"default model learns from {learns}",
+        )
+    ]
+    if settings.arm is None:
+        for arm in experiment.arms:
+            view = settings.for_arm(arm)
+            found += [
+                Finding(f"arm:{arm}", f.status, f.detail)
+                for f in _check_rocksdb(view, table_configs(spec, view))
+            ]
+    return found
 
 
 def render(findings: Sequence[Finding], *, as_json: bool = False) -> str:

@@ -45,7 +45,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["source"] = args.source
     if getattr(args, "data_dir", None):
         overrides["store"] = {"data_dir": args.data_dir}
+    if getattr(args, "arm", None):
+        overrides["arm"] = args.arm
     settings = load_settings(args.config, **overrides)
+    if settings.arm is not None:
+        # The arm's store, trainer and consumer group from here on.
+        settings = settings.model_copy(update={"arm": None}).for_arm(settings.arm)
     if settings.malloc_tuning:
         tune_malloc()
     return settings
@@ -68,6 +73,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streamrec.serving import PRODUCE_BLOCK_MS
 
     settings = _settings(args)
+    if settings.experiment is not None:
+        raise ConfigError(
+            "`streamrec run` trains and serves one model; an experiment needs a trainer "
+            "per arm (`streamrec train` and `streamrec train --arm NAME`, with Kafka) "
+            "and `streamrec serve`"
+        )
     runtime = TrainerRuntime.start(settings, max_events=args.max_events, rate=args.rate)
     producer: EventProducer
     if runtime.embedded_log is not None:
@@ -396,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="TOML settings file (Kafka, Redis, features, ...); default: embedded",
         )
         p.add_argument("--data-dir", type=Path, help="RocksDB and datasets (store.data_dir)")
+        p.add_argument(
+            "--arm",
+            help="act as this experiment arm: its store, trainer settings and consumer "
+            "group (see README: Experiments)",
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     def training(p: argparse.ArgumentParser) -> None:

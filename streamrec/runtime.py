@@ -16,9 +16,18 @@ from streaming.log import (
     KafkaEventConsumer,
     KafkaEventProducer,
 )
-from streamrec.config import Settings
-from streamrec.wiring import build_store, data_path, embedded_source, feed_log, resolve_spec
+from streamrec.config import ConfigError, Settings
+from streamrec.wiring import (
+    build_store,
+    check_experiment,
+    data_path,
+    embedded_source,
+    feed_log,
+    resolve_spec,
+)
+from trainer import metrics
 from trainer.dense_sync import member_name
+from trainer.experiment import DEFAULT_ARM, ArmFilter
 from trainer.trainer import StreamingTrainer, TrainerReport
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,15 @@ class TrainerRuntime:
         """Build and start the trainer thread (and, embedded, the source feeding it)."""
         stop = threading.Event()
         embedded_log: InMemoryLog | None = None
+        arm = ArmFilter.of(settings.experiment, settings.arm)
+        if settings.experiment is not None:
+            # Joins the trainer's evaluation metrics to its arm in queries.
+            metrics.EXPERIMENT_ARM.labels(arm=settings.arm or DEFAULT_ARM).set(1)
+        batch_records = (
+            settings.trainer.batch_size
+            if arm is None
+            else arm.records_per_batch(settings.trainer.batch_size)
+        )
         if settings.log.kind == "memory":
             source = embedded_source(settings, max_events)
             spec = source.spec
@@ -72,25 +90,34 @@ class TrainerRuntime:
                 settings.log.group_id,
                 resume_from=store.position,
                 shared=settings.store.shared_hot,
-                max_poll_records=settings.trainer.batch_size,
+                max_poll_records=batch_records,
             )
             dead_letters = KafkaEventProducer(settings.log.bootstrap_servers)
             total = None
             log.info(
-                "training from Kafka %s topic %s (group %s)",
+                "training from Kafka %s topic %s (group %s)%s",
                 settings.log.bootstrap_servers,
                 settings.log.topic,
                 settings.log.group_id,
+                "" if arm is None else f" on the units of experiment arm {arm.arm!r}",
             )
+        try:
+            check_experiment(settings, spec)
+        except ConfigError:
+            store.close()
+            raise
         trainer = StreamingTrainer(
             spec,
             store,
             consumer,
             settings.trainer,
-            dead_letters=dead_letters,
+            # Every trainer of an experiment reads every event: the default model's
+            # dead-letters the bad ones, an arm's only counts them.
+            dead_letters=dead_letters if settings.arm is None else None,
             dead_letter_topic=settings.log.dead_letter_topic,
             total_events=total,
             group_member=member_name() if settings.store.shared_hot else None,
+            arm=arm,
         )
         if isinstance(consumer, KafkaEventConsumer):
             # A rebalance (e.g. after a broker restart) resumes where the trainer has read

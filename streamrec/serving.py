@@ -10,11 +10,13 @@ from collections.abc import Callable
 import torch
 from fastapi import FastAPI
 
-from service.app import EventSink, create_app
+from service.app import ArmBackend, EventSink, ServedExperiment, create_app
 from storage.read_process import ReadProcess
+from storage.tiered import TieredStore
 from streaming.log import KafkaEventProducer
+from streaming.spec import FeatureSpec
 from streamrec.config import Settings
-from streamrec.wiring import build_store, resolve_spec, table_configs
+from streamrec.wiring import build_store, check_experiment, resolve_spec, table_configs
 
 SETTINGS_ENV = "STREAMREC_WORKER_SETTINGS"
 """Environment variable carrying the resolved settings (JSON) to uvicorn workers."""
@@ -44,16 +46,41 @@ def build_serving(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             raise
         sink = EventSink(producer, settings.log.topic, spec)
 
+    arm_stores: dict[str, TieredStore] = {}
+
     def close() -> None:
         if sink is not None:
             sink.producer.close()
+        for arm_store in arm_stores.values():
+            arm_store.close()
         store.close()
 
+    experiment = None
+    if settings.experiment is not None and settings.arm is None:
+        check_experiment(settings, spec)
+        backends = {}
+        try:
+            for arm in settings.experiment.arms:
+                arm_settings = settings.for_arm(arm)
+                arm_stores[arm] = build_store(arm_settings, spec, read_only=True)
+                backends[arm] = ArmBackend(arm_stores[arm], _read_processes(arm_settings, spec))
+        except Exception:
+            close()
+            raise
+        experiment = ServedExperiment(settings.experiment, backends)
+    app = create_app(
+        store,
+        settings.service,
+        events=sink,
+        read_processes=_read_processes(settings, spec),
+        experiment=experiment,
+    )
+    return app, close
+
+
+def _read_processes(settings: Settings, spec: FeatureSpec) -> list[ReadProcess]:
     tables = table_configs(spec, settings)
-    readers = [
-        ReadProcess(settings.store, tables) for _ in range(settings.service.lookup_processes)
-    ]
-    return create_app(store, settings.service, events=sink, read_processes=readers), close
+    return [ReadProcess(settings.store, tables) for _ in range(settings.service.lookup_processes)]
 
 
 def worker_app() -> FastAPI:

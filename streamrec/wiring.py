@@ -21,7 +21,7 @@ from streaming.sources import open_source
 from streaming.sources.base import EventSource
 from streaming.sources.synthetic import SyntheticConfig
 from streaming.spec import FeatureSpec
-from streamrec.config import Settings
+from streamrec.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,20 @@ def build_store(settings: Settings, spec: FeatureSpec, *, read_only: bool = Fals
     """The configured store with one table per sparse field of ``spec``
     (``storage.factory.open_store``; ``read_only``: a serving process's view)."""
     return open_store(settings.store, table_configs(spec, settings), read_only=read_only)
+
+
+def check_experiment(settings: Settings, spec: FeatureSpec) -> None:
+    """Raise ConfigError unless the experiment's unit is a categorical field of ``spec``."""
+    experiment = settings.experiment
+    if experiment is None:
+        return
+    field = spec.sparse_field(experiment.unit)
+    if field is None or field.kind != "categorical":
+        categorical = [f.name for f in spec.sparse if f.kind == "categorical"]
+        raise ConfigError(
+            f"experiment.unit {experiment.unit!r} must be a categorical sparse field of "
+            f"the feature spec: one of {categorical}"
+        )
 
 
 def resolve_spec(settings: Settings) -> FeatureSpec:

@@ -32,6 +32,31 @@ def test_an_embedded_setup_checks_ok(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "creates it" in found[3]["detail"]
 
 
+def test_an_experiment_is_checked_with_each_arms_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "ab.toml"
+    experiment = '[experiment]\nname = "e"\nunit = "{unit}"\n[experiment.arms.b]\nshare = 0.1\n'
+    config.write_text(f'[store]\ndata_dir = "{tmp_path}"\n' + experiment.format(unit="c1"))
+    # The arm's store has rows and a position, as its trainer leaves it.
+    settings = load_settings(config).for_arm("b")
+    store = build_store(settings, resolve_spec(settings))
+    store.flush({"t:0": 9})
+    store.close()
+    code, found = findings(capsys, "--config", str(config))
+    assert code == 0
+    by_component = {f["component"]: f for f in found}
+    assert "'e' on unit 'c1': b 10.0% of the units" in by_component["experiment"]["detail"]
+    arm = by_component["arm:b"]
+    assert arm["status"] == "ok" and str(tmp_path / "arms" / "b") in arm["detail"]
+    assert "offsets summing to 9" in arm["detail"]
+
+    config.write_text(f'[store]\ndata_dir = "{tmp_path}"\n' + experiment.format(unit="i1"))
+    code, found = findings(capsys, "--config", str(config))
+    assert code == 1
+    assert [f["status"] for f in found if f["component"] == "experiment"] == ["fail"]
+
+
 @pytest.mark.integration
 def test_check_reports_the_topics_redis_and_the_recorded_position(
     kafka_bootstrap: str,

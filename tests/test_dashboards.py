@@ -1,6 +1,9 @@
-"""The Grafana dashboard's queries return data from a real Prometheus scraping a real
+"""The Grafana dashboards' queries return data from a real Prometheus scraping a real
 ``streamrec run`` (trainer, store with a capacity, service), with predicts coming in;
-the alerting rules load, evaluate and only name series that exist.
+the alerting rules load, evaluate and only name series that exist. The experiment
+dashboard and its rules likewise, over a real experiment: the default model's and two
+arms' ``streamrec train`` processes on Kafka and Redis, and ``streamrec serve``
+routing by arm.
 
 Prometheus is Debian's (``deploy/local/services.sh start`` installs it); this test starts
 its own on a free port. A missing binary fails the test: CI runs it on every build.
@@ -8,6 +11,7 @@ its own on a free port. A missing binary fails the test: CI runs it on every bui
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,28 +22,35 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from support import free_port, wait_ready
+from support import free_port, new_topic, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
+DASHBOARD = DASHBOARDS / "streamrec.json"
+EXPERIMENT_DASHBOARD = DASHBOARDS / "streamrec-experiment.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+EXPERIMENT_ALERTS = ROOT / "deploy" / "prometheus" / "alerts-experiment.yml"
 
 pytestmark = pytest.mark.integration
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target of every shipped dashboard."""
+def dashboard_queries(path: Path) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of a dashboard."""
     out = []
-    for path in sorted(DASHBOARDS.glob("*.json")):
-        for panel in json.loads(path.read_text())["panels"]:
-            out += [(panel["title"], target["expr"]) for target in panel["targets"]]
+    for panel in json.loads(path.read_text())["panels"]:
+        out += [(panel["title"], target["expr"]) for target in panel["targets"]]
     return out
+
+
+def test_every_shipped_dashboard_is_checked() -> None:
+    assert sorted(DASHBOARDS.glob("*.json")) == sorted([DASHBOARD, EXPERIMENT_DASHBOARD])
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +133,21 @@ publish_every_s = 1
 @pytest.fixture(scope="module")
 def prometheus(streamrec_run: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Prometheus scraping ``streamrec_run`` every second; yields its base URL."""
+    tmp = tmp_path_factory.mktemp("prometheus")
+    with running_prometheus(tmp, [streamrec_run.removeprefix("http://")], ALERTS) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp: Path, targets: list[str], rules: Path) -> Iterator[str]:
+    """A Prometheus scraping ``targets`` every second with ``rules``; its base URL."""
     binary = shutil.which("prometheus")
     assert binary, "prometheus is not installed: run `bash deploy/local/services.sh start`"
-    tmp = tmp_path_factory.mktemp("prometheus")
-    target = streamrec_run.removeprefix("http://")
     (tmp / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files: ['{ALERTS}']\n"
+        f"rule_files: ['{rules}']\n"
         "scrape_configs:\n  - job_name: streamrec\n"
-        f"    static_configs:\n      - targets: ['{target}']\n"
+        f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
     )
     port = free_port()
     proc = subprocess.Popen(
@@ -176,8 +193,12 @@ def _values(prometheus: str, expr: str) -> list[float]:
 
 
 def test_dashboard_queries_are_valid_and_return_data(prometheus: str) -> None:
-    queries = dashboard_queries()
+    queries = dashboard_queries(DASHBOARD)
     assert len(queries) >= 10
+    assert_return_data(prometheus, queries)
+
+
+def assert_return_data(prometheus: str, queries: list[tuple[str, str]]) -> None:
     missing = list(queries)
     deadline = time.monotonic() + 120
     while missing and time.monotonic() < deadline:
@@ -195,7 +216,10 @@ def test_alert_rules_pass_promtool() -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool is not installed: run `bash deploy/local/services.sh start`"
     proc = subprocess.run(
-        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+        [promtool, "check", "rules", str(ALERTS), str(EXPERIMENT_ALERTS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -208,6 +232,10 @@ def _rules(prometheus: str) -> list[dict[str, Any]]:
 def test_alert_rules_evaluate_and_name_series_that_exist(prometheus: str) -> None:
     """A misspelt metric in an alert evaluates fine and never fires: every series an
     alert names must have data in a healthy run."""
+    assert_rules_healthy(prometheus, at_least=10)
+
+
+def assert_rules_healthy(prometheus: str, at_least: int) -> None:
     deadline = time.monotonic() + 120
     rules = _rules(prometheus)
     while time.monotonic() < deadline and (
@@ -215,7 +243,7 @@ def test_alert_rules_evaluate_and_name_series_that_exist(prometheus: str) -> Non
     ):
         time.sleep(2)
         rules = _rules(prometheus)
-    assert len(rules) >= 10, rules
+    assert len(rules) >= at_least, rules
     assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
     names = {name for r in rules for name in re.findall(r"\b(?:streamrec_\w+|up)\b", r["query"])}
     missing = set(names)
@@ -225,3 +253,142 @@ def test_alert_rules_evaluate_and_name_series_that_exist(prometheus: str) -> Non
             time.sleep(2)
     assert not missing, f"alerts name series without data: {sorted(missing)}"
     assert not [r["name"] for r in rules if r["state"] == "firing"], rules
+
+
+# -- the experiment dashboard ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def experiment_prometheus(
+    kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """An experiment deployed as in production: ``streamrec train`` for the default
+    model and for each of two arms (``--arm``), ``streamrec serve`` routing by arm, a
+    thread posting predicts and events; a Prometheus scraping all four processes."""
+    from streaming.log import KafkaEventProducer
+    from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
+
+    tmp = tmp_path_factory.mktemp("experiment")
+    run = uuid.uuid4().hex[:8]
+    topic = new_topic(kafka_bootstrap, "abdash", partitions=1)
+    config = tmp / "ab.toml"
+    config.write_text(
+        f"""
+features = "synthetic"
+[log]
+kind = "kafka"
+bootstrap_servers = "{kafka_bootstrap}"
+topic = "{topic}"
+dead_letter_topic = "{topic}-dlq"
+group_id = "abdash-{run}"
+[store]
+hot = "redis"
+redis_url = "{redis_url}"
+redis_prefix = "abdash{run}"
+data_dir = "{tmp / "data"}"
+[trainer]
+decode_workers = 0
+flush_every_s = 1
+publish_every_s = 1
+progress_every_s = 1
+[service]
+lookup_processes = 0
+[experiment]
+name = "dash-{run}"
+unit = "c1"
+[experiment.arms.control]
+share = 0.25
+[experiment.arms.treatment]
+share = 0.25
+trainer = {{ dense_learning_rate = 0.003 }}
+"""
+    )
+    producer = KafkaEventProducer(kafka_bootstrap)
+    for event in SyntheticSource(SyntheticConfig(), 10_000):
+        producer.send(topic, event.to_json())
+    producer.flush()
+    producer.close()
+
+    cli = [sys.executable, "-m", "streamrec.cli"]
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    targets: list[str] = []
+
+    def start(args: list[str], metrics_port: int, name: str) -> None:
+        log = tmp / f"{name}.log"
+        logs.append(log)
+        env = {**os.environ, "STREAMREC_METRICS_PORT": str(metrics_port)}
+        with log.open("w") as output:
+            procs.append(
+                subprocess.Popen(
+                    [*cli, *args, "--config", str(config)],
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+        targets.append(f"127.0.0.1:{metrics_port}")
+
+    stop = threading.Event()
+    try:
+        for arm in (None, "control", "treatment"):
+            start(["train"] + (["--arm", arm] if arm else []), free_port(), arm or "default")
+        serve_port = free_port()
+        start(["serve", "--port", str(serve_port)], serve_port, "serve")
+        base = f"http://127.0.0.1:{serve_port}"
+        if not wait_ready(base, timeout_s=240):  # every arm has published a version
+            pytest.fail("\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for log in logs))
+
+        def traffic() -> None:
+            with httpx.Client(timeout=10) as client:
+                i = 0
+                while not stop.is_set():
+                    instances = [{"c1": (i * 7 + j) % 400, "c2": j, "i1": 0.5} for j in range(8)]
+                    client.post(
+                        f"{base}/v1/models/streamrec:predict", json={"instances": instances}
+                    )
+                    events = [
+                        {
+                            "event_id": f"dash-{i}-{j}",
+                            "ts": int(time.time() * 1000),
+                            "label": (i + j) % 2,
+                            "features": {"c1": (i * 7 + j) % 400},
+                        }
+                        for j in range(8)
+                    ]
+                    client.post(f"{base}/v1/events", json={"events": events})
+                    i += 1
+                    stop.wait(0.05)
+
+        threading.Thread(target=traffic, daemon=True).start()
+        with running_prometheus(tmp, targets, EXPERIMENT_ALERTS) as url:
+            yield url
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_experiment_dashboard_queries_return_data(experiment_prometheus: str) -> None:
+    queries = dashboard_queries(EXPERIMENT_DASHBOARD)
+    assert len(queries) >= 8
+    assert_return_data(experiment_prometheus, queries)
+    # Every arm and the default model show up in the per-arm panels.
+    auc = f"max by (arm) (streamrec_trainer_window_auc {ARM_JOIN})"
+    arms = {s["metric"]["arm"] for s in _api(experiment_prometheus, "query", query=auc)["result"]}
+    assert arms == {"default", "control", "treatment"}
+
+
+ARM_JOIN = "* on (instance, job) group_left (arm) streamrec_trainer_experiment_arm"
+
+
+def test_experiment_alert_rules_evaluate_and_name_series_that_exist(
+    experiment_prometheus: str,
+) -> None:
+    assert_rules_healthy(experiment_prometheus, at_least=2)

@@ -192,3 +192,22 @@ def concat_batches(batches: Sequence[EncodedBatch]) -> EncodedBatch:
             np.concatenate([p.offsets + start for p, start in zip(parts, starts, strict=True)]),
         )
     return EncodedBatch(fields, np.concatenate([b.dense for b in batches]))
+
+
+def bag_lengths(field: FieldBatch) -> npt.NDArray[np.int64]:
+    """How many ids each example has in ``field``."""
+    return np.diff(field.offsets, append=np.int64(len(field.keys)))
+
+
+def select_examples(batch: EncodedBatch, keep: npt.NDArray[np.bool_]) -> EncodedBatch:
+    """The examples of ``batch`` where ``keep`` is True, in order."""
+    fields: dict[str, FieldBatch] = {}
+    for name, field in batch.fields.items():
+        lengths = bag_lengths(field)[keep]
+        fields[name] = FieldBatch(
+            field.keys[np.repeat(keep, bag_lengths(field))],
+            np.concatenate(([0], np.cumsum(lengths[:-1]))).astype(np.int64)
+            if len(lengths)
+            else np.empty(0, dtype=np.int64),
+        )
+    return EncodedBatch(fields, batch.dense[keep])

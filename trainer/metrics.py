@@ -71,3 +71,13 @@ DECODE_WORKER_FAILURES = Counter(
     "Decode worker processes found dead; the trainer decoded their batches itself and "
     "started a new worker.",
 )
+EXPERIMENT_ARM = Gauge(
+    "streamrec_trainer_experiment_arm",
+    "1, labelled with the experiment arm whose units this trainer learns from "
+    "(default: the default model); absent without an experiment.",
+    ["arm"],
+)
+OTHER_ARM_EVENTS = Counter(
+    "streamrec_trainer_other_arm_events_total",
+    "Events read and skipped: their unit is in another experiment arm.",
+)

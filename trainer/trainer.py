@@ -48,8 +48,9 @@ from trainer import metrics
 from trainer.cache import CacheConfig, CachedStore
 from trainer.decoding import Decoder
 from trainer.dense_sync import DenseSync
-from trainer.encoding import EncodedBatch
+from trainer.encoding import EncodedBatch, select_examples
 from trainer.evaluation import EvalReport, ProgressiveEvaluator
+from trainer.experiment import ArmFilter
 from trainer.features import gather
 from trainer.model import DLRM, ModelConfig
 from trainer.recovery import RECOVERABLE, Mark, recover
@@ -164,10 +165,13 @@ class StreamingTrainer:
         dead_letter_topic: str = "streamrec-dead-letters",
         total_events: int | None = None,
         group_member: str | None = None,
+        arm: ArmFilter | None = None,
     ) -> None:
         """``group_member``: this trainer's name when several share the store (scale-out):
         dense weights are then averaged with the others' (``trainer.dense_sync``) and
-        only the trainer reading partition 0 publishes versions."""
+        only the trainer reading partition 0 publishes versions. ``arm``: learn only from
+        the events of an experiment arm's units (the others are read and skipped), reading
+        that many more records per batch."""
         self.spec = spec
         self.store = CachedStore(store, config.cache, shared=group_member is not None)
         self.consumer = consumer
@@ -209,6 +213,10 @@ class StreamingTrainer:
         # A batch is ``batch_size`` records in log order (bad ones included): polled into
         # `_raw`, then decoded as one (`_decoder`), then prefetched in `_ready`, trained.
         self._raw: list[Record] = []
+        self.arm = arm
+        self._batch_records = (
+            config.batch_size if arm is None else arm.records_per_batch(config.batch_size)
+        )
         self._decoder = Decoder(spec, config.decode_workers)
         self._ready: deque[_Batch] = deque()
         consumer.on_revoked(self._on_revoked)
@@ -326,9 +334,14 @@ class StreamingTrainer:
             else:
                 first.setdefault(slot, record.offset)
             self._decoded[slot] = record.offset + 1
-        if chunk.size:
-            self._ready.append(_Batch(chunk.labels, chunk.encoded, dict(self._decoded), first))
-            lookahead.submit(chunk.encoded)
+        labels, encoded = chunk.labels, chunk.encoded
+        if self.arm is not None and chunk.size:
+            keep = self.arm.keep(encoded)
+            metrics.OTHER_ARM_EVENTS.inc(chunk.size - int(keep.sum()))
+            labels, encoded = labels[keep], select_examples(encoded, keep)
+        if len(labels):
+            self._ready.append(_Batch(labels, encoded, dict(self._decoded), first))
+            lookahead.submit(encoded)
         return True
 
     def _due(self, arrived: bool) -> bool:
@@ -543,7 +556,7 @@ class StreamingTrainer:
             while not stop.is_set() and (max_events is None or trained < max_events):
                 # Batches on their way: being decoded, or decoded and prefetching.
                 ahead = len(decoder) + len(ready)
-                want = cfg.batch_size - len(self._raw)
+                want = self._batch_records - len(self._raw)
                 if max_events is not None:
                     want = min(want, max_events - trained - self._buffered())
                 arrived = False
@@ -558,7 +571,7 @@ class StreamingTrainer:
                         self._note_read(records)
                         decoder.feed(records)
                 if self._raw and (
-                    len(self._raw) >= cfg.batch_size
+                    len(self._raw) >= self._batch_records
                     or (max_events is not None and trained + self._buffered() >= max_events)
                     or time.monotonic() - batch_started > cfg.max_batch_wait_s
                 ):
