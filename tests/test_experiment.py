@@ -571,3 +571,70 @@ def test_the_example_configs_load(path: Path) -> None:
             assert (
                 settings.for_arm(arm).store.redis_prefix == f"{settings.store.redis_prefix}-{arm}"
             )
+
+
+def test_arms_start_from_a_snapshot_of_the_production_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The equal start the README recommends: snapshot production, restore it into an
+    arm (``--arm``), and the arm's trainer goes on from there on its units only."""
+    from support import store_rows
+
+    from streamrec.wiring import build_store
+
+    sparse = ", ".join(f'{{name = "{f.name}"}}' for f in SPEC.sparse)
+    dense = ", ".join(f'"{name}"' for name in SPEC.dense)
+    config = tmp_path / "ab.toml"
+    config.write_text(
+        f"""
+features = {{sparse = [{sparse}], dense = [{dense}]}}
+[store]
+data_dir = "{tmp_path / "data"}"
+[trainer]
+batch_size = 200
+publish_every_s = 0.1
+[experiment]
+name = "ab1"
+unit = "c1"
+[experiment.arms.control]
+share = 0.25
+trainer = {{ dense_learning_rate = 0.01 }}
+[experiment.arms.wide]
+share = 0.25
+trainer = {{ model = {{ top_mlp = [256, 64] }} }}
+"""
+    )
+    settings = load_settings(config)
+    half = len(EVENTS) // 2
+
+    def trainer_on(view: Settings, start: int) -> StreamingTrainer:
+        log = InMemoryLog(start={"t:0": start})
+        for event in EVENTS[start:]:
+            log.append("t", event.to_json())
+        store = build_store(view, SPEC)
+        arm = ArmFilter.of(view.experiment, view.arm)
+        return StreamingTrainer(
+            SPEC, store, log.consumer("t", store.position()), view.trainer, arm=arm
+        )
+
+    production = trainer_on(settings, 0)
+    production.run(threading.Event(), max_events=half)
+    production.store.close()
+    assert main(["snapshot", str(tmp_path / "snap"), "--config", str(config)]) == 0
+    assert (
+        main(["restore", str(tmp_path / "snap"), "--config", str(config), "--arm", "control"]) == 0
+    )
+    # An arm with another architecture cannot take the production model's weights.
+    assert main(["restore", str(tmp_path / "snap"), "--config", str(config), "--arm", "wide"]) == 1
+    assert "architecture" in caplog.text
+
+    control = trainer_on(settings.for_arm("control"), half)
+    production_store = build_store(settings, SPEC, read_only=True)
+    assert control.store.position() == production_store.position() == {"t:0": half}
+    assert store_rows(control.store, metadata=True) == store_rows(production_store, metadata=True)
+    production_store.close()
+    assert control.version is not None  # serving has the production model for the arm
+    mine = int(np.sum(unit_arms()[half:] == 0))
+    control.run(threading.Event(), max_events=mine)
+    assert control.evaluator.events == mine
+    control.store.close()
