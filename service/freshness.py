@@ -5,7 +5,7 @@ produce time and the row the store holds right then (read past the near cache). 
 background poll reads those rows again the way a predict would (through the near
 cache) and, at the first difference (a new row, or an updated embedding; a read that
 fell back to the default embedding is no difference), observes
-``now - produced`` in ``streamrec_service_event_to_visible_seconds``; p50 and p95 over
+``now - produced`` in ``streamrec_service_event_to_visible_seconds{table}``; p50 and p95 over
 the last 1024 rows go to ``..._quantile_seconds``. The figure is per row, and includes
 the log, the trainer's batching, the store write and the near cache's staleness. An id
 already watched keeps its earliest produce time; rows unchanged after ``timeout_s``
@@ -92,8 +92,8 @@ class FreshnessTracker:
         now = self._clock()
         seen: list[float] = []
         done: list[tuple[str, int]] = []
-        expired = 0
         for table, table_keys in keys.items():
+            expired = 0
             result = served[table]
             for i, key in enumerate(table_keys.tolist()):
                 w = watched[table, key]
@@ -101,17 +101,16 @@ class FreshnessTracker:
                 # (time budget, overload) says nothing.
                 if result.found[i] and (not w.found or not np.array_equal(result.rows[i], w.row)):
                     seen.append(now - w.produced)
+                    metrics.FRESHNESS.labels(table=table).observe(now - w.produced)
                     done.append((table, key))
                 elif now - w.produced > self._timeout_s:
                     expired += 1
                     done.append((table, key))
+            if expired:
+                metrics.FRESHNESS_UNOBSERVED.labels(table=table).inc(expired)
         with self._lock:
             for name in done:
                 self._watched.pop(name, None)
-        for lag in seen:
-            metrics.FRESHNESS.observe(lag)
-        if expired:
-            metrics.FRESHNESS_UNOBSERVED.inc(expired)
         if seen:
             self._recent.extend(seen)
             p50, p95 = np.quantile(np.fromiter(self._recent, dtype=np.float64), [0.5, 0.95])

@@ -67,7 +67,9 @@ EVENTS = Counter(
 FRESHNESS = Histogram(
     "streamrec_service_event_to_visible_seconds",
     "From an event posted to /v1/events being produced to the log to the first change "
-    "of one of its embedding rows as this service serves it (near cache included).",
+    "of one of its embedding rows as this service serves it (near cache included), "
+    "per table.",
+    ["table"],
     buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
 )
 FRESHNESS_QUANTILE = Gauge(
@@ -79,7 +81,8 @@ FRESHNESS_QUANTILE = Gauge(
 FRESHNESS_UNOBSERVED = Counter(
     "streamrec_service_event_rows_unobserved_total",
     "Rows of posted events whose change was never seen within the watch timeout "
-    "(e.g. an id the admission policy has not admitted yet).",
+    "(e.g. an id the admission policy has not admitted yet), per table.",
+    ["table"],
 )
 GC_PAUSE = Histogram(
     "streamrec_service_gc_pause_seconds",

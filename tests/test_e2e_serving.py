@@ -181,7 +181,7 @@ def serve_and_post_an_event(
                 while time.monotonic() < deadline and not count:
                     count = (
                         REGISTRY.get_sample_value(
-                            "streamrec_service_event_to_visible_seconds_count"
+                            "streamrec_service_event_to_visible_seconds_count", {"table": "c1"}
                         )
                         or 0.0
                     )

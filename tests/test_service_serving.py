@@ -420,7 +420,8 @@ def test_reads_queued_while_the_reader_is_busy_coalesce_into_one_store_read() ->
 
 
 def observed() -> float:
-    return REGISTRY.get_sample_value("streamrec_service_event_to_visible_seconds_count") or 0.0
+    count = ("streamrec_service_event_to_visible_seconds_count", {"table": "c1"})
+    return REGISTRY.get_sample_value(*count) or 0.0
 
 
 def test_freshness_observes_the_first_served_change_of_a_posted_row() -> None:
