@@ -787,8 +787,9 @@ class _Progress:
         if self._total and rate > 0:
             eta = f" eta={max(self._total - report.events, 0) / rate:.0f}s"
         log.info(
-            "events=%d rate=%.0f/s auc=%.4f window_auc=%.4f logloss=%.4f calibration=%.3f "
+            "%sevents=%d rate=%.0f/s auc=%.4f window_auc=%.4f logloss=%.4f calibration=%.3f "
             "bad=%d version=%s lag=%s%s",
+            "" if trainer.arm is None else f"arm={trainer.arm.arm} ",
             report.events,
             rate,
             report.auc,
