@@ -73,7 +73,7 @@ class ExperimentConfig(BaseModel):
         "(e.g. the user id); an event or instance without it gets the default model."
     )
     arms: dict[str, ArmConfig] = Field(
-        min_length=1, description="Arm name -> its share and overrides."
+        min_length=1, max_length=64, description="Arm name -> its share and overrides."
     )
     buckets: int = Field(
         10_000, ge=2, le=1_000_000, description="Assignment granularity: shares round to it."
