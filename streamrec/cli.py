@@ -280,7 +280,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     try:
-        restore(settings, args.directory, force=args.force)
+        restore(settings, args.directory, force=args.force, rows_only=args.rows_only)
     except (SnapshotError, StoreError) as e:
         log.error("restore failed: %s", e)
         return 1
@@ -490,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("directory", type=Path, help="a directory written by `snapshot`")
     restore.add_argument(
         "--force", action="store_true", help="delete the store's rows first if it is not empty"
+    )
+    restore.add_argument(
+        "--rows-only",
+        action="store_true",
+        help="restore the rows and the position but not the dense weights (for a "
+        "trainer.model other than the snapshot's; its trainer starts them afresh)",
     )
     restore.set_defaults(func=cmd_restore)
 

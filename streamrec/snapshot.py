@@ -364,9 +364,10 @@ def verify(directory: Path, manifest: Manifest) -> None:
             raise SnapshotError(f"{path} is corrupt: size or sha256 differs from {MANIFEST}")
 
 
-def check_compatible(manifest: Manifest, settings: Settings) -> None:
+def check_compatible(manifest: Manifest, settings: Settings, *, dense: bool = True) -> None:
     """The snapshot fits the target settings: same feature spec, row layout of every table
-    and model architecture (else the rows or the dense checkpoint would not load)."""
+    and (``dense``) model architecture (else the rows or the dense checkpoint would not
+    load)."""
     spec = resolve_spec(settings)
     if spec != manifest.spec:
         ours = spec.model_dump_json()
@@ -391,23 +392,34 @@ def check_compatible(manifest: Manifest, settings: Settings) -> None:
                     k for k, v in cfg.model_dump().items() if entry.config.model_dump().get(k) != v
                 ),
             )
-    if settings.trainer.model != manifest.model:
+    if dense and settings.trainer.model != manifest.model:
         raise SnapshotError(
             "model architecture mismatch: the snapshot's trainer.model is "
             f"{manifest.model.model_dump_json()}, the settings' "
-            f"{settings.trainer.model.model_dump_json()}"
+            f"{settings.trainer.model.model_dump_json()} (--rows-only restores the rows "
+            "alone, and the trainer starts its dense weights afresh)"
         )
 
 
 def restore(
-    settings: Settings, directory: Path, *, force: bool = False, progress_every_s: float = 5.0
+    settings: Settings,
+    directory: Path,
+    *,
+    force: bool = False,
+    rows_only: bool = False,
+    progress_every_s: float = 5.0,
 ) -> Manifest:
     """Load the snapshot in ``directory`` into the store of ``settings``; see the module
-    docstring. The store must be empty unless ``force`` (its rows are deleted first)."""
+    docstring. The store must be empty unless ``force`` (its rows are deleted first).
+    ``rows_only``: the rows and the position, not the dense checkpoint or the published
+    version (for settings with another ``trainer.model``: an experiment arm trying
+    another architecture on the production model's embeddings)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    check_compatible(manifest, settings)
+    check_compatible(manifest, settings, dense=not rows_only)
     verify(directory, manifest)
+    if rows_only:
+        manifest = manifest.model_copy(update={"checkpoint": None, "published": None})
     spec = resolve_spec(settings)
     store = build_store(settings, spec)  # a writer: fails while a trainer holds the store
     try:

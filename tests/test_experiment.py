@@ -624,9 +624,12 @@ trainer = {{ model = {{ top_mlp = [256, 64] }} }}
     assert (
         main(["restore", str(tmp_path / "snap"), "--config", str(config), "--arm", "control"]) == 0
     )
-    # An arm with another architecture cannot take the production model's weights.
-    assert main(["restore", str(tmp_path / "snap"), "--config", str(config), "--arm", "wide"]) == 1
+    # An arm with another architecture cannot take the production model's weights...
+    wide_cli = ["restore", str(tmp_path / "snap"), "--config", str(config), "--arm", "wide"]
+    assert main(wide_cli) == 1
     assert "architecture" in caplog.text
+    # ... but it can take its rows: embeddings and their optimizer state.
+    assert main([*wide_cli, "--rows-only"]) == 0
 
     control = trainer_on(settings.for_arm("control"), half)
     production_store = build_store(settings, SPEC, read_only=True)
@@ -638,3 +641,14 @@ trainer = {{ model = {{ top_mlp = [256, 64] }} }}
     control.run(threading.Event(), max_events=mine)
     assert control.evaluator.events == mine
     control.store.close()
+
+    wide = trainer_on(settings.for_arm("wide"), half)
+    production_store = build_store(settings, SPEC, read_only=True)
+    assert wide.store.position() == {"t:0": half}
+    assert store_rows(wide.store, metadata=True) == store_rows(production_store, metadata=True)
+    production_store.close()
+    assert wide.version is None  # no dense weights of another architecture to serve
+    wide.run(threading.Event(), max_events=int(np.sum(unit_arms()[half:] == 1)))
+    assert wide.version is not None  # its own architecture, published
+    assert wide.model.top[0].out_features == 256
+    wide.store.close()
