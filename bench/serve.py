@@ -1,6 +1,7 @@
 """Serving benchmark: predict latency at a fixed rate and throughput at saturation.
 
     python bench/serve.py [--quick] [--redis-url URL | --cluster-masters N] [--workers N]
+                          [--experiment]
 
 Prints progress to stderr and one JSON object as the last line of stdout.
 
@@ -21,6 +22,11 @@ Prints progress to stderr and one JSON object as the last line of stdout.
    closed loop with ``--connections`` requests in flight. ``gc_full_passes`` /
    ``gc_full_passes_over_50ms``: the real server's full garbage collections over its
    whole run (``streamrec_service_gc_pause_seconds``), and those that took over 50 ms.
+
+``--experiment`` also trains two experiment arms (25% of the units each, on their own
+units' events, into their own stores) and serves the same load through a server routing
+each instance to its unit's arm (``experiment_*``; the synthetic bodies' 64 instances
+have different units, so a request is split three ways: the worst case).
 
 Without ``--redis-url`` it starts a private ``redis-server`` (see ``bench/store.py``), or
 with ``--cluster-masters N`` a private Redis Cluster of N masters on this machine.
@@ -54,6 +60,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PREDICT = "/v1/models/streamrec:predict"
 INSTANCES = 64
+EXPERIMENT = """
+[experiment]
+name = "bench-{run}"
+unit = "c1"
+[experiment.arms.control]
+share = 0.25
+[experiment.arms.treatment]
+share = 0.25
+"""
 
 
 def log(msg: str) -> None:
@@ -249,22 +264,32 @@ def load(args: argparse.Namespace) -> None:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def train(settings_path: Path, events: int) -> dict[str, Any]:
-    """The real trainer on the synthetic stream, into the configured store."""
+def train(settings_path: Path, events: int, arm: str | None = None) -> dict[str, Any]:
+    """The real trainer on the synthetic stream, into the configured store (``arm``: an
+    experiment arm's trainer, into its store, on its units' events)."""
     from streaming.log import InMemoryLog
     from streamrec.config import load_settings
     from streamrec.wiring import build_store, embedded_source
+    from trainer.experiment import ArmFilter, arms_of_values
     from trainer.trainer import StreamingTrainer
 
-    settings = load_settings(settings_path)
+    settings = load_settings(settings_path).for_arm(arm)
     source = embedded_source(settings, events)
     store = build_store(settings, source.spec)
     memory_log = InMemoryLog(capacity=events + 1)
-    for event in source:
+    stream = list(source)
+    for event in stream:
         memory_log.append("events", event.to_json())
-    trainer = StreamingTrainer(source.spec, store, memory_log.consumer("events"), settings.trainer)
+    filter_ = ArmFilter.of(settings.experiment, arm)
+    kept = events
+    if filter_ is not None and arm is not None:
+        units = [e.features.get(filter_.split.unit) for e in stream]
+        kept = int(np.sum(arms_of_values(filter_.split, units) == filter_.split.index(arm)))
+    trainer = StreamingTrainer(
+        source.spec, store, memory_log.consumer("events"), settings.trainer, arm=filter_
+    )
     started = time.perf_counter()
-    report = trainer.run(threading.Event(), max_events=events)
+    report = trainer.run(threading.Event(), max_events=kept)
     took = time.perf_counter() - started
     stats = store.stats()
     store.close()
@@ -276,9 +301,11 @@ def train(settings_path: Path, events: int) -> dict[str, Any]:
     }
 
 
-def predict_bodies(n: int, after: int) -> list[str]:
+def predict_bodies(n: int, after: int, one_unit: bool = False) -> list[str]:
     """``n`` bodies of the events that follow the ``after`` the trainer saw (same
-    stream: known ids with the stream's Zipf popularity, plus the new ids it brings)."""
+    stream: known ids with the stream's Zipf popularity, plus the new ids it brings).
+    ``one_unit``: every instance of a body has its first instance's ``c1`` (one user's
+    candidates, as a recommender asks)."""
     from itertools import islice
 
     from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
@@ -288,7 +315,10 @@ def predict_bodies(n: int, after: int) -> list[str]:
     bodies = []
     for b in range(n):
         chunk = events[b * INSTANCES : (b + 1) * INSTANCES]
-        bodies.append(orjson.dumps({"instances": [{**e.features, **e.dense} for e in chunk]}))
+        instances = [{**e.features, **e.dense} for e in chunk]
+        if one_unit:
+            instances = [{**i, "c1": instances[0]["c1"]} for i in instances]
+        bodies.append(orjson.dumps({"instances": instances}))
     return [b.decode() for b in bodies]
 
 
@@ -355,6 +385,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=300.0, help="fixed-rate phase, req/s")
     parser.add_argument("--connections", type=int, default=8, help="saturation: in flight")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn processes of both servers")
+    parser.add_argument(
+        "--experiment",
+        action="store_true",
+        help="also serve an experiment (two arms of 25%% of the units each, trained on "
+        "their own units) routing each instance by its c1, and report its figures beside "
+        "the plain server's (experiment_*)",
+    )
     # Internal modes: the server and the load generator run as subprocesses.
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--noop", action="store_true", help=argparse.SUPPRESS)
@@ -398,26 +435,49 @@ batch_size = 1024
         log(f"training on {events:,} synthetic events into Redis ({url}) over RocksDB")
         trained = train(settings_path, events)
         log(f"trained: {trained}")
+        experiment_path = tmp / "experiment.toml"
+        if args.experiment:
+            experiment_path.write_text(
+                settings_path.read_text() + EXPERIMENT.format(run=uuid.uuid4().hex[:8])
+            )
+            for arm in ("control", "treatment"):
+                log(f"training arm {arm} on its units' events")
+                log(f"trained {arm}: {train(experiment_path, events, arm)}")
         bodies = tmp / "bodies.jsonl"
         bodies.write_text("\n".join(predict_bodies(50 if args.quick else 400, events)))
+        phases = [("real", settings_path, bodies), ("noop", settings_path, bodies)]
+        if args.experiment:
+            one_unit = tmp / "one-unit.jsonl"
+            one_unit.write_text(
+                "\n".join(predict_bodies(50 if args.quick else 400, events, one_unit=True))
+            )
+            phases += [
+                ("experiment", experiment_path, bodies),
+                ("one_unit", settings_path, one_unit),
+                ("experiment_one_unit", experiment_path, one_unit),
+            ]
 
         results: dict[str, dict[str, Any]] = {}
-        for kind in ("real", "noop"):
-            with server(settings_path, noop=kind == "noop", workers=args.workers) as port:
+        for kind, path, kind_bodies in phases:
+            with server(path, noop=kind == "noop", workers=args.workers) as port:
                 log(f"{kind}: warm-up")
                 run_load(
-                    port, bodies, "saturate", duration=duration / 2, connections=args.connections
+                    port,
+                    kind_bodies,
+                    "saturate",
+                    duration=duration / 2,
+                    connections=args.connections,
                 )
                 fixed = run_load(
-                    port, bodies, "fixed", rate=args.rate, duration=duration, connections=32
+                    port, kind_bodies, "fixed", rate=args.rate, duration=duration, connections=32
                 )
                 log(f"{kind}: fixed {args.rate:.0f}/s: {fixed}")
                 sat = run_load(
-                    port, bodies, "saturate", duration=duration, connections=args.connections
+                    port, kind_bodies, "saturate", duration=duration, connections=args.connections
                 )
                 log(f"{kind}: saturation: {sat}")
                 extra: dict[str, Any] = {}
-                if kind == "real":
+                if kind != "noop":
                     hits = scrape(port, 'streamrec_service_near_cache_total{result="hit"}')
                     misses = scrape(port, 'streamrec_service_near_cache_total{result="miss"}')
                     extra["near_cache_hit_ratio"] = hits / max(hits + misses, 1.0)
@@ -444,7 +504,9 @@ batch_size = 1024
         "max_ms": round(real["fixed"]["max_ms"], 2),
         "noop_p50_ms": round(noop["fixed"]["p50_ms"], 2),
         "noop_p99_ms": round(noop["fixed"]["p99_ms"], 2),
-        "errors": sum(r[p]["errors"] for r in results.values() for p in ("fixed", "saturate")),
+        "errors": sum(
+            results[k][p]["errors"] for k in ("real", "noop") for p in ("fixed", "saturate")
+        ),
         "fixed_unanswered": real["fixed"]["unanswered"],
         "near_cache_hit_ratio": round(real["near_cache_hit_ratio"], 3),
         "defaulted_keys": real["defaulted_keys"],
@@ -464,6 +526,32 @@ batch_size = 1024
         "redis_cluster_masters": args.cluster_masters or None,
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    if "experiment" in results:
+        for kind, plain in (("experiment", "real"), ("experiment_one_unit", "one_unit")):
+            routed, baseline = results[kind], results[plain]
+            result.update(
+                {
+                    f"{kind}_p50_ms": round(routed["fixed"]["p50_ms"], 2),
+                    f"{kind}_p99_ms": round(routed["fixed"]["p99_ms"], 2),
+                    f"{kind}_rps": round(routed["saturate"]["rps"], 1),
+                    f"{kind}_over_plain_rps": round(
+                        routed["saturate"]["rps"] / baseline["saturate"]["rps"], 3
+                    ),
+                    f"{kind}_near_cache_hit_ratio": round(routed["near_cache_hit_ratio"], 3),
+                }
+            )
+        single = results["one_unit"]
+        result.update(
+            one_unit_p50_ms=round(single["fixed"]["p50_ms"], 2),
+            one_unit_p99_ms=round(single["fixed"]["p99_ms"], 2),
+            one_unit_rps=round(single["saturate"]["rps"], 1),
+            one_unit_near_cache_hit_ratio=round(single["near_cache_hit_ratio"], 3),
+        )
+        result["errors"] += sum(
+            results[k][p]["errors"]
+            for k in ("experiment", "one_unit", "experiment_one_unit")
+            for p in ("fixed", "saturate")
+        )
     result["targets"] = {
         "p99_le_15ms_at_300rps": result["p99_ms"] <= 15.0,
         "rps_ge_half_noop": result["rps"] >= 0.5 * result["noop_rps"],
