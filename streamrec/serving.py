@@ -57,9 +57,9 @@ def build_serving(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
 
     experiment = None
     if settings.experiment is not None and settings.arm is None:
-        check_experiment(settings, spec)
         backends = {}
         try:
+            check_experiment(settings, spec)
             for arm in settings.experiment.arms:
                 arm_settings = settings.for_arm(arm)
                 arm_stores[arm] = build_store(arm_settings, spec, read_only=True)

@@ -72,7 +72,8 @@ class TrainerConfig(BaseModel):
         1024,
         ge=1,
         description="Records per mini-batch, in log order (bad ones are dead-lettered and "
-        "leave it that much smaller).",
+        "leave it that much smaller; an experiment arm's trainer reads batch_size / share "
+        "records, so it learns from about batch_size of its units' events).",
     )
     max_batch_wait_s: float = Field(
         0.5, gt=0, description="Train a partial batch after waiting this long."
