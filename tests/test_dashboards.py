@@ -329,15 +329,24 @@ trainer = {{ dense_learning_rate = 0.003 }}
             )
         targets.append(f"127.0.0.1:{metrics_port}")
 
+    def failed(why: str) -> None:
+        pytest.fail("\n".join([why, *(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs)]))
+
     stop = threading.Event()
     try:
         for arm in (None, "control", "treatment"):
             start(["train"] + (["--arm", arm] if arm else []), free_port(), arm or "default")
+        # `streamrec serve` needs the stores the trainers create (else it exits 1).
+        deadline = time.monotonic() + 240
+        while not all(published(target) for target in targets):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                failed("the trainers did not all publish a version")
+            time.sleep(0.5)
         serve_port = free_port()
         start(["serve", "--port", str(serve_port)], serve_port, "serve")
         base = f"http://127.0.0.1:{serve_port}"
-        if not wait_ready(base, timeout_s=240):  # every arm has published a version
-            pytest.fail("\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for log in logs))
+        if not wait_ready(base, timeout_s=120):  # every arm's version loaded
+            failed("streamrec serve never became ready")
 
         def traffic() -> None:
             with httpx.Client(timeout=10) as client:
@@ -373,6 +382,18 @@ trainer = {{ dense_learning_rate = 0.003 }}
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def published(target: str) -> bool:
+    """Whether the trainer whose /metrics is at ``target`` has published a version."""
+    try:
+        text = httpx.get(f"http://{target}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return False
+    return any(
+        line.startswith("streamrec_trainer_published_version ") and float(line.split()[1]) >= 1
+        for line in text.splitlines()
+    )
 
 
 def test_experiment_dashboard_queries_return_data(experiment_prometheus: str) -> None:
