@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -718,10 +718,9 @@ def create_app(
         metrics.EVENTS.labels(status="202").inc(len(parsed))
         if split is not None:
             of = arms_of_values(split, [e.features.get(split.unit) for e in parsed])
-            for index, event in zip(of.tolist(), parsed, strict=True):
-                metrics.EXPERIMENT_EVENTS.labels(
-                    arm=split.name(index), label=str(event.label)
-                ).inc()
+            counts = Counter(zip(of.tolist(), (e.label for e in parsed), strict=True))
+            for (index, label), count in counts.items():  # one increment per series
+                metrics.EXPERIMENT_EVENTS.labels(arm=split.name(index), label=str(label)).inc(count)
         batch = encode([e.features for e in parsed], [e.dense for e in parsed], events.spec)
         tracker.watch(produced, distinct_keys(batch, events.spec).keys)
         return EventsAccepted(accepted=len(parsed), topic=events.topic)

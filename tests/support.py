@@ -324,3 +324,33 @@ def store_rows(store: EmbeddingStore, *, metadata: bool) -> dict[str, dict[int, 
             rows.update(zip(keys.tolist(), map(bytes, both), strict=True))
         out[table] = rows
     return out
+
+
+def kafka_redis_toml(kafka: str, redis_url: str, topic: str, name: str, data_dir: Path) -> str:
+    """The ``features``, ``[log]`` and ``[store]`` of a synthetic-spec deployment on the
+    test Kafka and Redis: group ``name``, Redis prefix ``name`` (unique per test run)."""
+    return f"""
+features = "synthetic"
+[log]
+kind = "kafka"
+bootstrap_servers = "{kafka}"
+topic = "{topic}"
+dead_letter_topic = "{topic}-dlq"
+group_id = "{name}"
+[store]
+hot = "redis"
+redis_url = "{redis_url}"
+redis_prefix = "{name}"
+data_dir = "{data_dir}"
+"""
+
+
+def produce(kafka: str, topic: str, events: Any) -> None:
+    """Send ``events`` (``streaming.events.Event``) to ``topic`` and wait for them."""
+    from streaming.log import KafkaEventProducer
+
+    producer = KafkaEventProducer(kafka)
+    for event in events:
+        producer.send(topic, event.to_json())
+    producer.flush()
+    producer.close()

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support import free_port, new_topic, wait_ready
+from support import free_port, kafka_redis_toml, new_topic, produce, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
@@ -265,27 +265,16 @@ def experiment_prometheus(
     """An experiment deployed as in production: ``streamrec train`` for the default
     model and for each of two arms (``--arm``), ``streamrec serve`` routing by arm, a
     thread posting predicts and events; a Prometheus scraping all four processes."""
-    from streaming.log import KafkaEventProducer
     from streaming.sources.synthetic import SyntheticConfig, SyntheticSource
 
     tmp = tmp_path_factory.mktemp("experiment")
     run = uuid.uuid4().hex[:8]
     topic = new_topic(kafka_bootstrap, "abdash", partitions=1)
     config = tmp / "ab.toml"
+    deployment = kafka_redis_toml(kafka_bootstrap, redis_url, topic, f"abdash{run}", tmp / "data")
     config.write_text(
-        f"""
-features = "synthetic"
-[log]
-kind = "kafka"
-bootstrap_servers = "{kafka_bootstrap}"
-topic = "{topic}"
-dead_letter_topic = "{topic}-dlq"
-group_id = "abdash-{run}"
-[store]
-hot = "redis"
-redis_url = "{redis_url}"
-redis_prefix = "abdash{run}"
-data_dir = "{tmp / "data"}"
+        deployment
+        + f"""
 [trainer]
 decode_workers = 0
 flush_every_s = 1
@@ -303,11 +292,7 @@ share = 0.25
 trainer = {{ dense_learning_rate = 0.003 }}
 """
     )
-    producer = KafkaEventProducer(kafka_bootstrap)
-    for event in SyntheticSource(SyntheticConfig(), 10_000):
-        producer.send(topic, event.to_json())
-    producer.flush()
-    producer.close()
+    produce(kafka_bootstrap, topic, SyntheticSource(SyntheticConfig(), 10_000))
 
     cli = [sys.executable, "-m", "streamrec.cli"]
     procs: list[subprocess.Popen[bytes]] = []

@@ -473,29 +473,18 @@ def test_an_experiment_through_kafka_and_redis(
     """Three trainers read one topic in their own consumer groups, each into its own
     Redis prefix; ``build_serving`` routes each predict to its unit's arm."""
     import redis
-    from support import new_topic, wait_for_report
+    from support import kafka_redis_toml, new_topic, produce, wait_for_report
 
-    from streaming.log import KafkaEventProducer
     from streamrec.runtime import TrainerRuntime
     from streamrec.serving import build_serving
 
     run = uuid.uuid4().hex[:8]
     topic = new_topic(kafka_bootstrap, "ab", partitions=2)
     config = tmp_path / "ab.toml"
+    deployment = kafka_redis_toml(kafka_bootstrap, redis_url, topic, f"ab{run}", tmp_path / "data")
     config.write_text(
-        f"""
-features = "synthetic"
-[log]
-kind = "kafka"
-bootstrap_servers = "{kafka_bootstrap}"
-topic = "{topic}"
-dead_letter_topic = "{topic}-dlq"
-group_id = "ab-{run}"
-[store]
-hot = "redis"
-redis_url = "{redis_url}"
-redis_prefix = "ab{run}"
-data_dir = "{tmp_path / "data"}"
+        deployment
+        + f"""
 [trainer]
 batch_size = 512
 flush_every_s = 1.0
@@ -512,11 +501,7 @@ trainer = {{ dense_learning_rate = 0.01 }}
     )
     settings = load_settings(config)
     events = list(SyntheticSource(SyntheticConfig(), 8_000))
-    producer = KafkaEventProducer(kafka_bootstrap)
-    for event in events:
-        producer.send(topic, event.to_json())
-    producer.flush()
-    producer.close()
+    produce(kafka_bootstrap, topic, events)
     assert settings.experiment is not None
     of = arms_of_values(settings.experiment.split(), [e.features["c1"] for e in events])
     expected = {

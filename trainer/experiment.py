@@ -86,19 +86,20 @@ class ExperimentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _arms_fit(self) -> ExperimentConfig:
+        lane = self.buckets // len(self.arms)
         for name, arm in self.arms.items():
             if name == DEFAULT_ARM or _ARM_NAME.fullmatch(name) is None:
                 raise ValueError(
                     f"arm name {name!r}: use 1-32 of a-z, 0-9, '_' and '-' (not "
                     f"{DEFAULT_ARM!r}), starting with a letter or digit"
                 )
-            lane = self.buckets // len(self.arms)
-            if round(arm.share * self.buckets) > lane:
+            owned = round(arm.share * self.buckets)
+            if owned > lane:
                 raise ValueError(
                     f"arm {name!r}: share {arm.share} is more than one lane: with "
                     f"{len(self.arms)} arms each may have at most {lane / self.buckets:g}"
                 )
-            if round(arm.share * self.buckets) == 0:
+            if owned == 0:
                 raise ValueError(
                     f"arm {name!r}: share {arm.share} rounds to no bucket of {self.buckets}"
                 )
